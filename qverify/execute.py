@@ -1,0 +1,137 @@
+"""The executor: the exact batched forward pass of a :class:`~qverify.network.QNetwork`.
+
+This module *is* the semantics. Bounds, encodings, attacks and the trainer's export are tested against it.
+
+Affine layers are computed in float64 BLAS: network validation proved every accumulator (and so every partial sum,
+whatever the summation order) stays below ``2^53`` in magnitude for any input of the grid, so the float64 results
+are the exact integers. Requantization is :func:`qverify.quant.multiply_round` (exact integer arithmetic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qverify.network import Clamp, Conv2d, Dense, Flatten, Layer, QNetwork, Requantize
+from qverify.quant import multiply_round
+
+
+class InputError(ValueError):
+    """Inputs that are not on the network's integer grid."""
+
+
+def _dense(layer: Dense, x: np.ndarray) -> np.ndarray:
+    acc = x.astype(np.float64) @ layer.weight.T.astype(np.float64) + layer.bias.astype(np.float64)
+    return acc.astype(np.int64)
+
+
+def conv2d_float(layer: Conv2d, x: np.ndarray) -> np.ndarray:
+    """Convolution in float64 (exact for integer operands, see the module docstring); ``x`` is ``[B, C, H, W]``."""
+    pt, pl, pb, pr = layer.padding
+    xf = x.astype(np.float64)
+    if any(layer.padding):
+        xf = np.pad(xf, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=float(layer.pad_value))
+    o, c, kh, kw = layer.weight.shape
+    dh, dw = layer.dilation
+    sh, sw = layer.stride
+    win = np.lib.stride_tricks.sliding_window_view(xf, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, OH, OW, kh, kw]
+    acc = np.einsum("bchwuv,ocuv->bohw", win, layer.weight.astype(np.float64), optimize=True)
+    return acc + layer.bias.astype(np.float64)[None, :, None, None]
+
+
+def _conv(layer: Conv2d, x: np.ndarray) -> np.ndarray:
+    return conv2d_float(layer, x).astype(np.int64)
+
+
+def requantize(layer: Requantize, acc: np.ndarray) -> np.ndarray:
+    """``clamp(R(acc * num_c / den_c) + z_c, lo, hi)`` with channels on axis 1."""
+    shape = (1, -1) + (1,) * (acc.ndim - 2)
+    num = np.asarray(layer.num, dtype=object).reshape(shape)
+    den = np.asarray(layer.den, dtype=object).reshape(shape)
+    k = layer.shift
+    if k is not None:  # power of two: one shift for the whole tensor
+        num = np.int64(1)
+        den = np.int64(2**k) if k < 62 else np.asarray(2**k, dtype=object)
+    elif max(layer.num) < 2**62 and max(layer.den) < 2**62:
+        num = num.astype(np.int64)
+        den = den.astype(np.int64)
+    y = multiply_round(acc, num, den, layer.rounding)
+    zp = layer.zero_point.reshape(shape) if layer.zero_point.size > 1 else layer.zero_point[0]
+    return np.clip(y + zp, layer.lo, layer.hi).astype(np.int64, copy=False)
+
+
+def _flatten(layer: Flatten, x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1)
+
+
+def _clamp(layer: Clamp, x: np.ndarray) -> np.ndarray:
+    return np.clip(x, layer.lo, layer.hi)
+
+
+#: the executor's table: one exact function per layer type
+EXECUTE = {Dense: _dense, Conv2d: _conv, Requantize: requantize, Flatten: _flatten, Clamp: _clamp}
+
+
+def apply_layer(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """Apply one layer to a batch."""
+    return EXECUTE[type(layer)](layer, x)
+
+
+def check_inputs(net: QNetwork, x: np.ndarray) -> np.ndarray:
+    """Validate and reshape a batch of inputs (``[B, *input_shape]`` or ``[B, n]``) to int64 ``[B, *input_shape]``."""
+    a = np.asarray(x)
+    if a.dtype == object or np.issubdtype(a.dtype, np.floating):
+        if not np.all(a == np.round(a.astype(np.float64))):
+            raise InputError("inputs must be integers on the network's grid")
+    elif not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"integer inputs expected, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if a.ndim == 0 or a.size % net.num_inputs:
+        raise InputError(f"input of shape {a.shape} does not match the network input {net.input_shape}")
+    a = a.reshape((-1, *net.input_shape))
+    if a.size and (a.min() < net.input_lo or a.max() > net.input_hi):
+        raise InputError(f"inputs outside the integer grid [{net.input_lo}, {net.input_hi}] "
+                         f"(found [{a.min()}, {a.max()}])")
+    return a
+
+
+def execute(net: QNetwork, x: np.ndarray) -> list[np.ndarray]:
+    """Every layer's integer values for a batch ``x``.
+
+    Element 0 is the input, element ``i + 1`` is layer ``i``'s output."""
+    values = [check_inputs(net, x)]
+    for layer in net.layers:
+        values.append(apply_layer(layer, values[-1]))
+    return values
+
+
+def forward(net: QNetwork, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """The integer outputs ``[B, num_outputs]`` for a batch ``x`` (processed in chunks of ``batch_size``)."""
+    a = check_inputs(net, x)
+    outs = []
+    for s in range(0, max(len(a), 1), batch_size):
+        v = a[s:s + batch_size]
+        for layer in net.layers:
+            v = apply_layer(layer, v)
+        outs.append(v.reshape(len(v), -1))
+    return np.concatenate(outs) if outs else np.zeros((0, net.num_outputs), dtype=np.int64)
+
+
+def argmax_first(y: np.ndarray) -> np.ndarray:
+    """Argmax along the last axis with the ``first`` tie rule (the first maximal index wins)."""
+    return np.argmax(y, axis=-1)
+
+
+def predict(net: QNetwork, x: np.ndarray) -> np.ndarray:
+    """Predicted classes under the network's tie rule."""
+    return argmax_first(forward(net, x))
+
+
+def real_outputs(net: QNetwork, y: np.ndarray) -> np.ndarray:
+    """Real-valued view of integer outputs, ``s_out (y - z_out)``, as float64 (for display only)."""
+    return (np.asarray(y, dtype=np.float64) - net.output_zero_point) * float(net.output_scale)
+
+
+def real_inputs(net: QNetwork, x: np.ndarray) -> np.ndarray:
+    """Real-valued view of integer inputs, ``s_in (x - z_in)``, as float64 (for display only)."""
+    return (np.asarray(x, dtype=np.float64) - net.input_zero_point) * float(net.input_scale)

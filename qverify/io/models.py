@@ -1,0 +1,49 @@
+"""Load any supported model format into a :class:`~qverify.network.QNetwork`, choosing by extension or ``fmt``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qverify.network import ModelError, QNetwork
+
+FORMATS = ("native", "qvip-h5", "onnx")
+
+
+def detect_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".qnn":
+        return "native"
+    if suffix == ".h5":
+        return "qvip-h5"
+    if suffix == ".onnx":
+        return "onnx"
+    raise ModelError(f"{path}: unknown model format {suffix!r} (supported: .qnn, .onnx, .h5 with --format qvip-h5)")
+
+
+def load_model(path: str | Path, fmt: str | None = None, bits: int | None = None,
+               input_bits: int | None = None) -> QNetwork:
+    """Load a model: native ``.qnn``, ONNX (QDQ or QOperator), or a QVIP/AAAI'21 ``.h5`` (``bits``, ``input_bits``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    fmt = fmt or detect_format(path)
+    if fmt == "native":
+        from qverify.io.native import load_native
+
+        return load_native(path)
+    if fmt == "qvip-h5":
+        from qverify.io.h5 import load_qvip_h5
+
+        return load_qvip_h5(path, bits=bits, input_bits=input_bits)
+    if fmt == "onnx":
+        from qverify.io.onnx import load_onnx
+
+        return load_onnx(path)
+    raise ModelError(f"{path}: unknown format {fmt!r} (supported: {', '.join(FORMATS)})")
+
+
+def save_model(net: QNetwork, path: str | Path) -> None:
+    """Save ``net`` in the native format."""
+    from qverify.io.native import save_native
+
+    save_native(net, path)

@@ -1,0 +1,33 @@
+"""Typed, frozen settings passed as objects (never read from globals). One line of documentation per default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    backend: str = "cpsat"          # cpsat | scip | highs | cbc
+    encoding: str = "range"         # range (compact integer) | onehot (QVIP's per-value binaries)
+    time_limit: float = 60.0        # seconds for one solve
+    threads: int = 0                # 0 = all cores
+    seed: int = 0                   # solver random seed (determinism)
+
+    @property
+    def num_threads(self) -> int:
+        return self.threads or default_threads()
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    method: str = "portfolio"       # portfolio | attack | interval | symbolic | milp | bab
+    timeout: float = 60.0           # seconds for one property, all stages together
+    solver: SolverSettings = SolverSettings()  # the exact stage's back end
+    attack_restarts: int = 8        # PGD restarts in the attack stage
+    attack_steps: int = 40          # PGD steps per restart
+    seed: int = 0                   # seed of attacks and random search

@@ -1,0 +1,71 @@
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from qverify.network import Clamp, Conv2d, Dense, Flatten, ModelError, QNetwork, Requantize
+from tests.fixtures import random_conv_network, tiny_fixed_point_mlp
+
+
+def test_shapes_and_ranges():
+    net = tiny_fixed_point_mlp()
+    assert net.shapes == ((2,), (2,), (2,), (2,), (2,))
+    assert net.value_ranges[1] == (-10, 10)  # |W| row sums 3*3 + |b| 1
+    assert net.num_outputs == 2 and net.parameter_count() == 12
+    assert net.is_fixed_point()
+
+
+def test_dense_shape_mismatch_names_layer():
+    with pytest.raises(ModelError, match=r"layer 1 \(Dense 'b'\).*expects input \(3,\)"):
+        QNetwork((2,), 0, 3, (Dense(np.ones((4, 2), int), np.zeros(4, int), name="a"),
+                              Dense(np.ones((1, 3), int), np.zeros(1, int), name="b")))
+
+
+def test_non_integer_weights_rejected():
+    with pytest.raises(ModelError, match="non-integer"):
+        Dense(np.array([[0.5, 1.0]]), [0])
+
+
+def test_bias_shape_checked():
+    with pytest.raises(ModelError, match="bias shape"):
+        Dense(np.ones((2, 2), int), [1, 2, 3], name="fc")
+
+
+def test_overflow_beyond_2_53_rejected():
+    with pytest.raises(ModelError, match="2\\^53"):
+        QNetwork((2,), 0, 2**40, (Dense([[2**20, 1]], [0]),))
+
+
+def test_output_must_be_vector():
+    with pytest.raises(ModelError, match="Flatten"):
+        QNetwork((1, 3, 3), 0, 3, (Conv2d(np.ones((1, 1, 2, 2), int), [0]),))
+
+
+def test_requantize_validation():
+    with pytest.raises(ModelError, match="empty clamp"):
+        Requantize.pow2(1, 5, 4)
+    with pytest.raises(ModelError, match="rounding"):
+        Requantize((1,), (2,), [0], 0, 3, "banker")
+    with pytest.raises(ModelError, match="positive"):
+        Requantize((0,), (2,), [0], 0, 3)
+    r = Requantize.affine([0.25, Fraction(1, 3)], [0, 1], 0, 7)
+    assert r.multipliers() == [Fraction(1, 4), Fraction(1, 3)] and r.shift is None
+    assert Requantize.pow2(3, 0, 7).shift == 3
+    with pytest.raises(ModelError, match="3 multiplier values for 2 channels"):
+        QNetwork((2,), 0, 3, (Dense(np.ones((2, 2), int), [0, 0]), Requantize.affine([1, 1, 1], 0, 0, 7)))
+
+
+def test_conv_shapes_and_describe():
+    net = random_conv_network(np.random.default_rng(1), in_shape=(2, 5, 5), padding=1, stride=2, with_clamp=True)
+    assert net.shapes[1] == (2, 3, 3)
+    rows = net.describe()
+    assert [r["kind"] for r in rows] == ["Conv2d", "Requantize", "Clamp", "Flatten", "Dense", "Requantize"]
+    assert rows[2]["range"] == (1, 6)
+
+
+def test_clamp_and_flatten_layers():
+    c = Clamp(0, 3)
+    assert c.output_shape((4,)) == (4,)
+    assert Flatten().output_shape((2, 3, 4)) == (24,)
+    with pytest.raises(ModelError):
+        Clamp(4, 3)

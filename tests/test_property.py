@@ -1,0 +1,87 @@
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qverify.execute import forward, predict
+from qverify.network import QNetwork
+from qverify.property import (
+    Conjunction,
+    Property,
+    PropertyError,
+    box_to_grid,
+    pixels_to_grid,
+    real_row_to_int,
+    robustness_property,
+)
+from qverify.quant import Rounding
+from tests.fixtures import all_box_points, networks_and_properties, tiny_fixed_point_mlp
+
+
+@given(networks_and_properties())
+@settings(max_examples=40, deadline=None)
+def test_robustness_unsafe_is_argmax_change(np_pair):
+    net, prop = np_pair
+    pts = all_box_points(prop)
+    assert np.array_equal(prop.is_violated(forward(net, pts)), predict(net, pts) != prop.label)
+
+
+def test_radius_box_clipped_to_grid():
+    net = tiny_fixed_point_mlp()
+    p = robustness_property(net, np.array([0, 3]), 1, radius=2)
+    assert p.lo.tolist() == [0, 1] and p.hi.tolist() == [2, 3] and p.box_size() == 9
+    assert "radius 2" in p.description
+
+
+def test_eps_box_contained_points():
+    net = QNetwork((2,), 0, 255, tiny_fixed_point_mlp().layers, input_scale=Fraction(1, 256))
+    p = robustness_property(net, np.array([10, 20]), 0, eps="0.01")  # 0.01 * 256 = 2.56 pixels
+    assert p.lo.tolist() == [8, 18] and p.hi.tolist() == [12, 22]
+    assert "contains" in p.description
+
+
+def test_box_to_grid_quantizing_input():
+    net = QNetwork((2,), -128, 127, tiny_fixed_point_mlp().layers, input_scale=Fraction(1, 10),
+                   input_zero_point=5, input_rounding=Rounding.HALF_EVEN)
+    lo, hi, how = box_to_grid(net, [Fraction(-1, 20), Fraction(100)], [Fraction(1, 20), Fraction(200)])
+    # -0.5 -> half even 0 (+5); 0.5 -> 0 (+5); 1000 -> clamped to 127
+    assert lo.tolist() == [5, 127] and hi.tolist() == [5, 127]
+    assert "image under the input quantizer" in how
+
+
+def test_real_row_to_int_exact():
+    net = QNetwork((2,), 0, 3, tiny_fixed_point_mlp().layers, output_scale=Fraction(1, 16), output_zero_point=1)
+    # Y0 - 0.5 Y1 <= 0.0625  with Y = (y - 1)/16:  y0/16 - y1/32 <= 1/16 + 1/16 - 1/32
+    row, rhs = real_row_to_int(net, {0: Fraction(1), 1: Fraction(-1, 2)}, Fraction(1, 16))
+    for y0 in range(-8, 8):
+        for y1 in range(-8, 8):
+            real = Fraction(y0 - 1, 16) - Fraction(1, 2) * Fraction(y1 - 1, 16) <= Fraction(1, 16)
+            assert real == (row[0] * y0 + row[1] * y1 <= rhs)
+
+
+@given(st.integers(-5, 5), st.integers(-5, 5))
+def test_conjunction_holds(a, b):
+    c = Conjunction([[1, -1]], [b])
+    assert bool(c.holds(np.array([[a, 0]]))[0]) == (a <= b)
+
+
+def test_property_validation():
+    with pytest.raises(PropertyError, match="empty input box at X_1"):
+        Property([0, 3], [1, 2], (Conjunction([[1]], [0]),))
+    with pytest.raises(PropertyError, match="empty unsafe region"):
+        Property([0], [1], ())
+    net = tiny_fixed_point_mlp()
+    with pytest.raises(PropertyError, match="exactly one"):
+        robustness_property(net, np.array([0, 0]), 0)
+    p = Property([0, 0, 0], [1, 1, 1], (Conjunction([[1, 0]], [0]),))
+    with pytest.raises(PropertyError, match="3 inputs"):
+        p.check_network(net)
+
+
+def test_pixels_to_grid_saturate_and_hwc():
+    net = QNetwork((2,), 0, 15, tiny_fixed_point_mlp().layers, metadata={"pixel_transform": "saturate"})
+    assert pixels_to_grid(net, np.array([[3, 200]], dtype=np.uint8)).tolist() == [[3, 15]]
+    with pytest.raises(PropertyError, match="leave the network's input grid"):
+        pixels_to_grid(tiny_fixed_point_mlp(), np.array([[3, 200]]))
