@@ -9,10 +9,12 @@ are the exact integers. Requantization is :func:`qverify.quant.multiply_round` (
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from qverify.network import Clamp, Conv2d, Dense, Flatten, Layer, QNetwork, Requantize
-from qverify.quant import multiply_round
+from qverify.quant import multiply_round, thresholds
 
 
 class InputError(ValueError):
@@ -43,8 +45,45 @@ def _conv(layer: Conv2d, x: np.ndarray) -> np.ndarray:
     return conv2d_float(layer, x).astype(np.int64)
 
 
+#: clamp ranges up to this many values use the step-table path for rational multipliers
+STEP_TABLE_MAX = 1 << 16
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_tables(layer: Requantize) -> list[np.ndarray] | None:
+    """Per channel, the sorted cut points ``T_t = threshold(t - z)`` for ``t = lo+1 .. hi``, so that
+    ``clamp(R(acc m) + z, lo, hi) = lo + #{t : T_t <= acc}`` exactly; ``None`` when the range is too wide or a cut
+    leaves int64. Cached per layer."""
+    if layer in _STEPS:
+        return _STEPS[layer]
+    tables = None
+    if layer.hi - layer.lo <= STEP_TABLE_MAX:
+        c = max(len(layer.num), layer.zero_point.size)
+        tables = []
+        for ch in range(c):
+            n, d = layer.num[ch if len(layer.num) > 1 else 0], layer.den[ch if len(layer.den) > 1 else 0]
+            z = int(layer.zero_point[ch if layer.zero_point.size > 1 else 0])
+            t = thresholds(range(layer.lo + 1 - z, layer.hi + 1 - z), n, d, layer.rounding)
+            if t.dtype == object:
+                tables = None
+                break
+            tables.append(t)
+    _STEPS[layer] = tables
+    return tables
+
+
 def requantize(layer: Requantize, acc: np.ndarray) -> np.ndarray:
     """``clamp(R(acc * num_c / den_c) + z_c, lo, hi)`` with channels on axis 1."""
+    if layer.shift is None:
+        tables = step_tables(layer)
+        if tables is not None:
+            acc = np.asarray(acc, dtype=np.int64)
+            if len(tables) == 1:
+                return layer.lo + np.searchsorted(tables[0], acc, side="right").astype(np.int64)
+            out = np.empty_like(acc)
+            for ch, t in enumerate(tables):
+                out[:, ch] = layer.lo + np.searchsorted(t, acc[:, ch], side="right")
+            return out
     shape = (1, -1) + (1,) * (acc.ndim - 2)
     num = np.asarray(layer.num, dtype=object).reshape(shape)
     den = np.asarray(layer.den, dtype=object).reshape(shape)

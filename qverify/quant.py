@@ -124,30 +124,34 @@ def multiply_round(acc: np.ndarray, num: np.ndarray, den: np.ndarray, mode: Roun
 
 
 def threshold(t: int, num: int, den: int, mode: Rounding | str) -> int:
-    """The smallest integer ``a`` with ``R(a * num / den) >= t`` (``R`` monotone, so ``R(a num/den) >= t`` iff
-    ``a >= threshold(t)``). Exact, Python integers. Encoders use it to turn a rounding into linear inequalities:
-    ``R(a num / den) == t`` iff ``threshold(t) <= a <= threshold(t + 1) - 1``.
+    """The smallest integer ``a`` with ``R(a * num / den) >= t``.
+
+    ``R`` is monotone, so ``R(a num / den) >= t`` iff ``a >= threshold(t)``, and ``R(a num / den) == t`` iff
+    ``threshold(t) <= a <= threshold(t + 1) - 1``: encoders and the fast executor path use these exact cut points.
+    With ``v = a num / den``:
+
+    * floor: ``v >= t``, so ``a >= ceil(t den / num)``;
+    * half up, and half away for ``t >= 1``, and half even for even ``t``: ``v >= t - 1/2``
+      (the tie at ``t - 1/2`` rounds up to ``t``), so ``a >= ceil((2t - 1) den / (2 num))``;
+    * half away for ``t <= 0``, half even for odd ``t``: ``v > t - 1/2`` (the tie rounds down),
+      so ``a >= floor((2t - 1) den / (2 num)) + 1``.
     """
     mode = Rounding(mode)
-    # R(v) >= t  <=>  v >= c_t for the rational cut c_t of the mode, with >= or > depending on ties.
-    # a * num / den >= c  <=>  a >= c * den / num. We find the exact boundary by a ceiling, then fix up by checking.
-    cut = {
-        Rounding.FLOOR: Fraction(t),
-        Rounding.HALF_UP: Fraction(2 * t - 1, 2),
-        Rounding.HALF_AWAY: Fraction(2 * t - 1, 2),
-        Rounding.HALF_EVEN: Fraction(2 * t - 1, 2),
-    }[mode]
-    a = cut * den / num
-    cand = -((-a.numerator) // a.denominator)  # ceil
-    # fix up around the tie (at most a couple of steps either way)
-    def ok(v: int) -> bool:
-        return round_fraction(Fraction(v * num, den), mode) >= t
+    t, num, den = int(t), int(num), int(den)
+    if mode is Rounding.FLOOR:
+        return -((-t * den) // num)
+    p, q = (2 * t - 1) * den, 2 * num
+    tie_up = mode is Rounding.HALF_UP or (mode is Rounding.HALF_AWAY and t >= 1) or (
+        mode is Rounding.HALF_EVEN and t % 2 == 0)
+    return -((-p) // q) if tie_up else p // q + 1
 
-    while not ok(cand):
-        cand += 1
-    while ok(cand - 1):
-        cand -= 1
-    return cand
+
+def thresholds(ts: range | list[int], num: int, den: int, mode: Rounding | str) -> np.ndarray:
+    """:func:`threshold` for many ``t`` (int64 when every cut fits, else an object array)."""
+    vals = [threshold(t, num, den, mode) for t in ts]
+    if vals and max(abs(v) for v in vals) < INT64_SAFE:
+        return np.array(vals, dtype=np.int64)
+    return np.array(vals, dtype=object)
 
 
 def is_power_of_two(n: int) -> bool:
