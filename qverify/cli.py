@@ -143,6 +143,161 @@ def cmd_property(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify_settings(args: argparse.Namespace, timeout: float | None = None):
+    from qverify.settings import SolverSettings, VerifySettings
+
+    solver = SolverSettings(backend=args.solver, encoding=args.encoding, threads=args.threads, seed=args.seed,
+                            time_limit=timeout or args.timeout)
+    return VerifySettings(method=args.method, timeout=timeout or args.timeout, solver=solver, seed=args.seed)
+
+
+def _print_result(prop_name: str, result) -> None:
+    line = f"{prop_name}: {result.verdict.value}"
+    if result.reason:
+        line += f" ({result.reason})"
+    line += f"  method={result.method}  time={result.seconds:.3f}s"
+    print(line)
+    if result.counterexample is not None and result.counterexample.note:
+        print(f"  note: {result.counterexample.note}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from qverify.io.results import write_json_result, write_result_file
+    from qverify.io.vnnlib import parse_vnnlib
+    from qverify.result import Verdict
+
+    if args.instances:
+        return _verify_instances(args)
+    if not args.model or not args.property:
+        raise CliError("give MODEL and PROPERTY, or --instances CSV --results-dir DIR")
+    net = _load(args)
+    prop = parse_vnnlib(args.property, net)
+    if args.export:
+        from qverify.exact import export_program
+
+        export_program(net, prop, args.export, _verify_settings(args).solver)
+        print(f"wrote {args.export}")
+        return EXIT_OK
+    from qverify.verify import verify
+
+    result = verify(net, prop, _verify_settings(args))
+    _print_result(Path(args.property).name, result)
+    if args.result_file:
+        write_result_file(net, result, args.result_file)
+    if args.json:
+        write_json_result(result, args.json, {"model": args.model, "property": args.property})
+    return {Verdict.ROBUST: EXIT_OK, Verdict.COUNTEREXAMPLE: EXIT_COUNTEREXAMPLE,
+            Verdict.UNKNOWN: EXIT_UNKNOWN, Verdict.ERROR: EXIT_BAD_INPUT}[result.verdict]
+
+
+def _verify_instances(args: argparse.Namespace) -> int:
+    """VNN-COMP style: rows ``model, property, timeout`` (paths relative to the csv); one result file per row."""
+    import csv
+
+    from qverify.io.results import write_json_result, write_result_file
+    from qverify.io.vnnlib import parse_vnnlib
+    from qverify.result import Result
+    from qverify.verify import verify_batch
+
+    if not args.results_dir:
+        raise CliError("--instances needs --results-dir DIR")
+    csv_path = Path(args.instances)
+    if not csv_path.exists():
+        raise CliError(f"{csv_path}: no such file")
+    rows = []
+    with open(csv_path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].strip().startswith("#"):
+                continue
+            if len(row) < 2:
+                raise CliError(f"{csv_path}:{lineno}: expected 'model, property, timeout'")
+            try:
+                timeout = float(row[2]) if len(row) > 2 and row[2].strip() else args.timeout
+            except ValueError:
+                raise CliError(f"{csv_path}:{lineno}: timeout {row[2]!r} is not a number") from None
+            rows.append((lineno, (csv_path.parent / row[0].strip()), (csv_path.parent / row[1].strip()), timeout))
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: list[dict] = []
+    groups: dict[tuple, list] = {}
+    for lineno, model, prop, timeout in rows:
+        target = out / f"{prop.stem}.txt"
+        if target.exists() and not args.force:
+            summary.append({"line": lineno, "property": str(prop), "status": target.read_text().split("\n", 1)[0],
+                            "resumed": True})
+            continue
+        groups.setdefault((str(model), timeout), []).append((lineno, prop, target))
+    for (model, timeout), items in groups.items():
+        try:
+            net = _load(args, model)
+        except Exception as e:  # a bad model fails its rows, not the batch
+            for lineno, prop, target in items:
+                target.write_text("error\n")
+                summary.append({"line": lineno, "property": str(prop), "status": "error", "message": str(e)})
+                print(f"{prop.name}: error ({e})")
+            continue
+        props, keep = [], []
+        for lineno, prop, target in items:
+            try:
+                props.append(parse_vnnlib(prop, net))
+                keep.append((lineno, prop, target))
+            except Exception as e:
+                target.write_text("error\n")
+                summary.append({"line": lineno, "property": str(prop), "status": "error", "message": str(e)})
+                print(f"{prop.name}: error ({e})")
+
+        def done(i: int, r: Result, keep=keep, net=net, model=model) -> None:
+            lineno, prop, target = keep[i]
+            write_result_file(net, r, target)
+            write_json_result(r, target.with_suffix(".json"), {"model": model, "property": str(prop)})
+            summary.append({"line": lineno, "property": str(prop), "status": r.vnncomp_status(),
+                            "verdict": r.verdict.value, "method": r.method, "seconds": round(r.seconds, 4)})
+            _print_result(prop.name, r)
+
+        verify_batch(net, props, _verify_settings(args, timeout), workers=args.workers, on_result=done)
+    summary.sort(key=lambda r: r["line"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    counts: dict[str, int] = {}
+    for r in summary:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"  ({out / 'summary.json'})")
+    return EXIT_OK
+
+
+def cmd_radius(args: argparse.Namespace) -> int:
+    from qverify.property import pixels_to_grid
+    from qverify.radius import max_radius
+
+    net = _load(args)
+    data, _, sid = args.sample.rpartition(":")
+    if not data:
+        raise CliError("SAMPLE must be DATA.npz:ID, e.g. mnist.npz:17")
+    images, labels = _load_data(data)
+    ids = _parse_ids(sid, len(images))
+    settings = _verify_settings(args).solver
+    rows = []
+    for i in ids:
+        x = pixels_to_grid(net, images[i:i + 1])[0]
+        r = max_radius(net, x, int(labels[i]), settings, max_radius=args.max_radius)
+        rows.append({"id": i, **r.to_json()})
+        print(f"sample {i}: {r.summary()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return EXIT_OK
+
+
+def _solver_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--timeout", type=float, default=60.0, help="seconds per property (default 60)")
+    c.add_argument("--method", choices=["portfolio", "attack", "interval", "symbolic", "milp", "bab"],
+                   default="portfolio", help="force one method (default: the portfolio)")
+    c.add_argument("--solver", choices=["cpsat", "scip", "highs", "cbc"], default="cpsat",
+                   help="back end of the exact stage (default cpsat)")
+    c.add_argument("--encoding", choices=["range", "onehot"], default="range",
+                   help="encoding of round+clamp (default range)")
+    c.add_argument("--threads", type=int, default=0, help="solver threads (0 = all cores)")
+    c.add_argument("--seed", type=int, default=0, help="random seed of attacks and solvers")
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from qverify import __version__
@@ -188,6 +343,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.set_defaults(func=cmd_property)
 
+    c = sub.add_parser("verify", help="verify VNN-LIB properties (one, or a VNN-COMP instances.csv)",
+                       description="Verify a property: prints the verdict, method and time. Exit code 0 robust, "
+                                   "10 counterexample, 20 unknown, 3 error. With --instances, runs a VNN-COMP-style "
+                                   "benchmark and writes one result file per row (resuming: rows with a result "
+                                   "file are skipped unless --force).")
+    c.add_argument("model", nargs="?", help="model file (.qnn, .onnx, .h5)")
+    c.add_argument("property", nargs="?", help="VNN-LIB 1.0 property file")
+    c.add_argument("--format", choices=["native", "onnx", "qvip-h5"], default=None, help="model format")
+    c.add_argument("--bits", type=int, default=None, help="Q of a QVIP .h5 model")
+    c.add_argument("--input-bits", type=int, default=None, help="IN of a QVIP .h5 model")
+    _solver_args(c)
+    c.add_argument("--result-file", default=None, help="write the VNN-COMP result file here")
+    c.add_argument("--json", default=None, help="write the JSON result here")
+    c.add_argument("--export", default=None, help="write the integer program (.lp or .mps) instead of solving")
+    c.add_argument("--instances", default=None, help="VNN-COMP instances.csv: model, property, timeout per row")
+    c.add_argument("--results-dir", default=None, help="directory for the per-row result files and summary.json")
+    c.add_argument("--workers", type=int, default=0, help="worker processes for --instances (0 = one per core)")
+    c.add_argument("--force", action="store_true", help="with --instances, redo rows that already have a result")
+    c.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("radius", help="largest robust radius of samples, with the counterexample just above it",
+                       description="Maximum robustness radius (integer input units) of SAMPLE = DATA.npz:ID "
+                                   "(ID may be a range such as 0:10).")
+    _model_args(c)
+    c.add_argument("sample", help="DATA.npz:ID")
+    c.add_argument("--max-radius", type=int, default=255, help="largest radius to consider")
+    _solver_args(c)
+    c.add_argument("--json", default=None, help="write the results as JSON here")
+    c.set_defaults(func=cmd_radius)
     return p
 
 

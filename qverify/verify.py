@@ -1,0 +1,332 @@
+"""The verification portfolio: the cheapest method that decides, with a share of the time budget each.
+
+Stages, in order (``VerifySettings.method = 'portfolio'``)::
+
+    center   run the executor on the box center (and the property's sample): a violation is a counterexample
+    interval QA-IBP interval bounds: every unsafe conjunction infeasible over the box -> robust
+    attack   PGD (straight-through) + random/corner search, every candidate replayed -> counterexample
+    symbolic linear bounds with rounding error: certify, else tighten every neuron's bounds for the encoder
+    exact    the integer program (CP-SAT by default; ``milp``) or branch-and-bound (``bab``), with what is left
+
+Each stage appends a :class:`~qverify.result.StageTime`; the deciding stage is the result's ``method``. A single
+method can be forced (``attack``, ``interval``, ``symbolic``, ``milp``, ``bab``); the incomplete ones answer
+``unknown`` / ``incomplete-method`` when they do not decide. A timeout is ``unknown`` / ``timeout``, never robust.
+
+:func:`verify_batch` verifies many properties of one network with shared work: one batched center pass, one batched
+interval pass and one batched attack for all of them, then the remaining ones in a pool of worker processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import replace
+
+import numpy as np
+
+from qverify.execute import forward
+from qverify.network import QNetwork
+from qverify.property import Property, PropertyError
+from qverify.replay import replay
+from qverify.result import Reason, Result, StageTime, Verdict
+from qverify.settings import SolverSettings, VerifySettings
+
+METHODS = ("portfolio", "attack", "interval", "symbolic", "milp", "bab")
+#: share of the per-property budget that the attack stage may use in the portfolio
+ATTACK_SHARE = 0.1
+
+
+class _Clock:
+    def __init__(self, timeout: float) -> None:
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout
+        self.stages: list[StageTime] = []
+        self._last = self.t0
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def stage(self, name: str, outcome: str) -> None:
+        now = time.monotonic()
+        self.stages.append(StageTime(name, now - self._last, outcome))
+        self._last = now
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def _done(clock: _Clock, verdict: Verdict, method: str, reason: str = "", cex=None, details=None) -> Result:
+    return Result(verdict, method, clock.elapsed(), reason, cex, clock.stages, details or {})
+
+
+def center_points(prop: Property) -> np.ndarray:
+    """The property's sample (when it has one inside the box) and the box midpoint, as integer rows."""
+    mid = (prop.lo + prop.hi) // 2
+    pts = [mid]
+    if prop.center is not None and prop.center.size == prop.num_inputs and prop.contains(prop.center)[0]:
+        pts.insert(0, prop.center)
+    return np.array(pts, dtype=np.int64)
+
+
+def _center_stage(net: QNetwork, prop: Property, clock: _Clock) -> Result | None:
+    pts = center_points(prop)
+    bad = prop.is_violated(forward(net, pts))
+    if bad.any():
+        cex = replay(net, prop, pts[int(np.argmax(bad))])
+        if cex.confirmed:
+            clock.stage("center", "counterexample")
+            return _done(clock, Verdict.COUNTEREXAMPLE, "center", cex=cex)
+    clock.stage("center", "undecided")
+    return None
+
+
+def _interval_stage(net: QNetwork, prop: Property, clock: _Clock) -> Result | None:
+    from qverify.bounds.interval import certified_by_interval
+
+    ok = bool(np.asarray(certified_by_interval(net, [prop]))[0])
+    clock.stage("interval", "robust" if ok else "undecided")
+    return _done(clock, Verdict.ROBUST, "interval") if ok else None
+
+
+def _attack_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, share: float
+                  ) -> Result | None:
+    from qverify.attack import attack
+
+    cex = attack(net, prop, settings, deadline=time.monotonic() + max(0.0, share))
+    clock.stage("attack", "counterexample" if cex is not None else "undecided")
+    if cex is not None:
+        return _done(clock, Verdict.COUNTEREXAMPLE, "attack", cex=cex)
+    return None
+
+
+def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Result | None, list | None]:
+    from qverify.bounds.symbolic import symbolic_verify
+
+    ok, bounds = symbolic_verify(net, prop)
+    clock.stage("symbolic", "robust" if ok else "undecided")
+    return (_done(clock, Verdict.ROBUST, "symbolic") if ok else None), bounds
+
+
+def _exact_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, method: str,
+                 bounds: list | None) -> Result:
+    if clock.left() <= 0:
+        clock.stage(method, "timeout")
+        return _done(clock, Verdict.UNKNOWN, method, Reason.TIMEOUT)
+    if method == "bab":
+        from qverify.bab import bab
+
+        r = bab(net, prop, deadline=clock.deadline)
+    else:
+        from qverify.exact import verify_milp
+
+        solver = replace(settings.solver, time_limit=max(0.01, clock.left()))
+        r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline)
+    clock.stage(method, r.verdict.value if r.verdict is not Verdict.UNKNOWN else r.reason)
+    return Result(r.verdict, r.method if r.method else method, clock.elapsed(), r.reason, r.counterexample,
+                  clock.stages, r.details)
+
+
+def verify(net: QNetwork, prop: Property, settings: VerifySettings | None = None) -> Result:
+    """Verify one property with the configured method (default: the portfolio)."""
+    settings = settings or VerifySettings()
+    if settings.method not in METHODS:
+        raise ValueError(f"unknown method {settings.method!r} (known: {', '.join(METHODS)})")
+    clock = _Clock(settings.timeout)
+    try:
+        prop.check_network(net)
+    except PropertyError as e:
+        return Result(Verdict.ERROR, settings.method, 0.0, str(e))
+    m = settings.method
+    if m in ("portfolio", "attack"):
+        r = _center_stage(net, prop, clock)
+        if r:
+            return r
+    if m in ("portfolio", "interval"):
+        r = _interval_stage(net, prop, clock)
+        if r:
+            return r
+        if m == "interval":
+            return _done(clock, Verdict.UNKNOWN, m, Reason.INCOMPLETE)
+    if m in ("portfolio", "attack"):
+        share = clock.left() if m == "attack" else min(clock.left(), ATTACK_SHARE * settings.timeout)
+        r = _attack_stage(net, prop, clock, settings, share)
+        if r:
+            return r
+        if m == "attack":
+            return _done(clock, Verdict.UNKNOWN, m, Reason.TIMEOUT if clock.left() <= 0 else Reason.INCOMPLETE)
+    bounds = None
+    if m in ("portfolio", "symbolic"):
+        r, bounds = _symbolic_stage(net, prop, clock)
+        if r:
+            return r
+        if m == "symbolic":
+            return _done(clock, Verdict.UNKNOWN, m, Reason.INCOMPLETE)
+    return _exact_stage(net, prop, clock, settings, "milp" if m == "portfolio" else m, bounds)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+_WORKER_NET: QNetwork | None = None
+
+
+def _init_worker(net: QNetwork) -> None:
+    global _WORKER_NET
+    _WORKER_NET = net
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def verify_batch(net: QNetwork, props: Sequence[Property], settings: VerifySettings | None = None,
+                 workers: int = 0, on_result: Callable[[int, Result], None] | None = None) -> list[Result]:
+    """Verify many properties of one network; ``on_result(i, result)`` is called as soon as each one is decided.
+
+    Shared work first (portfolio only): one batched center pass, one batched interval pass and one batched attack
+    over all undecided properties; their times are split evenly over the properties they covered. The rest go to
+    :func:`verify` in ``workers`` processes (0 = one per core; 1 = in this process), each with its own budget
+    ``timeout - shared time already spent on it``.
+    """
+    settings = settings or VerifySettings()
+    n = len(props)
+    results: list[Result | None] = [None] * n
+
+    def finish(i: int, r: Result) -> None:
+        results[i] = r
+        if on_result is not None:
+            on_result(i, r)
+
+    for i, p in enumerate(props):
+        try:
+            p.check_network(net)
+        except PropertyError as e:
+            finish(i, Result(Verdict.ERROR, settings.method, 0.0, str(e)))
+    todo = [i for i in range(n) if results[i] is None]
+    shared: dict[int, list[StageTime]] = {i: [] for i in todo}
+    if settings.method == "portfolio" and todo:
+        todo = _shared_stages(net, props, todo, settings, shared, finish)
+    if not todo:
+        return [r for r in results if r is not None]
+    for i, r in _run_pool(net, props, todo, settings, shared, workers):
+        finish(i, r)
+    return results  # type: ignore[return-value]
+
+
+def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], settings: VerifySettings,
+                   shared: dict[int, list[StageTime]], finish: Callable[[int, Result], None]) -> list[int]:
+    from qverify.attack import attack_batch
+    from qverify.bounds.interval import certified_by_interval
+
+    def close(i: int, verdict: Verdict, method: str, cex=None) -> None:
+        secs = sum(s.seconds for s in shared[i])
+        finish(i, Result(verdict, method, secs, "", cex, list(shared[i])))
+
+    # center
+    t = time.monotonic()
+    pts = [center_points(props[i]) for i in todo]
+    allp = np.concatenate(pts)
+    ys = forward(net, allp)
+    off = 0
+    decided = {}
+    for i, p in zip(todo, pts, strict=True):
+        bad = props[i].is_violated(ys[off:off + len(p)])
+        if bad.any():
+            cex = replay(net, props[i], p[int(np.argmax(bad))])
+            if cex.confirmed:
+                decided[i] = cex
+        off += len(p)
+    dt = (time.monotonic() - t) / len(todo)
+    for i in todo:
+        shared[i].append(StageTime("center", dt, "counterexample" if i in decided else "undecided"))
+        if i in decided:
+            close(i, Verdict.COUNTEREXAMPLE, "center", decided[i])
+    todo = [i for i in todo if i not in decided]
+    if not todo:
+        return todo
+    # interval
+    t = time.monotonic()
+    cert = np.asarray(certified_by_interval(net, [props[i] for i in todo]))
+    dt = (time.monotonic() - t) / len(todo)
+    for i, ok in zip(todo, cert, strict=True):
+        shared[i].append(StageTime("interval", dt, "robust" if ok else "undecided"))
+        if ok:
+            close(i, Verdict.ROBUST, "interval")
+    todo = [i for i, ok in zip(todo, cert, strict=True) if not ok]
+    if not todo:
+        return todo
+    # attack: a share of each property's budget, all at once
+    t = time.monotonic()
+    found = attack_batch(net, [props[i] for i in todo], settings,
+                         deadline=t + ATTACK_SHARE * settings.timeout)
+    dt = (time.monotonic() - t) / len(todo)
+    rest = []
+    for i, cex in zip(todo, found, strict=True):
+        shared[i].append(StageTime("attack", dt, "counterexample" if cex is not None else "undecided"))
+        if cex is not None:
+            close(i, Verdict.COUNTEREXAMPLE, "attack", cex)
+        else:
+            rest.append(i)
+    return rest
+
+
+def _merge(r: Result, pre: list[StageTime]) -> Result:
+    secs = sum(s.seconds for s in pre)
+    return Result(r.verdict, r.method, r.seconds + secs, r.reason, r.counterexample, pre + r.stages, r.details)
+
+
+def _after_shared(settings: VerifySettings, pre: list[StageTime]) -> VerifySettings:
+    """Settings for the rest of a property's work: the remaining budget, the stages not yet run."""
+    spent = sum(s.seconds for s in pre)
+    s = replace(settings, timeout=max(0.01, settings.timeout - spent))
+    if pre and settings.method == "portfolio":
+        s = replace(s, method="_after_shared")
+    return s
+
+
+def _run_pool(net: QNetwork, props: Sequence[Property], todo: list[int], settings: VerifySettings,
+              shared: dict[int, list[StageTime]], workers: int) -> Iterator[tuple[int, Result]]:
+    from qverify.settings import default_threads
+
+    workers = workers or default_threads()
+    workers = max(1, min(workers, len(todo)))
+    if workers == 1:
+        for i in todo:
+            yield i, _merge(_verify_rest(net, props[i], _after_shared(settings, shared[i])), shared[i])
+        return
+    solver = replace(settings.solver, threads=max(1, settings.solver.num_threads // workers))
+    per = replace(settings, solver=solver)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(net,)) as pool:
+        futs: dict[Future, int] = {}
+        pending = list(todo)
+        while pending or futs:
+            while pending and len(futs) < 2 * workers:
+                i = pending.pop(0)
+                futs[pool.submit(_verify_rest_in_worker, props[i], _after_shared(per, shared[i]))] = i
+            done, _ = wait(list(futs), return_when=FIRST_COMPLETED)
+            for f in done:
+                i = futs.pop(f)
+                yield i, _merge(f.result(), shared[i])
+
+
+def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings) -> Result:
+    """The stages after the shared ones (symbolic, exact) or, for a forced method, :func:`verify`."""
+    if settings.method != "_after_shared":
+        return verify(net, prop, settings)
+    settings = replace(settings, method="portfolio")
+    clock = _Clock(settings.timeout)
+    r, bounds = _symbolic_stage(net, prop, clock)
+    if r:
+        return r
+    return _exact_stage(net, prop, clock, settings, "milp", bounds)
+
+
+def _verify_rest_in_worker(prop: Property, settings: VerifySettings) -> Result:
+    assert _WORKER_NET is not None
+    return _verify_rest(_WORKER_NET, prop, settings)
+
+
+__all__ = ["METHODS", "verify", "verify_batch", "SolverSettings"]

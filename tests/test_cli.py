@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+
+from qverify.cli import main
+from qverify.io import load_model, save_model
+from tests.fixtures import MNIST1000, P1_6, tiny_fixed_point_mlp
+
+needs_shared = pytest.mark.skipif(not P1_6.exists(), reason="../shared anchors not present")
+
+
+@needs_shared
+def test_convert_info_run(tmp_path, capsys):
+    dst = tmp_path / "p16.qnn"
+    assert main(["convert", str(P1_6), "--format", "qvip-h5", "--bits", "6", "--input-bits", "8", "-o", str(dst)]) == 0
+    assert load_model(dst).num_outputs == 32
+    assert main(["info", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "Requantize" in out and "/2^9 half_up" in out and "parameters: 52320" in out
+    assert main(["run", str(dst), str(MNIST1000), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["accuracy"] == pytest.approx(0.969) and len(res["predictions"]) == 1000
+    labels = np.load(MNIST1000)["labels"]
+    wrong = [i for i in range(400) if res["predictions"][i] != labels[i]]
+    assert wrong == [18, 149, 217, 241, 247, 259, 321, 340, 381]
+
+
+def test_info_json_and_help(tmp_path, capsys):
+    p = tmp_path / "m.qnn"
+    save_model(tiny_fixed_point_mlp(), p)
+    assert main(["info", str(p), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 12 and len(info["layers"]) == 4
+    for cmd in ["convert", "info", "run", "property", "verify", "radius"]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_bad_model_is_exit_3_with_message(tmp_path, capsys):
+    bad = tmp_path / "broken.qnn"
+    bad.write_text("nope")
+    assert main(["info", str(bad)]) == 3
+    assert "broken.qnn" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "missing.onnx")]) == 3
+    (tmp_path / "model.xyz").write_text("?")
+    assert main(["info", str(tmp_path / "model.xyz")]) == 3
+    assert "unknown model format" in capsys.readouterr().err
+
+
+def test_bad_data_and_ids(tmp_path, capsys):
+    p = tmp_path / "m.qnn"
+    save_model(tiny_fixed_point_mlp(), p)
+    d = tmp_path / "d.npz"
+    np.savez(d, images=np.array([[1, 2], [3, 0]]), labels=np.array([0, 1]))
+    assert main(["run", str(p), str(d), "--ids", "0:2"]) == 0
+    assert main(["run", str(p), str(d), "--ids", "5"]) == 3
+    assert "outside" in capsys.readouterr().err
+    np.savez(tmp_path / "e.npz", x=np.zeros(3))
+    assert main(["run", str(p), str(tmp_path / "e.npz")]) == 3
+    assert "expected arrays 'images' and 'labels'" in capsys.readouterr().err
