@@ -40,20 +40,12 @@ def _load_data(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _parse_ids(spec: str | None, n: int) -> list[int]:
-    """``0:100``, ``5``, ``1,4,9`` or ``10:20,30`` (python slices, end exclusive)."""
+    """``0:100``, ``5``, ``1,4,9``, ``0:100:2`` or ``900:`` (python slices, end exclusive), checked against ``n``."""
+    from qverify.io.vnnlib import parse_ids
+
     if not spec:
         return list(range(n))
-    ids: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if ":" in part:
-                a, b = part.split(":", 1)
-                ids.extend(range(int(a or 0), int(b) if b else n))
-            else:
-                ids.append(int(part))
-        except ValueError:
-            raise CliError(f"--ids: cannot parse {part!r} (use e.g. 0:100 or 1,4,9)") from None
+    ids = parse_ids(spec, n)
     bad = [i for i in ids if not 0 <= i < n]
     if bad:
         raise CliError(f"--ids: {bad[:5]} outside the data set's {n} samples")
@@ -129,16 +121,18 @@ def cmd_property(args: argparse.Namespace) -> int:
     if (args.radius is None) == (args.eps is None):
         raise CliError("give exactly one of --radius (input units) and --eps (real units)")
     images, labels = _load_data(args.data)
+    ties = None
     if args.model:
         net = _load(args)
-    else:
+    else:  # units only; without a model's output step, VNN-COMP's convention: a tie counts as a violation
         from qverify.network import pixel_units_network
 
         n_out = args.num_outputs or int(labels.max()) + 1
         net = pixel_units_network(images.shape[1:], n_out)
+        ties = "any"
     ids = _parse_ids(args.ids, len(images))
     paths = write_robustness_properties(net, images, labels, ids, out_dir=args.output, radius=args.radius,
-                                        eps=args.eps)
+                                        eps=args.eps, ties=ties)
     print(f"wrote {len(paths)} properties to {args.output}")
     return EXIT_OK
 
@@ -330,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write one VNN-LIB local-robustness property per sample.")
     c.add_argument("data", help=".npz with 'images' and 'labels'")
     c.add_argument("--model", default=None,
-                   help="model the properties are for (sets the real input/output units and the number of outputs; "
-                        "default: real input = pixel / 256, outputs as given by --num-outputs)")
+                   help="model the properties are for (sets the real input/output units, the number of outputs and "
+                        "the exact first-max tie rule; without it: real input = pixel / 256, --num-outputs outputs, "
+                        "and VNN-COMP's convention that a tie Y_i = Y_label counts as a violation)")
     c.add_argument("--num-outputs", type=int, default=None,
                    help="number of outputs Y_j without --model (default: largest label + 1)")
     c.add_argument("--format", choices=["native", "onnx", "qvip-h5"], default=None, help="model format")

@@ -381,7 +381,8 @@ def pixel_units_network(image_shape: tuple[int, ...], num_outputs: int) -> QNetw
     if len(shape) == 3 and shape[-1] in (1, 3):
         shape = (shape[2], shape[0], shape[1])
     n = int(np.prod(shape))
-    layers: tuple[Layer, ...] = (Flatten(), Dense(np.zeros((num_outputs, n), np.int64), np.zeros(num_outputs, np.int64)))
+    zeros = Dense(np.zeros((num_outputs, n), np.int64), np.zeros(num_outputs, np.int64))
+    layers: tuple[Layer, ...] = (Flatten(), zeros)
     if len(shape) == 1:
         layers = layers[1:]
     return QNetwork(shape, 0, 255, layers, input_scale=Fraction(1, 256), name="pixel-units",

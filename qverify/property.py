@@ -122,10 +122,14 @@ class Property:
 
 
 # ---------------------------------------------------------------------------------------------- builders
+TIE_RULES = ("first", "any")
+
+
 def robustness_unsafe(label: int, num_outputs: int, tie_rule: str = "first") -> tuple[Conjunction, ...]:
-    """Unsafe region of "argmax stays ``label``" under the tie rule (see the module docstring)."""
-    if tie_rule != "first":
-        raise PropertyError(f"unknown tie rule {tie_rule!r}")
+    """Unsafe region of "argmax stays ``label``" under the tie rule: ``first`` (the first maximal index wins; see the
+    module docstring) or ``any`` (VNN-COMP's convention: any ``y_i >= y_c`` is a violation, ties included)."""
+    if tie_rule not in TIE_RULES:
+        raise PropertyError(f"unknown tie rule {tie_rule!r} (known: {', '.join(TIE_RULES)})")
     if not 0 <= label < num_outputs:
         raise PropertyError(f"label {label} outside the {num_outputs} outputs")
     out = []
@@ -134,17 +138,19 @@ def robustness_unsafe(label: int, num_outputs: int, tie_rule: str = "first") -> 
             continue
         a = np.zeros(num_outputs, dtype=np.int64)
         a[label], a[i] = 1, -1
-        out.append(Conjunction(a[None, :], np.array([0 if i < label else -1])))
+        out.append(Conjunction(a[None, :], np.array([0 if i < label or tie_rule == "any" else -1])))
     return tuple(out)
 
 
 def robustness_property(net: QNetwork, x: np.ndarray, label: int, radius: int | None = None,
-                        eps: float | Fraction | str | None = None, name: str = "") -> Property:
+                        eps: float | Fraction | str | None = None, name: str = "", ties: str | None = None
+                        ) -> Property:
     """Local robustness of ``label`` around the integer input ``x``.
 
     ``radius`` is in integer input units (pixels): ``max(grid_lo, x - r) <= x' <= min(grid_hi, x + r)``.
     ``eps`` is a real L-inf radius: the real box ``[s(x - z) - eps, s(x - z) + eps]`` mapped to the grid by
-    :func:`box_to_grid`. Exactly one of them must be given.
+    :func:`box_to_grid`. Exactly one of them must be given. ``ties`` overrides the network's tie rule (``any``:
+    VNN-COMP's convention, a tie is a violation).
     """
     x = np.asarray(x, dtype=np.int64).ravel()
     if (radius is None) == (eps is None):
@@ -163,7 +169,7 @@ def robustness_property(net: QNetwork, x: np.ndarray, label: int, radius: int | 
         center = [s * (int(v) - z) for v in x]
         lo, hi, how = box_to_grid(net, [c - e for c in center], [c + e for c in center])
         how = f"real L-inf radius {e} around the sample; {how}"
-    return Property(lo, hi, robustness_unsafe(int(label), net.num_outputs, net.tie_rule), name=name,
+    return Property(lo, hi, robustness_unsafe(int(label), net.num_outputs, ties or net.tie_rule), name=name,
                     description=f"robustness of class {int(label)}: {how}", label=int(label), center=x)
 
 

@@ -60,3 +60,30 @@ def test_bad_data_and_ids(tmp_path, capsys):
     np.savez(tmp_path / "e.npz", x=np.zeros(3))
     assert main(["run", str(p), str(tmp_path / "e.npz")]) == 3
     assert "expected arrays 'images' and 'labels'" in capsys.readouterr().err
+
+
+@needs_shared
+def test_property_command_round_trips_with_model(tmp_path):
+    from qverify.io.h5 import load_qvip_h5
+    from qverify.io.vnnlib import parse_vnnlib
+    from qverify.property import pixels_to_grid, robustness_property
+
+    out = tmp_path / "props"
+    assert main(["property", str(MNIST1000), "--model", str(P1_6), "--ids", "300:302", "--radius", "4",
+                 "-o", str(out)]) == 0
+    net = load_qvip_h5(P1_6)
+    d = np.load(MNIST1000)
+    p = parse_vnnlib(out / "prop_300_r4.vnnlib", net)
+    want = robustness_property(net, pixels_to_grid(net, d["images"][300:301])[0], int(d["labels"][300]), radius=4)
+    assert np.array_equal(p.lo, want.lo) and np.array_equal(p.hi, want.hi)
+    y = np.random.default_rng(0).integers(-32, 32, size=(2000, 32))
+    y[:, 5] = y[:, 4]  # ties with the label's output (label 4): the first-max rule decides
+    assert np.array_equal(p.is_violated(y), want.is_violated(y))
+
+
+def test_property_command_without_model_uses_vnncomp_ties(tmp_path):
+    d = tmp_path / "d.npz"
+    np.savez(d, images=np.zeros((2, 4, 4), np.uint8), labels=np.array([3, 1]))
+    assert main(["property", str(d), "--radius", "1", "-o", str(tmp_path / "p")]) == 0
+    text = (tmp_path / "p" / "prop_0_r1.vnnlib").read_text()
+    assert "(>= Y_2 Y_3)" in text and "(>= Y_0 Y_3)" in text and "+" not in text.split("(assert (or")[-1]
