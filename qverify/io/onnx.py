@@ -1,0 +1,1167 @@
+"""Importer for quantized ONNX models (QDQ and QOperator forms) and their replay on onnxruntime.
+
+The graph must be a chain from one input to one output (a :class:`~qverify.network.QNetwork` is sequential). It is
+read node by node (ONNX graphs are topologically sorted) into symbolic values; every tensor is one of
+
+* ``Const``    an initializer or ``Constant`` (float or integer);
+* ``ConstDQ``  ``DequantizeLinear`` of an integer constant: ``real = s (q - z)`` elementwise (weights, biases);
+* ``Quant``    the live integer activation: the output of the layers built so far;
+* ``Real``     ``DequantizeLinear`` of the live activation, ``real = clip(s (q - z), a, b)`` (``Relu``/``Clip`` widen
+  nothing: they only narrow the clip interval ``[a, b]``);
+* ``Acc``      an integer accumulator of the last affine layer, ``real_c = clip(M_c acc_c, a, b)`` per channel ``c``.
+
+Mapping (all exact: Python integers and :class:`~fractions.Fraction` of the float32 scales; ``R`` = round half to
+even, as ONNX ``QuantizeLinear`` specifies):
+
+* ``MatMul(DQ(x), DQ(W))``, ``Gemm``, ``QLinearMatMul``, ``QGemm``, ``MatMulInteger``: with ``W`` oriented
+  ``[out, in]``, ``sum_k (W_ok - zw_ok)(x_k - zx) = sum_k W'_ok x_k + b'_o``, ``W' = W - zw``,
+  ``b'_o = -zx sum_k W'_ok``; ``M_o = s_x s_w,o`` (``alpha`` multiplies it);
+* ``Conv(DQ(x), DQ(W))``, ``QLinearConv``: the same per output channel, with the input padded by ``zx``
+  (``pad_value``: padding means real zero, so padded cells add nothing to ``sum W'(x - zx)``);
+* bias: an integer bias whose scale is ``M_o`` (``QLinearConv``'s ``B``, ``QGemm``'s ``C``, or a ``DequantizeLinear``
+  int32 bias whose scale equals ``s_x s_w,o`` up to float32 rounding, as ``quantize_static`` writes it) is added to the
+  accumulator; any other bias ``c`` (float) is rounded to accumulator units, ``R(c / M_o)`` (recorded in
+  ``metadata['onnx_notes']``): float arithmetic has no exact integer counterpart;
+* ``QuantizeLinear(s_y, z_y)`` of an accumulator: ``Requantize`` with multiplier ``M_o / s_y``, zero point ``z_y`` and
+  clamp ``[max(lo, R(a / s_y) + z_y), min(hi, R(b / s_y) + z_y)]`` where ``[lo, hi]`` is the range of ``z_y``'s type
+  (uint8 ``0..255``, int8 ``-128..127``). This is exact because ``R`` is monotone: ``R(clip(v, a, b)) =
+  clip(R(v), R(a), R(b))``. A ``Relu`` is ``a = 0``, so it becomes ``lo = max(lo, z_y)``; ``quantize_static`` folds a
+  ``Relu`` into the uint8 range (``z_y = 0``), which is the same clamp;
+* ``QuantizeLinear`` of a dequantized activation with the same ``(s, z)``: a ``Clamp`` (or nothing); with other
+  parameters, an identity affine layer ``acc = x - z`` then ``Requantize(s / s_y)``;
+* ``Add(DQ(x), c)``, ``QLinearAdd(x, c)`` with a constant ``c`` (per channel): the exact identity affine layer
+  ``acc = D (x - z_x) + D c / s_x`` with ``D`` the least common denominator of ``c / s_x`` and ``M = s_x / D``;
+* ``Flatten``/``Reshape`` to ``[batch, n]``: ``Flatten``.
+
+The network's input is the quantized input: for a float graph input followed by ``QuantizeLinear(s_in, z_in)`` the
+grid is the range of ``z_in``'s type, ``input_rounding = half_even``; for an integer graph input the grid is its type's
+range and ``(s_in, z_in)`` come from its first consumer. The output is the last integer tensor: the input of a final
+``DequantizeLinear`` (``output_scale``, ``output_zero_point`` from it), a quantized graph output, or a float
+accumulator (``output_scale = M``).
+
+Anything else (an unknown operator, a pooling layer, a residual ``Add`` of two activations, grouped convolutions) is a
+:class:`~qverify.network.ModelError` that names the file, the operator and the node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qverify.network import Clamp, Conv2d, Dense, Flatten, ModelError, QNetwork, Requantize
+from qverify.quant import Rounding, round_fraction
+
+#: integer ranges of the ONNX tensor element types that can carry quantized values
+_INT_RANGES: dict[int, tuple[str, int, int]] = {
+    2: ("uint8", 0, 255),
+    3: ("int8", -128, 127),
+    4: ("uint16", 0, 65535),
+    5: ("int16", -32768, 32767),
+    6: ("int32", -(2**31), 2**31 - 1),
+    21: ("uint4", 0, 15),
+    22: ("int4", -8, 7),
+}
+_NP_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127), np.dtype(np.uint16): (0, 65535),
+              np.dtype(np.int16): (-32768, 32767), np.dtype(np.int32): (-(2**31), 2**31 - 1)}
+#: relative tolerance under which a bias scale counts as ``s_x s_w`` (float32 rounding of the product: 2^-24)
+_BIAS_SCALE_RTOL = Fraction(1, 2**20)
+#: largest denominator accepted for an exact identity layer (``Add`` of a constant to an activation)
+_MAX_DEN = 2**40
+#: operators that only move data: applied to the three arrays of a dequantized constant alike
+_MOVE_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+# ---------------------------------------------------------------------------------------------- symbolic values
+@dataclass
+class _Const:
+    value: np.ndarray
+
+
+@dataclass
+class _ConstDQ:
+    """``real = scale * (q - zp)`` elementwise; all three arrays have ``q``'s shape."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zp: np.ndarray
+    node: str
+
+    def real(self) -> np.ndarray:
+        """The exact values, an object array of :class:`Fraction`."""
+        f = np.frompyfunc(lambda s, q, z: Fraction(float(s)) * (int(q) - int(z)), 3, 1)
+        return f(self.scale, self.q, self.zp)
+
+
+@dataclass
+class _Input:
+    """The float graph input, before its ``QuantizeLinear``."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Quant:
+    """The live integer activation: the output of ``layers[:pos]``."""
+
+    pos: int
+    shape: tuple[int, ...]
+    lo: int
+    hi: int
+    scale: Fraction | None = None
+    zero_point: int | None = None
+    etype: int = 2  # ONNX element type of the tensor
+
+
+@dataclass
+class _Real:
+    """``clip(scale * (q - zero_point), clip_lo, clip_hi)``."""
+
+    q: _Quant
+    scale: Fraction
+    zero_point: int
+    clip: tuple[Fraction | None, Fraction | None] = (None, None)
+
+
+@dataclass
+class _Acc:
+    """``clip(mult_c * acc_c, clip)`` where ``acc`` is the output of ``layers[:pos]`` (the last one affine)."""
+
+    pos: int
+    shape: tuple[int, ...]
+    mult: list[Fraction]
+    clip: tuple[Fraction | None, Fraction | None] = (None, None)
+    integer: bool = False  # MatMulInteger output, before its Cast to float
+
+
+_Sym = _Const | _ConstDQ | _Input | _Quant | _Real | _Acc
+
+
+def _kind(sym: _Sym) -> str:
+    return {_Const: "a constant", _ConstDQ: "a dequantized constant", _Input: "the float graph input",
+            _Quant: "a quantized activation", _Real: "a dequantized activation",
+            _Acc: "an accumulator (not yet requantized)"}[type(sym)]
+
+
+def _etype(lo: int, hi: int) -> int:
+    for et, (_, a, b) in _INT_RANGES.items():
+        if (a, b) == (lo, hi):
+            return et
+    raise ModelError(f"no ONNX integer type has the range [{lo}, {hi}]")
+
+
+def _frac(x: object) -> Fraction:
+    """The exact value of a float (or a Fraction, kept as is)."""
+    return x if isinstance(x, Fraction) else Fraction(float(x))  # type: ignore[arg-type]
+
+
+def _lcm(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the importer
+@dataclass
+class _Importer:
+    path: Path
+    model: Any
+    syms: dict[str, _Sym] = field(default_factory=dict)
+    layers: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    input_name: str = ""
+    input_shape_full: tuple[int, ...] = ()
+    input_dtype: str = ""
+    input_lo: int = 0
+    input_hi: int = 0
+    input_scale: Fraction | None = None
+    input_zero_point: int | None = None
+    input_rounding: Rounding | None = None
+    forms: set[str] = field(default_factory=set)
+    net_input_shape: tuple[int, ...] = ()
+    tensors: dict[int, tuple[str, int]] = field(default_factory=dict)
+    node: Any = None
+
+    # ------------------------------------------------------------------ errors and lookups
+    def where(self) -> str:
+        n = self.node
+        if n is None:
+            return f"{self.path}"
+        dom = f" ({n.domain})" if n.domain not in ("", "ai.onnx") else ""
+        return f"{self.path}: node {n.name or '<unnamed>'!r} ({n.op_type}{dom})"
+
+    def error(self, msg: str) -> ModelError:
+        return ModelError(f"{self.where()}: {msg}")
+
+    def get(self, name: str) -> _Sym | None:
+        if not name:
+            return None
+        if name not in self.syms:
+            raise self.error(f"input {name!r} is not produced by any earlier node")
+        return self.syms[name]
+
+    def const(self, name: str, what: str) -> np.ndarray | None:
+        sym = self.get(name)
+        if sym is None:
+            return None
+        if not isinstance(sym, _Const):
+            raise self.error(f"{what} ({name!r}) must be a constant, got {_kind(sym)}")
+        return sym.value
+
+    def scalar_scale(self, name: str, what: str) -> Fraction:
+        v = self.const(name, what)
+        if v is None:
+            raise self.error(f"{what} is missing")
+        if v.size != 1:
+            raise self.error(f"{what} must be a single value (per-tensor) here, got shape {v.shape}")
+        s = _frac(v.ravel()[0])
+        if s <= 0:
+            raise self.error(f"{what} must be positive, got {float(s)}")
+        return s
+
+    def zero_point(self, name: str, what: str, default_type: int = 2) -> tuple[int, int, int]:
+        """``(z, lo, hi)``: a per-tensor zero point and the range of its type (uint8 when absent)."""
+        sym = self.get(name)
+        if sym is None:
+            _, lo, hi = _INT_RANGES[default_type]
+            return 0, lo, hi
+        if not isinstance(sym, _Const):
+            raise self.error(f"{what} ({name!r}) must be a constant")
+        v = sym.value
+        if v.size != 1:
+            raise self.error(f"{what} must be a single value (per-tensor) here, got shape {v.shape}")
+        if v.dtype not in _NP_RANGES:
+            raise self.error(f"{what} has unsupported type {v.dtype}")
+        lo, hi = _NP_RANGES[v.dtype]
+        return int(v.ravel()[0]), lo, hi
+
+    def attr(self, name: str, default: object = None) -> object:
+        from onnx import helper
+
+        for a in self.node.attribute:
+            if a.name == name:
+                v = helper.get_attribute_value(a)
+                return v.decode() if isinstance(v, bytes) else v
+        return default
+
+    def take(self, sym: _Sym, role: str = "input") -> None:
+        """The chain rule: an activation can only be extended at the end of the layer list."""
+        pos = getattr(sym, "pos", None)
+        if isinstance(sym, _Real):
+            pos = sym.q.pos
+        if pos is not None and pos != len(self.layers):
+            raise self.error(f"the {role} activation is used after later layers were built from it: the graph "
+                             f"branches (qverify networks are sequential)")
+
+    # ------------------------------------------------------------------ layer builders
+    def expand(self, param: np.ndarray, axis: int, shape: tuple[int, ...], what: str) -> np.ndarray:
+        """Broadcast a per-tensor or per-axis quantization parameter to ``shape``."""
+        p = np.asarray(param)
+        if p.size == 1:
+            return np.broadcast_to(p.reshape(()), shape).copy()
+        if p.ndim != 1:
+            raise self.error(f"{what} of shape {p.shape}: blocked quantization is not supported")
+        ax = axis + len(shape) if axis < 0 else axis
+        if not 0 <= ax < len(shape) or shape[ax] != p.size:
+            raise self.error(f"{what} has {p.size} values for axis {axis} of a tensor of shape {shape}")
+        view = [1] * len(shape)
+        view[ax] = p.size
+        return np.broadcast_to(p.reshape(view), shape).copy()
+
+    def per_channel(self, arr: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+        """A constant broadcast against a batched activation of per-sample ``shape``: its per-channel vector."""
+        a = np.asarray(arr)
+        try:
+            b = np.broadcast_to(a, (1, *shape) if a.ndim > len(shape) else shape)
+        except ValueError:
+            raise self.error(f"{what} of shape {a.shape} does not broadcast to the activation {shape}") from None
+        if b.ndim == len(shape) + 1:
+            b = b[0]
+        if len(shape) == 1:
+            return np.array(b)
+        if len(shape) == 3:
+            ch = b[:, :1, :1]
+            if not np.all(b == ch):
+                raise self.error(f"{what} of shape {a.shape} varies within a channel: only per-channel constants "
+                                 f"can be folded into a layer")
+            return np.array(ch[:, 0, 0])
+        raise self.error(f"activation of shape {shape} is not supported")
+
+    def weight_oriented(self, w: _ConstDQ, transpose: bool, what: str) -> tuple[np.ndarray, list[Fraction]]:
+        """``W'`` (``[out, ...]``, zero point folded) and the per-output-channel weight scales."""
+        q, s, z = w.q, w.scale, w.zp
+        if transpose:
+            q, s, z = q.T, s.T, z.T
+        sflat = s.reshape(s.shape[0], -1)
+        if not np.all(sflat == sflat[:, :1]):
+            raise self.error(f"{what} scale varies along the reduction axis (blocked or per-input-channel "
+                             f"quantization is not supported)")
+        scales = [_frac(v) for v in sflat[:, 0]]
+        if min(scales) <= 0:
+            raise self.error(f"{what} scales must be positive")
+        if len(set(scales)) == 1:
+            scales = scales[:1]  # per-tensor
+        return (q - z).astype(np.int64), scales
+
+    def dense(self, x: _Real, w: _ConstDQ, transpose: bool, alpha: float = 1.0) -> _Acc:
+        """``MatMul``/``Gemm`` of a dequantized activation by a dequantized weight (``transpose``: ``W`` is
+        ``[in, out]`` as in ``MatMul``)."""
+        self.take(x)
+        if x.clip != (None, None):
+            raise self.error("Relu/Clip of a dequantized activation must be followed by QuantizeLinear")
+        if len(x.q.shape) != 1:
+            raise self.error(f"MatMul/Gemm input must be [batch, n], got per-sample shape {x.q.shape}")
+        if w.q.ndim != 2:
+            raise self.error(f"weight must be 2-D, got shape {w.q.shape}")
+        wp, ws = self.weight_oriented(w, transpose, "weight")
+        if wp.shape[1] != x.q.shape[0]:
+            raise self.error(f"weight of shape {w.q.shape} does not match input size {x.q.shape[0]}")
+        bias = -x.zero_point * wp.sum(axis=1)
+        self.layers.append(Dense(wp, bias, name=self.node.name))
+        mult = [x.scale * s * _frac(alpha) for s in ws]
+        return _Acc(len(self.layers), (wp.shape[0],), mult)
+
+    def conv(self, x: _Real, w: _ConstDQ) -> _Acc:
+        self.take(x)
+        if x.clip != (None, None):
+            raise self.error("Relu/Clip of a dequantized activation must be followed by QuantizeLinear")
+        if len(x.q.shape) != 3 or w.q.ndim != 4:
+            raise self.error(f"only 2-D convolutions are supported (input {x.q.shape}, weight {w.q.shape})")
+        group = int(self.attr("group", 1))
+        if group != 1:
+            raise self.error(f"grouped convolution (group={group}) is not supported")
+        wp, ws = self.weight_oriented(w, False, "weight")
+        kh, kw = wp.shape[2:]
+        strides = tuple(self.attr("strides", [1, 1]))
+        dil = tuple(self.attr("dilations", [1, 1]))
+        auto_pad = self.attr("auto_pad", "NOTSET")
+        if auto_pad in ("NOTSET", ""):
+            pads = tuple(self.attr("pads", [0, 0, 0, 0]))
+        elif auto_pad == "VALID":
+            pads = (0, 0, 0, 0)
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            tot = []
+            for size, k, s, d in zip(x.q.shape[1:], (kh, kw), strides, dil, strict=True):
+                out = -(-size // s)
+                tot.append(max(0, (out - 1) * s + (k - 1) * d + 1 - size))
+            small = [t // 2 for t in tot]
+            big = [t - t // 2 for t in tot]
+            pads = (*small, *big) if auto_pad == "SAME_UPPER" else (*big, *small)
+        else:
+            raise self.error(f"unknown auto_pad {auto_pad!r}")
+        wsum = wp.reshape(wp.shape[0], -1).sum(axis=1)
+        layer = Conv2d(wp, -x.zero_point * wsum, stride=strides, padding=pads, dilation=dil,
+                       pad_value=x.zero_point, name=self.node.name)
+        try:
+            shape = layer.output_shape(x.q.shape)
+        except ModelError as e:
+            raise self.error(str(e)) from None
+        self.layers.append(layer)
+        return _Acc(len(self.layers), shape, [x.scale * s for s in ws])
+
+    def set_bias(self, acc: _Acc, add: np.ndarray) -> None:
+        idx = acc.pos - 1
+        layer = self.layers[idx]
+        self.layers[idx] = replace(layer, bias=layer.bias + np.asarray(add, dtype=np.int64))
+
+    def add_int_bias(self, acc: _Acc, b: np.ndarray) -> _Acc:
+        """An integer bias in accumulator units (``QLinearConv``'s ``B``, ``QGemm``'s ``C``)."""
+        self.take(acc)
+        vec = self.per_channel(np.asarray(b, dtype=np.int64), acc.shape, "bias")
+        self.set_bias(acc, np.broadcast_to(vec, (acc.shape[0],)))
+        return acc
+
+    def add_const_to_acc(self, acc: _Acc, c: _Const | _ConstDQ) -> _Acc:
+        self.take(acc)
+        if acc.clip != (None, None):
+            raise self.error("Add after Relu/Clip of an accumulator cannot be folded into the layer")
+        n = acc.shape[0]
+        mult = acc.mult if len(acc.mult) == n else acc.mult * n
+        out = np.zeros(n, dtype=np.int64)
+        rounded = 0
+        if isinstance(c, _ConstDQ):
+            qv = np.broadcast_to(self.per_channel(c.q, acc.shape, "bias"), (n,))
+            sv = np.broadcast_to(self.per_channel(c.scale, acc.shape, "bias scale"), (n,))
+            zv = np.broadcast_to(self.per_channel(c.zp, acc.shape, "bias zero point"), (n,))
+            approx = 0
+            for i in range(n):
+                sb = _frac(sv[i])
+                if sb == mult[i] or abs(sb / mult[i] - 1) <= _BIAS_SCALE_RTOL:
+                    out[i] = int(qv[i]) - int(zv[i])
+                    approx += sb != mult[i]
+                else:
+                    out[i] = round_fraction(sb * (int(qv[i]) - int(zv[i])) / mult[i], Rounding.HALF_EVEN)
+                    rounded += 1
+            if approx:
+                self.notes.append(f"{self.node.name}: integer bias {c.node!r} has scale s_x*s_w up to float32 "
+                                  f"rounding ({approx} channels); added to the accumulator as is")
+        else:
+            cv = np.broadcast_to(self.per_channel(c.value.astype(np.float64), acc.shape, "bias"), (n,))
+            for i in range(n):
+                f = _frac(cv[i]) / mult[i]
+                out[i] = round_fraction(f, Rounding.HALF_EVEN)
+                rounded += f.denominator != 1
+        if rounded:
+            self.notes.append(f"{self.node.name}: real bias rounded to accumulator units R(c/(s_x*s_w)) "
+                              f"({rounded} channels)")
+        self.set_bias(acc, out)
+        return acc
+
+    def identity(self, x: _Real, offset: np.ndarray | None) -> _Acc:
+        """The exact identity affine layer ``acc = D (x - z) + D c / s``, ``M = s / D`` (``c`` per channel)."""
+        self.take(x)
+        shape = x.q.shape
+        n = shape[0]
+        ratios = [Fraction(0)] * n
+        if offset is not None:
+            if x.clip != (None, None):
+                raise self.error("Add after Relu/Clip of a dequantized activation is not supported")
+            vec = np.broadcast_to(self.per_channel(offset, shape, "added constant"), (n,))
+            ratios = [_frac(v) / x.scale for v in vec]
+        d = _lcm([r.denominator for r in ratios])
+        if d > _MAX_DEN:
+            raise self.error(f"the added constant needs a common denominator {d} > 2^40 relative to the input "
+                             f"scale: no exact integer layer")
+        bias = np.array([int(r * d) - d * x.zero_point for r in ratios], dtype=np.int64)
+        if len(shape) == 1:
+            layer = Dense(d * np.eye(n, dtype=np.int64), bias, name=f"{self.node.name}/identity")
+        elif len(shape) == 3:
+            w = (d * np.eye(n, dtype=np.int64))[:, :, None, None]
+            layer = Conv2d(w, bias, name=f"{self.node.name}/identity")
+        else:
+            raise self.error(f"activation of shape {shape} is not supported")
+        self.layers.append(layer)
+        return _Acc(len(self.layers), shape, [x.scale / d], x.clip)
+
+    def requantize(self, acc: _Acc, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
+        self.take(acc)
+        if acc.integer:
+            raise self.error("integer accumulator must be Cast to float before QuantizeLinear")
+        etype = _etype(lo, hi)
+        a, b = acc.clip
+        if a is not None:
+            lo = max(lo, round_fraction(a / s, Rounding.HALF_EVEN) + z)
+        if b is not None:
+            hi = min(hi, round_fraction(b / s, Rounding.HALF_EVEN) + z)
+        if lo > hi:
+            raise self.error(f"the clip interval leaves no integer output (range [{lo}, {hi}])")
+        self.layers.append(Requantize.affine([m / s for m in acc.mult], z, lo, hi, Rounding.HALF_EVEN, name=name))
+        return _Quant(len(self.layers), acc.shape, lo, hi, s, z, etype)
+
+    def quantize_real(self, x: _Real, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
+        if s == x.scale and z == x.zero_point and (lo, hi) == (_INT_RANGES[x.q.etype][1:]):
+            # Q(clip(DQ(q))) with the same parameters and type: a clamp
+            self.take(x)
+            a, b = x.clip
+            qlo, qhi = max(lo, x.q.lo), min(hi, x.q.hi)
+            if a is not None:
+                qlo = max(qlo, round_fraction(a / s, Rounding.HALF_EVEN) + z)
+            if b is not None:
+                qhi = min(qhi, round_fraction(b / s, Rounding.HALF_EVEN) + z)
+            if qlo > qhi:
+                raise self.error(f"the clip interval leaves no integer output (range [{qlo}, {qhi}])")
+            if (qlo, qhi) == (x.q.lo, x.q.hi):
+                return _Quant(x.q.pos, x.q.shape, qlo, qhi, s, z, x.q.etype)
+            self.layers.append(Clamp(qlo, qhi, name=name))
+            return _Quant(len(self.layers), x.q.shape, qlo, qhi, s, z, x.q.etype)
+        return self.requantize(self.identity(x, None), s, z, lo, hi, name)
+
+    def flatten_to(self, sym: _Sym, target: tuple[int, ...]) -> _Sym:
+        """Reshape to per-sample ``target`` (C order): only a flatten (or nothing) is supported."""
+        if isinstance(sym, _Input):
+            if int(np.prod(target)) != int(np.prod(sym.shape)):
+                raise self.error(f"cannot reshape the input {sym.shape} to {target}")
+            return _Input(target)
+        q = sym.q if isinstance(sym, _Real) else sym
+        if not isinstance(q, _Quant):
+            raise self.error(f"Flatten/Reshape of {_kind(sym)} is not supported")
+        if target == q.shape:
+            return sym
+        if target != (int(np.prod(q.shape)),):
+            raise self.error(f"reshape of {q.shape} to {target} is not a flatten (only [batch, n] is supported)")
+        self.take(q)
+        self.layers.append(Flatten(name=self.node.name))
+        nq = _Quant(len(self.layers), target, q.lo, q.hi, q.scale, q.zero_point, q.etype)
+        return replace(sym, q=nq) if isinstance(sym, _Real) else nq
+
+    def use_input_params(self, q: _Quant, s: Fraction, z: int) -> None:
+        """An integer graph input takes its real interpretation from its first consumer."""
+        if q.pos == 0 and self.input_scale is None:
+            self.input_scale, self.input_zero_point = s, z
+            q.scale, q.zero_point = s, z
+
+    # ------------------------------------------------------------------ node handlers
+    def run(self) -> QNetwork:
+        from onnx import numpy_helper
+
+        graph = self.model.graph
+        for init in graph.initializer:
+            self.syms[init.name] = _Const(numpy_helper.to_array(init))
+        inputs = [i for i in graph.input if i.name not in self.syms]
+        if len(inputs) != 1:
+            raise self.error(f"expected one graph input, found {len(inputs)} ({[i.name for i in inputs]})")
+        self.start(inputs[0])
+        for node in graph.node:
+            self.node = node
+            self.visit(node)
+        self.node = None
+        if len(graph.output) != 1:
+            raise self.error(f"expected one graph output, found {len(graph.output)}")
+        return self.finish(graph.output[0].name)
+
+    def start(self, inp: Any) -> None:
+        tt = inp.type.tensor_type
+        dims = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif i == 0:
+                dims.append(-1)
+            else:
+                raise self.error(f"input {inp.name!r}: dimension {i} is not static ({d.dim_param!r})")
+        if len(dims) < 2:
+            raise self.error(f"input {inp.name!r} must be [batch, ...], got shape {dims}")
+        self.input_name = inp.name
+        self.input_shape_full = tuple(dims)
+        shape = tuple(dims[1:])
+        et = tt.elem_type
+        if et in (1, 10, 11, 16):  # float, float16, double, bfloat16
+            self.input_dtype = "float"
+            self.syms[inp.name] = _Input(shape)
+        elif et in _INT_RANGES and et != 6:
+            self.input_dtype, self.input_lo, self.input_hi = _INT_RANGES[et]
+            self.syms[inp.name] = _Quant(0, shape, self.input_lo, self.input_hi, etype=et)
+            self.net_input_shape = shape
+        else:
+            raise self.error(f"input {inp.name!r} has unsupported element type {et}")
+
+    def visit(self, node: Any) -> None:
+        op = node.op_type
+        dom = node.domain if node.domain not in ("ai.onnx",) else ""
+        handler = getattr(self, f"op_{op}", None)
+        if dom not in ("", "com.microsoft") or handler is None:
+            if self.all_const(node) and dom == "":
+                self.fold(node)
+                return
+            raise self.error(f"unsupported operator {op!r}" + (f" (domain {dom!r})" if dom else ""))
+        out = handler(node)
+        if out is not None:
+            self.syms[node.output[0]] = out
+            if isinstance(out, _Quant) and 0 < out.pos == len(self.layers):
+                self.tensors.setdefault(out.pos - 1, (node.output[0], out.etype))
+
+    def all_const(self, node: Any) -> bool:
+        return all(not i or isinstance(self.syms.get(i), _Const) for i in node.input)
+
+    def fold(self, node: Any) -> None:
+        """Evaluate a node whose inputs are all constants (shape arithmetic, weight transposes) with the ONNX
+        reference implementation."""
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {i: self.syms[i].value for i in node.input if i}  # type: ignore[union-attr]
+        g = helper.make_graph([node], "fold", [helper.make_tensor_value_info(i, 0, None) for i in feeds],
+                              [helper.make_tensor_value_info(o, 0, None) for o in node.output])
+        opsets = [o for o in self.model.opset_import if o.domain in ("", "ai.onnx")]
+        m = helper.make_model(g, opset_imports=opsets)
+        try:
+            outs = ReferenceEvaluator(m).run(None, feeds)
+        except Exception as e:
+            raise self.error(f"cannot evaluate constant node: {e}") from None
+        for name, v in zip(node.output, outs, strict=True):
+            self.syms[name] = _Const(np.asarray(v))
+
+    def move(self, node: Any, sym: _ConstDQ) -> _ConstDQ:
+        """A data-movement op on a dequantized constant: applied to ``q``, ``scale`` and ``zp`` alike."""
+        outs = []
+        for arr in (sym.q, sym.scale, sym.zp):
+            saved = dict(self.syms)
+            self.syms[node.input[0]] = _Const(arr)
+            self.fold(node)
+            outs.append(self.syms[node.output[0]].value)  # type: ignore[union-attr]
+            self.syms = saved
+        return _ConstDQ(outs[0], outs[1], outs[2], sym.node)
+
+    # ---------------- quantize / dequantize
+    def op_QuantizeLinear(self, node: Any) -> _Sym:
+        self.forms.add("QDQ")
+        if int(self.attr("block_size", 0) or 0):
+            raise self.error("blocked quantization is not supported")
+        x = self.get(node.input[0])
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        out_type = int(self.attr("output_dtype", 0) or 0) or 2
+        if isinstance(x, _Const):
+            return self.quantize_const(node, x.value, out_type)
+        s = self.scalar_scale(node.input[1], "activation scale")
+        z, lo, hi = self.zero_point(zp_name, "activation zero point", out_type)
+        if isinstance(x, _Input):
+            if self.layers or self.input_scale is not None:
+                raise self.error("the float input is quantized twice")
+            self.input_lo, self.input_hi = lo, hi
+            self.input_scale, self.input_zero_point = s, z
+            self.input_rounding = Rounding.HALF_EVEN
+            self.net_input_shape = x.shape
+            if x.shape != self.input_shape_full[1:]:
+                self.notes.append(f"input reshaped from {self.input_shape_full[1:]} to {x.shape} before quantization")
+            return _Quant(0, x.shape, lo, hi, s, z, _etype(lo, hi))
+        if isinstance(x, _Acc):
+            return self.requantize(x, s, z, lo, hi, node.name)
+        if isinstance(x, _Real):
+            return self.quantize_real(x, s, z, lo, hi, node.name)
+        raise self.error(f"QuantizeLinear of {_kind(x)} is not supported")
+
+    def quantize_const(self, node: Any, x: np.ndarray, out_type: int) -> _Const:
+        """Exact ``clamp(R(x / s) + z)`` of a float constant (fake-quantized weights exported by PyTorch)."""
+        axis = int(self.attr("axis", 1))
+        s = self.expand(self.const(node.input[1], "scale"), axis, x.shape, "scale")
+        zname = node.input[2] if len(node.input) > 2 else ""
+        zv = self.const(zname, "zero point") if zname else None
+        if zv is not None:
+            dtype = zv.dtype
+            z = self.expand(zv, axis, x.shape, "zero point").astype(np.int64)
+        else:
+            dtype = np.dtype({2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16}.get(out_type, np.uint8))
+            z = np.zeros(x.shape, dtype=np.int64)
+        lo, hi = _NP_RANGES[np.dtype(dtype)]
+        flat = [round_fraction(_frac(a) / _frac(b), Rounding.HALF_EVEN) for a, b in zip(x.ravel(), s.ravel(),
+                                                                                       strict=True)]
+        q = np.clip(np.array(flat, dtype=np.int64).reshape(x.shape) + z, lo, hi)
+        return _Const(q.astype(dtype))
+
+    def op_DequantizeLinear(self, node: Any) -> _Sym:
+        self.forms.add("QDQ")
+        if int(self.attr("block_size", 0) or 0):
+            raise self.error("blocked quantization is not supported")
+        x = self.get(node.input[0])
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        if isinstance(x, _Const):
+            if not np.issubdtype(x.value.dtype, np.integer):
+                raise self.error(f"DequantizeLinear of a {x.value.dtype} constant")
+            axis = int(self.attr("axis", 1))
+            q = x.value.astype(np.int64)
+            s = self.expand(self.const(node.input[1], "scale"), axis, q.shape, "scale").astype(np.float64)
+            zv = self.const(zp_name, "zero point") if zp_name else None
+            z = (self.expand(zv, axis, q.shape, "zero point").astype(np.int64) if zv is not None
+                 else np.zeros(q.shape, dtype=np.int64))
+            return _ConstDQ(q, s, z, node.name)
+        if isinstance(x, _Quant):
+            s = self.scalar_scale(node.input[1], "activation scale")
+            z, _, _ = self.zero_point(zp_name, "activation zero point")
+            self.use_input_params(x, s, z)
+            return _Real(x, s, z)
+        raise self.error(f"DequantizeLinear of {_kind(x)} is not supported")
+
+    # ---------------- float-graph ops (QDQ form)
+    def real_and_weight(self, node: Any, xi: str, wi: str) -> tuple[_Real, _ConstDQ]:
+        x, w = self.get(xi), self.get(wi)
+        if isinstance(x, (_Real, _Acc, _Quant)) and isinstance(w, (_Real, _Acc, _Quant)):
+            raise self.error(f"{node.op_type} of two activations is not supported (weights must be constants)")
+        if not isinstance(x, _Real):
+            raise self.error(f"{node.op_type} input must be a dequantized activation, got {_kind(x)}"
+                             if x is not None else "missing input")
+        if isinstance(w, _Const):
+            raise self.error(f"{node.op_type} weight {wi!r} is not quantized (no DequantizeLinear of integers)")
+        if not isinstance(w, _ConstDQ):
+            raise self.error(f"{node.op_type} weight must be a dequantized constant, got {_kind(w)}")
+        return x, w
+
+    def op_MatMul(self, node: Any) -> _Sym:
+        x, w = self.real_and_weight(node, node.input[0], node.input[1])
+        return self.dense(x, w, transpose=True)
+
+    def op_Gemm(self, node: Any) -> _Sym:
+        if int(self.attr("transA", 0)):
+            raise self.error("Gemm with transA=1 is not supported")
+        x, w = self.real_and_weight(node, node.input[0], node.input[1])
+        acc = self.dense(x, w, transpose=not int(self.attr("transB", 0)), alpha=float(self.attr("alpha", 1.0)))
+        if len(node.input) > 2 and node.input[2]:
+            if float(self.attr("beta", 1.0)) != 1.0:
+                raise self.error("Gemm with beta != 1 is not supported")
+            acc = self.add_bias_sym(acc, self.get(node.input[2]))
+        return acc
+
+    def op_Conv(self, node: Any) -> _Sym:
+        x, w = self.real_and_weight(node, node.input[0], node.input[1])
+        acc = self.conv(x, w)
+        if len(node.input) > 2 and node.input[2]:
+            b = self.get(node.input[2])
+            if isinstance(b, _Const):
+                b = _Const(b.value.reshape(-1, 1, 1))
+            elif isinstance(b, _ConstDQ):
+                b = _ConstDQ(b.q.reshape(-1, 1, 1), b.scale.reshape(-1, 1, 1), b.zp.reshape(-1, 1, 1), b.node)
+            acc = self.add_bias_sym(acc, b)
+        return acc
+
+    def add_bias_sym(self, acc: _Acc, b: _Sym | None) -> _Acc:
+        if isinstance(b, (_Const, _ConstDQ)):
+            return self.add_const_to_acc(acc, b)
+        raise self.error(f"bias must be a constant, got {_kind(b) if b is not None else 'nothing'}")
+
+    def op_Add(self, node: Any) -> _Sym:
+        a, b = self.get(node.input[0]), self.get(node.input[1])
+        if isinstance(a, (_Const, _ConstDQ)) and not isinstance(b, (_Const, _ConstDQ)):
+            a, b = b, a
+        if isinstance(b, (_Const, _ConstDQ)):
+            if isinstance(a, _Acc):
+                return self.add_const_to_acc(a, b)
+            if isinstance(a, _Real):
+                return self.identity(a, b.real() if isinstance(b, _ConstDQ) else b.value)
+            raise self.error(f"Add of a constant to {_kind(a)} is not supported")
+        raise self.error("Add of two activations (a residual connection) is not supported: qverify networks are "
+                         "sequential")
+
+    def op_Mul(self, node: Any) -> _Sym:
+        a, b = self.get(node.input[0]), self.get(node.input[1])
+        if isinstance(a, _Const):
+            a, b = b, a
+        if isinstance(a, _Acc) and isinstance(b, _Const):
+            self.take(a)
+            if a.clip != (None, None):
+                raise self.error("Mul after Relu/Clip of an accumulator is not supported")
+            vec = self.per_channel(b.value.astype(np.float64), a.shape, "multiplier")
+            fr = [_frac(v) for v in vec.ravel()]
+            if min(fr) <= 0:
+                raise self.error("only positive multipliers of an accumulator are supported")
+            n = a.shape[0]
+            if len(fr) == 1 and len(a.mult) == 1:
+                mult = [a.mult[0] * fr[0]]
+            else:
+                fr = fr if len(fr) == n else fr * n
+                am = a.mult if len(a.mult) == n else a.mult * n
+                mult = [m * f for m, f in zip(am, fr, strict=True)]
+            return replace(a, mult=mult)
+        raise self.error(f"Mul of {_kind(a)} by {_kind(b)} is not supported")
+
+    def clip_sym(self, sym: _Sym, lo: Fraction | None, hi: Fraction | None) -> _Sym:
+        if not isinstance(sym, (_Acc, _Real)):
+            raise self.error(f"Relu/Clip of {_kind(sym)} is not supported")
+        a, b = sym.clip
+        if lo is not None:
+            a = lo if a is None else max(a, lo)
+        if hi is not None:
+            b = hi if b is None else min(b, hi)
+        return replace(sym, clip=(a, b))
+
+    def op_Relu(self, node: Any) -> _Sym:
+        return self.clip_sym(self.get(node.input[0]), Fraction(0), None)
+
+    def op_Clip(self, node: Any) -> _Sym:
+        if len(node.input) > 1 or not node.attribute:
+            lo = self.const(node.input[1], "Clip min") if len(node.input) > 1 else None
+            hi = self.const(node.input[2], "Clip max") if len(node.input) > 2 else None
+        else:
+            lo, hi = self.attr("min"), self.attr("max")
+        return self.clip_sym(self.get(node.input[0]), None if lo is None else _frac(np.asarray(lo).ravel()[0]),
+                             None if hi is None else _frac(np.asarray(hi).ravel()[0]))
+
+    def op_Identity(self, node: Any) -> _Sym:
+        return self.get(node.input[0])  # type: ignore[return-value]
+
+    def op_Constant(self, node: Any) -> None:
+        self.fold(node)
+
+    def target_shape(self, sym: _Sym, target: Sequence[int], allowzero: bool) -> tuple[int, ...]:
+        cur = sym.q.shape if isinstance(sym, _Real) else getattr(sym, "shape", None)
+        if cur is None:
+            raise self.error(f"Reshape of {_kind(sym)} is not supported")
+        full = [1, *cur]
+        t = [int(v) for v in target]
+        t = [full[i] if (v == 0 and not allowzero and i < len(full)) else v for i, v in enumerate(t)]
+        if not t or t[0] not in (1, -1):
+            raise self.error(f"Reshape target {list(target)} does not keep the batch axis first")
+        rest = t[1:]
+        n = int(np.prod(cur))
+        if rest.count(-1) > 1:
+            raise self.error(f"Reshape target {list(target)} has two -1")
+        if -1 in rest:
+            known = int(np.prod([v for v in rest if v != -1]))
+            rest[rest.index(-1)] = n // known if known else 0
+        if t[0] == -1 and int(np.prod(rest)) != n:
+            raise self.error(f"Reshape target {list(target)} does not keep the per-sample size {n}")
+        return tuple(rest)
+
+    def op_Reshape(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        if isinstance(x, _ConstDQ):
+            return self.move(node, x)
+        if isinstance(x, _Const):
+            self.fold(node)
+            return self.syms[node.output[0]]
+        shape = self.const(node.input[1], "Reshape shape")
+        return self.flatten_to(x, self.target_shape(x, shape, bool(self.attr("allowzero", 0))))
+
+    def op_Flatten(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        if isinstance(x, _ConstDQ):
+            return self.move(node, x)
+        if isinstance(x, _Const):
+            self.fold(node)
+            return self.syms[node.output[0]]
+        if int(self.attr("axis", 1)) != 1:
+            raise self.error("Flatten with axis != 1 is not supported")
+        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", ())
+        return self.flatten_to(x, (int(np.prod(cur)),))
+
+    def op_Transpose(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        if isinstance(x, _ConstDQ):
+            return self.move(node, x)
+        if isinstance(x, _Const):
+            self.fold(node)
+            return self.syms[node.output[0]]
+        raise self.error(f"Transpose of {_kind(x)} is not supported")
+
+    op_Squeeze = op_Transpose
+    op_Unsqueeze = op_Transpose
+
+    def op_Cast(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        to = int(self.attr("to", 0))
+        if isinstance(x, _Const):
+            self.fold(node)
+            return self.syms[node.output[0]]
+        if isinstance(x, _Acc) and x.integer and to in (1, 11):
+            return replace(x, integer=False)
+        raise self.error(f"Cast of {_kind(x)} to type {to} is not supported")
+
+    def op_Shape(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        if isinstance(x, _Const) or cur is None:
+            self.fold(node)
+            return self.syms[node.output[0]]
+        if node.attribute:
+            raise self.error("Shape with start/end attributes of an activation is not supported")
+        return _Const(np.array([1, *cur], dtype=np.int64))
+
+    # ---------------- QOperator form
+    def quant_input(self, name: str, sname: str, zname: str, what: str) -> _Real:
+        x = self.get(name)
+        if not isinstance(x, _Quant):
+            raise self.error(f"{what} must be a quantized activation, got {_kind(x) if x else 'nothing'}")
+        s = self.scalar_scale(sname, f"{what} scale")
+        z, _, _ = self.zero_point(zname, f"{what} zero point")
+        self.use_input_params(x, s, z)
+        return _Real(x, s, z)
+
+    def quant_weight(self, name: str, sname: str, zname: str, axis: int) -> _ConstDQ:
+        q = self.const(name, "weight")
+        if q is None or not np.issubdtype(q.dtype, np.integer):
+            raise self.error("weight must be an integer constant")
+        q = q.astype(np.int64)
+        s = self.expand(self.const(sname, "weight scale"), axis, q.shape, "weight scale").astype(np.float64)
+        zv = self.const(zname, "weight zero point") if zname else None
+        z = (self.expand(zv, axis, q.shape, "weight zero point").astype(np.int64) if zv is not None
+             else np.zeros(q.shape, dtype=np.int64))
+        return _ConstDQ(q, s, z, self.node.name)
+
+    def output_q(self, acc: _Acc, sname: str, zname: str) -> _Quant:
+        s = self.scalar_scale(sname, "output scale")
+        z, lo, hi = self.zero_point(zname, "output zero point")
+        return self.requantize(acc, s, z, lo, hi, f"{self.node.name}/requant")
+
+    def op_QLinearMatMul(self, node: Any) -> _Sym:
+        self.forms.add("QOperator")
+        i = list(node.input)
+        x = self.quant_input(i[0], i[1], i[2], "input a")
+        w = self.quant_weight(i[3], i[4], i[5], axis=-1)
+        return self.output_q(self.dense(x, w, transpose=True), i[6], i[7])
+
+    def op_QLinearConv(self, node: Any) -> _Sym:
+        self.forms.add("QOperator")
+        i = list(node.input) + [""] * (9 - len(node.input))
+        x = self.quant_input(i[0], i[1], i[2], "input x")
+        w = self.quant_weight(i[3], i[4], i[5], axis=0)
+        acc = self.conv(x, w)
+        if i[8]:
+            acc = self.add_int_bias(acc, self.const(i[8], "bias").reshape(-1, 1, 1))
+        return self.output_q(acc, i[6], i[7])
+
+    def op_QGemm(self, node: Any) -> _Sym:
+        self.forms.add("QOperator")
+        if int(self.attr("transA", 0)):
+            raise self.error("QGemm with transA=1 is not supported")
+        i = list(node.input) + [""] * (9 - len(node.input))
+        x = self.quant_input(i[0], i[1], i[2], "input A")
+        trans_b = int(self.attr("transB", 0))
+        w = self.quant_weight(i[3], i[4], i[5], axis=0 if trans_b else -1)
+        acc = self.dense(x, w, transpose=not trans_b, alpha=float(self.attr("alpha", 1.0)))
+        if i[6]:
+            acc = self.add_int_bias(acc, self.const(i[6], "bias C"))
+        if not i[7]:
+            return acc  # float output: the accumulator times the scale
+        return self.output_q(acc, i[7], i[8])
+
+    def op_MatMulInteger(self, node: Any) -> _Sym:
+        self.forms.add("QOperator")
+        i = list(node.input) + [""] * (4 - len(node.input))
+        x = self.get(i[0])
+        if not isinstance(x, _Quant):
+            raise self.error(f"input A must be a quantized activation, got {_kind(x) if x else 'nothing'}")
+        z, _, _ = self.zero_point(i[2], "a_zero_point")
+        self.use_input_params(x, Fraction(1), z)
+        q = self.const(i[1], "weight B")
+        if q is None or not np.issubdtype(q.dtype, np.integer):
+            raise self.error("weight B must be an integer constant")
+        zb = self.const(i[3], "b_zero_point") if i[3] else None
+        zfull = (self.expand(zb, -1, q.shape, "b_zero_point").astype(np.int64) if zb is not None
+                 else np.zeros(q.shape, dtype=np.int64))
+        wdq = _ConstDQ(q.astype(np.int64), np.ones(q.shape), zfull, node.name)
+        acc = self.dense(_Real(x, Fraction(1), z), wdq, transpose=True)
+        return replace(acc, integer=True)
+
+    def op_QLinearAdd(self, node: Any) -> _Sym:
+        self.forms.add("QOperator")
+        i = list(node.input)
+        a, b = self.get(i[0]), self.get(i[3])
+        if isinstance(a, _Quant) and isinstance(b, _Quant):
+            raise self.error("QLinearAdd of two activations (a residual connection) is not supported: qverify "
+                             "networks are sequential")
+        xa, ca = (i[0:3], i[3:6]) if isinstance(a, _Quant) else (i[3:6], i[0:3])
+        x = self.quant_input(xa[0], xa[1], xa[2], "input")
+        cq = self.const(ca[0], "constant operand")
+        if cq is None or not np.issubdtype(cq.dtype, np.integer):
+            raise self.error("the constant operand must be an integer constant")
+        cs = self.scalar_scale(ca[1], "constant scale")
+        cz, _, _ = self.zero_point(ca[2], "constant zero point")
+        real_c = _ConstDQ(cq.astype(np.int64), np.full(cq.shape, float(cs)), np.full(cq.shape, cz), node.name).real()
+        acc = self.identity(x, real_c)
+        return self.output_q(acc, i[6], i[7] if len(i) > 7 else "")
+
+    # ------------------------------------------------------------------ the network
+    def finish(self, out_name: str) -> QNetwork:
+        sym = self.syms.get(out_name)
+        if sym is None:
+            raise self.error(f"graph output {out_name!r} is not produced by any node")
+        out_scale: Fraction = Fraction(1)
+        out_zp = 0
+        if isinstance(sym, _Real):
+            if sym.clip != (None, None):
+                raise self.error("the graph output is a Relu/Clip of a dequantized value (no integer output)")
+            kind, q = "dequantized", sym.q
+            out_scale, out_zp = sym.scale, sym.zero_point
+        elif isinstance(sym, _Quant):
+            kind, q = "int", sym
+            out_scale = sym.scale if sym.scale is not None else Fraction(1)
+            out_zp = sym.zero_point or 0
+        elif isinstance(sym, _Acc):
+            if sym.clip != (None, None) or len(set(sym.mult)) != 1 or sym.integer:
+                raise self.error("the graph output is a float accumulator with per-channel scales, a clip or an "
+                                 "integer type: no single output scale")
+            kind, q = "accumulator", sym
+            out_scale = sym.mult[0]
+        else:
+            raise self.error(f"the graph output is {_kind(sym)}, not a quantized value")
+        if q.pos != len(self.layers):
+            raise self.error("the graph output is not the end of the chain of layers")
+        if not self.layers:
+            raise self.error("the graph has no layers")
+        if len(self.layers) and isinstance(sym, (_Real, _Quant)) and len(q.shape) != 1:
+            self.layers.append(Flatten(name="output/flatten"))
+        if isinstance(sym, _Acc) and len(sym.shape) != 1:
+            raise self.error("the graph output accumulator is not a vector")
+        if self.input_scale is None:
+            self.input_scale, self.input_zero_point = Fraction(1), 0
+        metadata = {
+            "format": "onnx",
+            "onnx_path": str(self.path.resolve()),
+            "onnx_form": "+".join(sorted(self.forms)) or "none",
+            "onnx_input": self.input_name,
+            "onnx_input_dtype": self.input_dtype,
+            "onnx_input_shape": ",".join(str(d) for d in self.input_shape_full),
+            "onnx_output": out_name,
+            "onnx_output_kind": kind,
+            "onnx_opset": ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in self.model.opset_import),
+            "onnx_producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
+            "onnx_notes": "; ".join(self.notes),
+            "onnx_layer_outputs": json.dumps({str(k): list(v) for k, v in sorted(self.tensors.items())}),
+        }
+        try:
+            return QNetwork(self.net_input_shape, self.input_lo, self.input_hi, tuple(self.layers),
+                            input_scale=self.input_scale,
+                            input_zero_point=int(self.input_zero_point or 0), output_scale=out_scale,
+                            output_zero_point=out_zp, input_rounding=self.input_rounding, name=self.path.stem,
+                            metadata=metadata)
+        except ModelError as e:
+            raise ModelError(f"{self.path}: {e}") from None
+
+
+
+def load_onnx(path: str | Path) -> QNetwork:
+    """Import a quantized ONNX model (QDQ or QOperator form) as an exact integer :class:`QNetwork`.
+
+    See the module docstring for the mapping. ``metadata`` records ``format='onnx'``, the absolute ``onnx_path``, the
+    graph's input and output names, the input element type and full shape, how the integer outputs relate to the
+    graph output (``onnx_output_kind``: ``dequantized``, ``int`` or ``accumulator``), and ``onnx_notes`` (every place
+    where a real constant had to be rounded).
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
+        raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
+    return _Importer(path, model).run()
+
+
+# ---------------------------------------------------------------------------------------------- onnxruntime replay
+_SESSIONS: dict[tuple[str, float, str], Any] = {}
+_OPT_LEVELS = ("all", "extended", "basic", "none")
+
+
+def onnx_session(path: str | Path, optimization: str = "all") -> Any:
+    """A cached single-threaded CPU ``InferenceSession`` (``optimization``: all, extended, basic or none)."""
+    import onnxruntime as ort
+
+    if optimization not in _OPT_LEVELS:
+        raise ValueError(f"optimization must be one of {_OPT_LEVELS}")
+    p = str(Path(path).resolve())
+    key = (p, Path(p).stat().st_mtime, optimization)
+    if key not in _SESSIONS:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[optimization]
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        _SESSIONS[key] = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+    return _SESSIONS[key]
+
+
+def onnx_real_inputs(net: QNetwork, x_int: np.ndarray) -> np.ndarray:
+    """The float32 inputs that the graph's ``QuantizeLinear`` maps back to ``x_int`` exactly.
+
+    ``x_real = fl32(s_in (x - z_in))`` (the float64 product is exact, one rounding to float32); onnxruntime computes
+    ``R(fl32(x_real / s_in)) + z_in`` and the relative error ``<= 2^-23`` of the two roundings cannot move
+    ``x - z_in`` (``|x - z_in| < 2^21``) across a rounding boundary. The round trip is checked here with the same
+    float32 operations (IEEE division, round half to even); a point that does not round-trip raises ``ValueError``.
+    """
+    x = np.asarray(x_int, dtype=np.int64).reshape(len(np.asarray(x_int)), -1)
+    s32 = np.float32(float(net.input_scale))
+    z = net.input_zero_point
+    xr = ((x - z).astype(np.float64) * float(s32)).astype(np.float32)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        back = np.rint(xr / s32).astype(np.float64) + z
+    bad = np.argwhere(back != x)
+    if bad.size:
+        i, j = bad[0]
+        raise ValueError(f"input {int(x[i, j])} at position {int(j)} does not round-trip through float32 "
+                         f"with scale {float(s32)!r}, zero point {z}")
+    return xr
+
+
+def onnx_integer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "all") -> np.ndarray:
+    """Run the original ONNX file (``net.metadata['onnx_path']``) in onnxruntime on integer inputs; return the integer
+    outputs ``[B, num_outputs]`` that correspond to the executor's.
+
+    Inputs: a float graph input receives :func:`onnx_real_inputs` (which its ``QuantizeLinear`` maps back to ``x_int``
+    exactly); an integer graph input receives ``x_int`` as its type. Outputs (``metadata['onnx_output_kind']``):
+
+    * ``int``: the graph output is the integer tensor;
+    * ``dequantized``: the graph ends with ``DequantizeLinear``, ``y = fl32((q - z) s)`` (one rounding, relative error
+      ``2^-24``); ``q = z + rint(y / s)`` recovers ``q`` exactly (``|q - z| < 2^22``), and the recovery is checked by
+      recomputing ``fl32((q - z) s) == y``;
+    * ``accumulator``: a float output ``M acc``; ``rint(y / M)`` (exact for kernels that compute ``fl32(acc M)`` with
+      ``|acc| < 2^21``; a float32 graph can be off by its own rounding errors).
+
+    The graph is not modified (no extra outputs), so onnxruntime optimizes it as it would when deployed
+    (``optimization='all'``; ``'none'`` runs the unfused reference kernels).
+    """
+    meta = net.metadata
+    if meta.get("format") != "onnx" or not meta.get("onnx_path"):
+        raise ValueError(f"network {net.name!r} was not imported from ONNX")
+    sess = onnx_session(meta["onnx_path"], optimization)
+    x = np.asarray(x_int)
+    b = x.shape[0] if x.ndim > 1 else 1
+    x = x.reshape(b, -1).astype(np.int64)
+    if x.shape[1] != net.num_inputs:
+        raise ValueError(f"inputs of size {x.shape[1]} for a network with {net.num_inputs} inputs")
+    if x.size and (x.min() < net.input_lo or x.max() > net.input_hi):
+        raise ValueError(f"inputs outside the grid [{net.input_lo}, {net.input_hi}]")
+    dims = [int(d) for d in meta["onnx_input_shape"].split(",")]
+    per_sample = tuple(dims[1:])
+    if meta["onnx_input_dtype"] == "float":
+        feed = onnx_real_inputs(net, x)
+    else:
+        feed = x.astype(np.dtype(meta["onnx_input_dtype"]))
+    feed = feed.reshape((b, *per_sample))
+    in_name, out_name = meta["onnx_input"], meta["onnx_output"]
+    if dims[0] == -1:
+        y = sess.run([out_name], {in_name: feed})[0]
+    else:
+        step = dims[0]
+        if b % step:
+            raise ValueError(f"the model's fixed batch size {step} does not divide {b}")
+        y = np.concatenate([sess.run([out_name], {in_name: feed[i:i + step]})[0] for i in range(0, b, step)])
+    y = y.reshape(b, -1)
+    kind = meta["onnx_output_kind"]
+    if kind == "int":
+        return y.astype(np.int64)
+    s = net.output_scale
+    if kind == "dequantized":
+        s32 = np.float32(float(s))
+        z = net.output_zero_point
+        q = np.rint(y.astype(np.float64) / float(s32)).astype(np.int64) + z
+        again = (q - z).astype(np.float32) * s32
+        if not np.array_equal(again, y.astype(np.float32)):
+            raise RuntimeError("onnxruntime's dequantized outputs do not map back to integers exactly")
+        return q
+    return np.rint(y.astype(np.float64) / float(s)).astype(np.int64)
+
+
+def onnx_layer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "all") -> dict[int, np.ndarray]:
+    """onnxruntime's integer tensors at every layer boundary that exists in the graph: ``{layer index: [B, n]}``
+    (``metadata['onnx_layer_outputs']`` names the tensor of each layer). The graph is run with those tensors added as
+    outputs, so ``optimization='all'`` may fuse slightly differently than the unmodified graph; use it to locate
+    where onnxruntime and the executor part, not as the replay itself (:func:`onnx_integer_outputs`).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    meta = net.metadata
+    tensors = {int(k): (v[0], int(v[1])) for k, v in json.loads(meta.get("onnx_layer_outputs", "{}")).items()}
+    model = onnx.load(meta["onnx_path"])
+    known = {o.name for o in model.graph.output}
+    for name, et in tensors.values():
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, et, None))
+            known.add(name)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.asarray(x_int).reshape(-1, net.num_inputs).astype(np.int64)
+    dims = [int(d) for d in meta["onnx_input_shape"].split(",")]
+    if meta["onnx_input_dtype"] == "float":
+        feed = onnx_real_inputs(net, x)
+    else:
+        feed = x.astype(np.dtype(meta["onnx_input_dtype"]))
+    feed = feed.reshape((len(x), *dims[1:]))
+    names = [v[0] for v in tensors.values()]
+    step = len(x) if dims[0] == -1 else dims[0]
+    runs = [sess.run(names, {meta["onnx_input"]: feed[i:i + step]}) for i in range(0, len(x), max(step, 1))]
+    return {k: np.concatenate([r[j] for r in runs]).reshape(len(x), -1).astype(np.int64)
+            for j, k in enumerate(tensors)}
+
+
+__all__ = ["load_onnx", "onnx_integer_outputs", "onnx_layer_outputs", "onnx_real_inputs", "onnx_session"]
