@@ -4,9 +4,12 @@ Stages, in order (``VerifySettings.method = 'portfolio'``)::
 
     center   run the executor on the box center (and the property's sample): a violation is a counterexample
     interval QA-IBP interval bounds: every unsafe conjunction infeasible over the box -> robust
-    attack   PGD (straight-through) + random/corner search, every candidate replayed -> counterexample
     symbolic linear bounds with rounding error: certify, else tighten every neuron's bounds for the encoder
+    attack   PGD (straight-through) + random/corner search, every candidate replayed -> counterexample
     exact    the integer program (CP-SAT by default; ``milp``) or branch-and-bound (``bab``), with what is left
+
+(symbolic runs before the attack: on robust instances, the majority, it costs a few milliseconds where a failed
+attack costs its whole share.)
 
 Each stage appends a :class:`~qverify.result.StageTime`; the deciding stage is the result's ``method``. A single
 method can be forced (``attack``, ``interval``, ``symbolic``, ``milp``, ``bab``); the incomplete ones answer
@@ -101,10 +104,23 @@ def _attack_stage(net: QNetwork, prop: Property, clock: _Clock, settings: Verify
     return None
 
 
-def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Result | None, list | None]:
-    from qverify.bounds.symbolic import symbolic_verify
+def symbolic_check(net: QNetwork, prop: Property) -> tuple[bool, list]:
+    """One symbolic analysis of the property's box: whether the margin bounds refute every unsafe conjunction
+    (some row's lower bound above its right-hand side), and the tightened per-layer bounds for the encoder."""
+    from qverify.bounds.symbolic import symbolic_analysis
 
-    ok, bounds = symbolic_verify(net, prop)
+    ana = symbolic_analysis(net, prop.lo[None, :], prop.hi[None, :])
+    bounds = [(lo[0], hi[0]) for lo, hi in ana.bounds]
+    ok = True
+    for conj in prop.unsafe:
+        if not np.any(ana.row_lower_bounds(conj.A)[0] > conj.b):
+            ok = False
+            break
+    return ok, bounds
+
+
+def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Result | None, list | None]:
+    ok, bounds = symbolic_check(net, prop)
     clock.stage("symbolic", "robust" if ok else "undecided")
     return (_done(clock, Verdict.ROBUST, "symbolic") if ok else None), bounds
 
@@ -149,13 +165,6 @@ def verify(net: QNetwork, prop: Property, settings: VerifySettings | None = None
             return r
         if m == "interval":
             return _done(clock, Verdict.UNKNOWN, m, Reason.INCOMPLETE)
-    if m in ("portfolio", "attack"):
-        share = clock.left() if m == "attack" else min(clock.left(), ATTACK_SHARE * settings.timeout)
-        r = _attack_stage(net, prop, clock, settings, share)
-        if r:
-            return r
-        if m == "attack":
-            return _done(clock, Verdict.UNKNOWN, m, Reason.TIMEOUT if clock.left() <= 0 else Reason.INCOMPLETE)
     bounds = None
     if m in ("portfolio", "symbolic"):
         r, bounds = _symbolic_stage(net, prop, clock)
@@ -163,6 +172,13 @@ def verify(net: QNetwork, prop: Property, settings: VerifySettings | None = None
             return r
         if m == "symbolic":
             return _done(clock, Verdict.UNKNOWN, m, Reason.INCOMPLETE)
+    if m in ("portfolio", "attack"):
+        share = clock.left() if m == "attack" else min(clock.left(), ATTACK_SHARE * settings.timeout)
+        r = _attack_stage(net, prop, clock, settings, share)
+        if r:
+            return r
+        if m == "attack":
+            return _done(clock, Verdict.UNKNOWN, m, Reason.TIMEOUT if clock.left() <= 0 else Reason.INCOMPLETE)
     return _exact_stage(net, prop, clock, settings, "milp" if m == "portfolio" else m, bounds)
 
 
@@ -185,8 +201,9 @@ def verify_batch(net: QNetwork, props: Sequence[Property], settings: VerifySetti
                  workers: int = 0, on_result: Callable[[int, Result], None] | None = None) -> list[Result]:
     """Verify many properties of one network; ``on_result(i, result)`` is called as soon as each one is decided.
 
-    Shared work first (portfolio only): one batched center pass, one batched interval pass and one batched attack
-    over all undecided properties; their times are split evenly over the properties they covered. The rest go to
+    Shared work first (portfolio only): one batched center pass, one batched interval pass, one batched symbolic
+    pass and one batched attack over all undecided properties; their times are split evenly over the properties
+    they covered. The rest go to
     :func:`verify` in ``workers`` processes (0 = one per core; 1 = in this process), each with its own budget
     ``timeout - shared time already spent on it``.
     """
@@ -219,6 +236,7 @@ def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], se
                    shared: dict[int, list[StageTime]], finish: Callable[[int, Result], None]) -> list[int]:
     from qverify.attack import attack_batch
     from qverify.bounds.interval import certified_by_interval
+    from qverify.bounds.symbolic import certified_by_symbolic
 
     def close(i: int, verdict: Verdict, method: str, cex=None) -> None:
         secs = sum(s.seconds for s in shared[i])
@@ -254,6 +272,17 @@ def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], se
         shared[i].append(StageTime("interval", dt, "robust" if ok else "undecided"))
         if ok:
             close(i, Verdict.ROBUST, "interval")
+    todo = [i for i, ok in zip(todo, cert, strict=True) if not ok]
+    if not todo:
+        return todo
+    # symbolic
+    t = time.monotonic()
+    cert = np.asarray(certified_by_symbolic(net, [props[i] for i in todo]))
+    dt = (time.monotonic() - t) / len(todo)
+    for i, ok in zip(todo, cert, strict=True):
+        shared[i].append(StageTime("symbolic", dt, "robust" if ok else "undecided"))
+        if ok:
+            close(i, Verdict.ROBUST, "symbolic")
     todo = [i for i, ok in zip(todo, cert, strict=True) if not ok]
     if not todo:
         return todo
@@ -313,14 +342,13 @@ def _run_pool(net: QNetwork, props: Sequence[Property], todo: list[int], setting
 
 
 def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings) -> Result:
-    """The stages after the shared ones (symbolic, exact) or, for a forced method, :func:`verify`."""
+    """The stage after the shared ones (exact, on symbolic bounds) or, for a forced method, :func:`verify`."""
     if settings.method != "_after_shared":
         return verify(net, prop, settings)
     settings = replace(settings, method="portfolio")
     clock = _Clock(settings.timeout)
-    r, bounds = _symbolic_stage(net, prop, clock)
-    if r:
-        return r
+    _, bounds = symbolic_check(net, prop)
+    clock.stage("bounds", "tightened")
     return _exact_stage(net, prop, clock, settings, "milp", bounds)
 
 

@@ -1,0 +1,512 @@
+"""The training loop: QA-IBP, plain QAT, IBP, and float IBP followed by post-training quantization.
+
+Configuration is a frozen :class:`Config` (sections ``data``, ``model``, ``quant``, ``train``) read from TOML
+(:func:`load_config`) and overridden by ``section.key=value`` strings (what ``qverify train --set`` passes).
+
+Methods (``train.method``):
+
+* ``qaibp``  quantization-aware training with the QA-IBP objective (:mod:`qverify.train.loss`): natural loss during
+  ``warmup_epochs``, then ``eps``, ``lambda`` and ``rho`` ramp linearly over ``ramp_epochs``;
+* ``ibp``    the same quantized model, classic IBP loss with kappa mixing (``kappa: 1 -> kappa_end``);
+* ``qat``    plain quantization-aware training (no bounds; baseline);
+* ``float-ibp``  float training with (float) IBP and kappa mixing, then post-training quantization: scales
+  calibrated on training images, weights rounded (baseline: what quantization does to a float certificate).
+
+Optional ``float_epochs`` of natural float pre-training precede quantization (then scales are calibrated from the
+trained float model). Determinism: weights are initialised from ``seed``; epoch ``e`` visits the training set in
+the order of a generator seeded with ``(seed, e)``; the schedule and learning rate are pure functions of
+``(epoch, step)``. A checkpoint after each epoch holds the model, the optimizer and the history, so
+``train(cfg, resume=True)`` continues to the same final model as an uninterrupted run (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qverify.bounds.torch_ibp import certified_by_bounds, input_box, output_bounds
+from qverify.train.data import Dataset, load_dataset
+from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
+from qverify.train.loss import ROBUST_TERMS, objective
+from qverify.train.schedule import schedule_values
+
+METHODS = ("qaibp", "ibp", "qat", "float-ibp")
+CHECKPOINT = "checkpoint.pt"
+
+
+class ConfigError(ValueError):
+    """A bad configuration (the message names the key)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``train``/``eval``: data set specs (:func:`qverify.train.data.load_dataset`); ``eval`` empty: the held-out
+    part (``holdout`` images of the shuffled training set) or, without one, the first ``eval_limit`` training
+    images. ``shuffle_seed`` fixes the permutation applied to the training set before ``holdout``/``train_limit``."""
+
+    train: str = "mnist-5k"
+    eval: str = ""
+    train_limit: int = 0
+    eval_limit: int = 0
+    holdout: int = 0
+    shuffle_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "qaibp"
+    epochs: int = 20
+    batch_size: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    float_epochs: int = 0
+    warmup_epochs: float = 2.0
+    ramp_epochs: float = 6.0
+    eps: float = 2.0
+    eval_radius: int = -1
+    lam: float = 1.0
+    rho: float = 0.0
+    kappa_end: float = 0.5
+    robust: str = ""
+    margin: float = 0.5
+    grad_clip: float = 10.0
+    calib_images: int = 1000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
+        if self.method not in METHODS:
+            raise ConfigError(f"train.method must be one of {METHODS}, got {self.method!r}")
+        if self.robust and self.robust not in ROBUST_TERMS:
+            raise ConfigError(f"train.robust must be one of {ROBUST_TERMS}, got {self.robust!r}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError("train.epochs must be >= 0 and train.batch_size >= 1")
+        if self.eps < 0:
+            raise ConfigError(f"train.eps must be >= 0, got {self.eps}")
+
+    @property
+    def robust_term(self) -> str:
+        return self.robust or ("hinge" if self.method == "qaibp" else "ce")
+
+    @property
+    def radius(self) -> int:
+        """Integer radius (input units) of the certified-by-bounds accuracy reported per epoch."""
+        return int(self.eval_radius) if self.eval_radius >= 0 else int(math.floor(self.eps))
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1
+    out_dir: str = ""
+    name: str = "model"
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "quant": QuantConfig, "train": TrainConfig}
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """Check a value against the dataclass field type (lists become tuples)."""
+    f = {f.name: f for f in fields(cls)}.get(key)
+    if f is None:
+        raise ConfigError(f"unknown setting {key!r} (known: {', '.join(sorted(x.name for x in fields(cls)))})")
+    t = str(f.type)
+    if isinstance(value, list):
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if t == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if t in ("int", "float", "bool", "str") and type(value).__name__ != t:
+        raise ConfigError(f"setting {key!r} must be {t}, got {value!r}")
+    return value
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """A :class:`Config` from a nested mapping (the TOML layout)."""
+    top: dict[str, Any] = {}
+    for key, value in d.items():
+        if key in _SECTIONS:
+            cls = _SECTIONS[key]
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[{key}] must be a table")
+            try:
+                top[key] = cls(**{k: _coerce(cls, k, v) for k, v in value.items()})
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"[{key}]: {e}") from None
+        else:
+            top[key] = _coerce(Config, key, value)
+    return Config(**top)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The nested mapping of a config (tuples as lists), the inverse of :func:`config_from_dict`."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = {g.name: plain(getattr(v, g.name)) for g in fields(v)}
+        else:
+            out[f.name] = plain(v)
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+    """``{"train.epochs": 3}`` or ``["train.epochs=3", "quant.scheme=affine"]`` (values parsed as TOML, else
+    taken as strings)."""
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r} is not KEY=VALUE")
+            k, v = o.split("=", 1)
+            items.append((k.strip(), _parse_value(v.strip())))
+    d = config_to_dict(cfg)
+    for key, value in items:
+        sec, _, name = key.rpartition(".")
+        if sec and sec not in _SECTIONS:
+            raise ConfigError(f"override {key!r}: unknown section {sec!r} (known: {', '.join(_SECTIONS)})")
+        target = d[sec] if sec else d
+        if name not in target:
+            raise ConfigError(f"override {key!r}: unknown setting")
+        target[name] = value
+    return config_from_dict(d)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+    """Read a TOML config (``None``: the defaults) and apply overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            d = tomllib.loads(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read ({e})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        try:
+            cfg = config_from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        raise ConfigError("None cannot be written to TOML")
+    raise ConfigError(f"cannot write {v!r} to TOML")
+
+
+def dump_config(cfg: Config, header: str = "") -> str:
+    """TOML text of a config (readable by :func:`load_config`)."""
+    d = config_to_dict(cfg)
+    lines = [f"# {h}" for h in header.splitlines()] if header else []
+    for k, v in d.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines.extend(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None)
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@dataclass(frozen=True)
+class EvalResult:
+    n: int
+    radius: int
+    correct: np.ndarray
+    certified: np.ndarray
+
+    @property
+    def natural_acc(self) -> float:
+        return float(self.correct.mean()) if self.n else 0.0
+
+    @property
+    def certified_acc(self) -> float:
+        return float(self.certified.mean()) if self.n else 0.0
+
+
+@torch.no_grad()
+def evaluate(model: QuantNet, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, radius: int,
+             batch_size: int = 500, device: str | torch.device = "cpu") -> EvalResult:
+    """Natural accuracy and certified-by-bounds accuracy on integer boxes of ``radius`` pixels (exact integer
+    intervals when the model is quantized: the same figures as :mod:`qverify.bounds.interval` on the export)."""
+    x_all = torch.as_tensor(np.asarray(images))
+    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    correct, cert = [], []
+    for s in range(0, len(y_all), batch_size):
+        x = x_all[s:s + batch_size].to(device)
+        y = y_all[s:s + batch_size].to(device)
+        params = model.block_params()
+        out = model.layer_values(x, params)[-1].reshape(-1, model.n_classes)
+        correct.append((torch.argmax(out, dim=1) == y).cpu())
+        lo, hi = input_box(x, radius, 0, model.input_hi)
+        olo, ohi = output_bounds(model, lo, hi, params)
+        cert.append(certified_by_bounds(olo, ohi, y).cpu())
+    c = torch.cat(correct).numpy() if correct else np.zeros(0, dtype=bool)
+    k = torch.cat(cert).numpy() if cert else np.zeros(0, dtype=bool)
+    return EvalResult(len(c), int(radius), c, k)
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainResult:
+    model: QuantNet
+    history: list[dict[str, Any]]
+    config: Config
+    eval: EvalResult | None = None
+    seconds: float = 0.0
+
+    def network(self, name: str | None = None):
+        """The exported :class:`~qverify.network.QNetwork` (metadata: method, radius, seed, eval figures)."""
+        from qverify.train.export import export_qnetwork
+
+        return export_qnetwork(self.model, name=name or self.config.name, metadata=_metadata(self))
+
+    def save(self, path: str | Path, name: str | None = None):
+        """Export and write the native ``.qnn`` file; returns the network."""
+        from qverify.io import save_model
+
+        net = self.network(name or Path(path).stem)
+        save_model(net, path)
+        return net
+
+
+def _metadata(res: TrainResult) -> dict[str, str]:
+    cfg = res.config
+    md = {"train_method": cfg.train.method, "train_eps": str(cfg.train.eps), "train_seed": str(cfg.seed),
+          "train_data": cfg.data.train, "train_epochs": str(cfg.train.epochs)}
+    if res.eval is not None:
+        dc = cfg.data
+        where = dc.eval or (f"{dc.holdout} held-out training images" if dc.holdout else "training images")
+        if dc.eval_limit:
+            where += f" (first {dc.eval_limit})"
+        md.update(eval_data=where, eval_radius=str(res.eval.radius), eval_natural_acc=f"{res.eval.natural_acc:.4f}",
+                  eval_certified_acc=f"{res.eval.certified_acc:.4f}", eval_n=str(res.eval.n))
+    return md
+
+
+def select_device(name: str) -> torch.device:
+    """``cpu`` (default), ``cuda[:i]``, or ``auto`` (CUDA when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def prepare_data(cfg: Config) -> tuple[Dataset, Dataset]:
+    """``(train, eval)`` data sets per the config (the training set shuffled by ``shuffle_seed``)."""
+    dc = cfg.data
+    full = load_dataset(dc.train)
+    perm = np.random.default_rng(dc.shuffle_seed).permutation(len(full))
+    full = full.subset(perm)
+    held = full.subset(slice(0, dc.holdout), name=f"{full.name} (held out)") if dc.holdout else None
+    train = full.subset(slice(dc.holdout, None))
+    if dc.train_limit:
+        train = train.subset(slice(0, dc.train_limit))
+    if dc.eval:
+        ev = load_dataset(dc.eval)
+    elif held is not None:
+        ev = held
+    else:
+        ev = train
+    if dc.eval_limit:
+        ev = ev.subset(slice(0, dc.eval_limit))
+    if ev.input_shape != train.input_shape or ev.input_hi != train.input_hi:
+        raise ConfigError(f"eval data {ev.input_shape} on [0, {ev.input_hi}] does not match the training data "
+                          f"{train.input_shape} on [0, {train.input_hi}]")
+    return train, ev
+
+
+def _optimizer(model: QuantNet, tc: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("_log2") or name.endswith("bias") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+
+
+#: settings that do not change the trained model (a run may be resumed with other values)
+_RUN_ONLY = ("progress", "out_dir", "device", "threads")
+
+
+def _resume_key(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in _RUN_ONLY}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _quantize_now(model: QuantNet, calib: torch.Tensor, weights: bool) -> None:
+    calibrate(model, calib, weights=weights, activations=True)
+    model.quantized = True
+
+
+def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          data: tuple[Dataset, Dataset] | None = None) -> TrainResult:
+    """Train per ``cfg`` (module docstring). ``resume``: continue from ``out_dir/checkpoint.pt`` when present.
+    ``stop_after_epoch``: return after that epoch (simulates an interruption). ``data``: pre-loaded sets."""
+    t_start = time.perf_counter()
+    tc = cfg.train
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    train_set, eval_set = data if data is not None else prepare_data(cfg)
+    model = build_model(cfg.model, cfg.quant, train_set.input_shape, train_set.input_hi,
+                        max(train_set.n_classes, int(train_set.labels.max()) + 1), seed=cfg.seed)
+    model.to(device)
+    x_train = torch.as_tensor(train_set.images)
+    y_train = torch.as_tensor(train_set.labels, dtype=torch.int64)
+    calib = x_train[:max(1, tc.calib_images)].to(device)
+    float_method = tc.method == "float-ibp"
+    float_epochs = tc.epochs if float_method else tc.float_epochs
+    opt = _optimizer(model, tc)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt_path = Path(cfg.out_dir) / CHECKPOINT if cfg.out_dir else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state.get("config") != _resume_key(cfg):
+            raise ConfigError(f"{ckpt_path}: checkpoint was written with a different configuration")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+    else:
+        if float_epochs > 0:
+            model.quantized = False
+        else:
+            # quantize from the start: hidden activation ranges from data (weights keep the configured range in
+            # pow2, affine weight scales start at max|w| / qmax; the output keeps its configured range, since
+            # the logits of an untrained model say nothing about the trained one)
+            if cfg.quant.calibrate:
+                calibrate(model, calib, weights=cfg.quant.scheme == "affine", activations=True, output=False)
+            model.quantized = True
+    n = len(y_train)
+    steps = max(1, math.ceil(n / tc.batch_size))
+    ibp_mixing = tc.method in ("ibp", "float-ibp")
+    kappa_end = tc.kappa_end if ibp_mixing else 1.0
+    sched_start = 0.0 if float_method else float(float_epochs)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = (tqdm(total=tc.epochs, initial=start_epoch, desc=cfg.name, unit="epoch", disable=not cfg.progress)
+           if tqdm is not None else None)
+    last_eval: EvalResult | None = None
+    for epoch in range(start_epoch, tc.epochs):
+        t0 = time.perf_counter()
+        if not float_method and epoch == float_epochs and not model.quantized:
+            _quantize_now(model, calib, weights=True)
+        model.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        tot = {"loss": 0.0, "natural": 0.0, "robust": 0.0, "width": 0.0, "correct": 0, "certified": 0, "n": 0}
+        sv = None
+        for step in range(steps):
+            idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
+            x = x_train[idx].to(device)
+            y = y_train[idx].to(device)
+            sv = schedule_values(epoch, step, steps, warmup_epochs=tc.warmup_epochs, ramp_epochs=tc.ramp_epochs,
+                                 eps=tc.eps, lam=tc.lam, rho=tc.rho, kappa_end=kappa_end, lr=tc.lr,
+                                 milestones=tc.lr_milestones, gamma=tc.lr_gamma, ibp_mixing=ibp_mixing,
+                                 start_epoch=sched_start)
+            if tc.method == "qat" or (not float_method and not model.quantized):
+                eps, lam, rho, kappa = 0.0, 0.0, 0.0, 1.0
+            else:
+                eps, lam, rho, kappa = sv.eps, sv.lam, sv.rho, sv.kappa
+            for group in opt.param_groups:
+                group["lr"] = sv.lr
+            loss, st = objective(model, x, y, eps, kappa, lam, rho, tc.robust_term, tc.margin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            for k in ("loss", "natural", "robust", "width"):
+                tot[k] += getattr(st, k) * st.n
+            for k in ("correct", "certified", "n"):
+                tot[k] += getattr(st, k)
+        model.eval()
+        ev = evaluate(model, eval_set.images, eval_set.labels, tc.radius, device=device)
+        last_eval = ev
+        m = max(tot["n"], 1)
+        rec = {"epoch": epoch, "quantized": model.quantized, "loss": tot["loss"] / m,
+               "natural_loss": tot["natural"] / m, "robust_loss": tot["robust"] / m, "width": tot["width"] / m,
+               "train_acc": tot["correct"] / m, "train_cert": tot["certified"] / m,
+               "eps": sv.eps if sv else 0.0, "lr": sv.lr if sv else tc.lr,
+               "eval_acc": ev.natural_acc, "eval_cert": ev.certified_acc, "eval_radius": ev.radius,
+               "seconds": time.perf_counter() - t0}
+        history.append(rec)
+        if ckpt_path is not None:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                         "history": history, "epoch": epoch, "config": _resume_key(cfg)})
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['eval_acc']:.3f}",
+                            cert=f"{rec['eval_cert']:.3f}", eps=f"{rec['eps']:.2f}")
+            bar.update(1)
+        if on_epoch is not None:
+            on_epoch(rec)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    if bar is not None:
+        bar.close()
+    finished = not history or history[-1]["epoch"] == tc.epochs - 1
+    if finished and not model.quantized:
+        # float-ibp baseline (or float pre-training covering every epoch): post-training quantization
+        _quantize_now(model, calib, weights=True)
+        model.eval()
+        ev = evaluate(model, eval_set.images, eval_set.labels, tc.radius, device=device)
+        last_eval = ev
+        history.append({"epoch": tc.epochs - 1, "quantized": True, "ptq": True, "eval_acc": ev.natural_acc,
+                        "eval_cert": ev.certified_acc, "eval_radius": ev.radius})
+    elif last_eval is None and model.quantized:
+        model.eval()
+        last_eval = evaluate(model, eval_set.images, eval_set.labels, tc.radius, device=device)
+    return TrainResult(model, history, cfg, last_eval, time.perf_counter() - t_start)
