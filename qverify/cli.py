@@ -280,6 +280,47 @@ def cmd_radius(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from qverify.train import load_config, train
+    from qverify.train.trainer import ConfigError, dump_config
+
+    overrides = list(args.set or [])
+    for key, flag in (("train.method", args.method), ("train.epochs", args.epochs), ("train.eps", args.eps),
+                      ("data.train", args.data), ("device", args.device), ("seed", args.seed)):
+        if flag is not None:
+            overrides.append(f"{key}={flag}" if not isinstance(flag, str) else f'{key}="{flag}"')
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, OSError) as e:
+        raise CliError(str(e)) from None
+    out = Path(args.out)
+    methods = [cfg.train.method] + ([m for m in ("qat", "float-ibp") if m != cfg.train.method]
+                                    if args.baselines else [])
+    rows = []
+    for method in methods:
+        mdir = out if len(methods) == 1 else out / method
+        mdir.mkdir(parents=True, exist_ok=True)
+        mcfg = replace(cfg, out_dir=str(mdir), train=replace(cfg.train, method=method),
+                       progress=not args.no_progress)
+        (mdir / "config.toml").write_text(dump_config(mcfg, f"qverify train ({method})"))
+        res = train(mcfg, resume=args.resume)
+        res.save(mdir / "model.qnn", name=f"{cfg.name}-{method}")
+        (mdir / "history.json").write_text(json.dumps(res.history, indent=1, default=str))
+        if args.onnx:
+            from qverify.train.export import export_onnx
+
+            export_onnx(res.model, mdir / "model.onnx")
+        ev = res.eval
+        rows.append((method, ev.natural_acc if ev else float("nan"), ev.certified_acc if ev else float("nan"),
+                     ev.radius if ev else "-", res.seconds, mdir / "model.qnn"))
+    print(f"{'method':<10} {'clean acc':>9} {'cert (bounds)':>13} {'radius':>6} {'train s':>8}  model")
+    for m, a, c, r, t, path in rows:
+        print(f"{m:<10} {a:>9.4f} {c:>13.4f} {r!s:>6} {t:>8.1f}  {path}")
+    return EXIT_OK
+
+
 def _solver_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--timeout", type=float, default=60.0, help="seconds per property (default 60)")
     c.add_argument("--method", choices=["portfolio", "attack", "interval", "symbolic", "milp", "bab"],
@@ -367,6 +408,29 @@ def build_parser() -> argparse.ArgumentParser:
     _solver_args(c)
     c.add_argument("--json", default=None, help="write the results as JSON here")
     c.set_defaults(func=cmd_radius)
+
+    c = sub.add_parser("train", help="train a certifiably robust quantized model (QA-IBP) and export it",
+                       description="Train with quantization-aware interval bound propagation (or a baseline) from a "
+                                   "TOML config plus flags; writes OUT/model.qnn, config.toml, history.json and a "
+                                   "checkpoint after every epoch (--resume continues an interrupted run).")
+    c.add_argument("config", nargs="?", default=None, help="TOML config (default: built-in defaults)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lam=2 --set quant.weight_bits=6")
+    c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp"], default=None,
+                   help="training objective (qaibp: quantization-aware IBP)")
+    c.add_argument("--epochs", type=int, default=None, help="epochs")
+    c.add_argument("--eps", type=float, default=None, help="training radius in input units (pixels)")
+    c.add_argument("--data", default=None,
+                   help="training data: mnist-5k (bundled), digits, npz:PATH, idx:DIR, keras-npz:PATH, cifar10:DIR")
+    c.add_argument("--device", default=None, help="cpu (default), cuda, or auto")
+    c.add_argument("--seed", type=int, default=None, help="random seed (training is deterministic given it)")
+    c.add_argument("--baselines", action="store_true",
+                   help="also train the baselines (plain QAT; float IBP + post-training quantization) in OUT/<method>")
+    c.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx (QDQ)")
+    c.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("-o", "--out", required=True, help="output directory")
+    c.set_defaults(func=cmd_train)
     return p
 
 

@@ -87,3 +87,17 @@ def test_property_command_without_model_uses_vnncomp_ties(tmp_path):
     assert main(["property", str(d), "--radius", "1", "-o", str(tmp_path / "p")]) == 0
     text = (tmp_path / "p" / "prop_0_r1.vnnlib").read_text()
     assert "(>= Y_2 Y_3)" in text and "(>= Y_0 Y_3)" in text and "+" not in text.split("(assert (or")[-1]
+
+
+def test_train_command_writes_model_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--epochs", "1", "--set", "data.train_limit=300", "--set",
+            "data.eval_limit=100", "--set", "train.eval_radius=1", "--no-progress", "-o", str(out)]
+    assert main(args) == 0
+    net = load_model(out / "model.qnn")
+    assert net.num_outputs == 10 and (out / "config.toml").exists() and (out / "checkpoint.pt").exists()
+    assert main([*args, "--resume"]) == 0  # finished run: resume reloads and re-exports the same model
+    again = load_model(out / "model.qnn")
+    assert all(np.array_equal(a.weight, b.weight) for a, b in zip(net.layers, again.layers, strict=True)
+               if hasattr(a, "weight"))
+    assert main(["train", "--set", "train.nonsense=1", "-o", str(tmp_path / "x")]) == 3
