@@ -26,19 +26,20 @@ def _dense(layer: Dense, x: np.ndarray) -> np.ndarray:
     return acc.astype(np.int64)
 
 
-def conv2d_float(layer: Conv2d, x: np.ndarray) -> np.ndarray:
-    """Convolution in float64 (exact for integer operands, see the module docstring); ``x`` is ``[B, C, H, W]``."""
+def conv2d_float(layer: Conv2d, x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """Convolution in floating point, ``x`` is ``[B, C, H, W]``. Exact for integer operands when every partial sum
+    stays below ``2^53`` (float64, what network validation proves) or ``2^24`` (float32, callers check)."""
     pt, pl, pb, pr = layer.padding
-    xf = x.astype(np.float64)
+    xf = x.astype(dtype)
     if any(layer.padding):
-        xf = np.pad(xf, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=float(layer.pad_value))
+        xf = np.pad(xf, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=dtype(layer.pad_value))
     o, c, kh, kw = layer.weight.shape
     dh, dw = layer.dilation
     sh, sw = layer.stride
     win = np.lib.stride_tricks.sliding_window_view(xf, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, OH, OW, kh, kw]
-    acc = np.einsum("bchwuv,ocuv->bohw", win, layer.weight.astype(np.float64), optimize=True)
-    return acc + layer.bias.astype(np.float64)[None, :, None, None]
+    acc = np.einsum("bchwuv,ocuv->bohw", win, layer.weight.astype(dtype), optimize=True)
+    return acc + layer.bias.astype(dtype)[None, :, None, None]
 
 
 def _conv(layer: Conv2d, x: np.ndarray) -> np.ndarray:
@@ -124,7 +125,7 @@ def check_inputs(net: QNetwork, x: np.ndarray) -> np.ndarray:
             raise InputError("inputs must be integers on the network's grid")
     elif not np.issubdtype(a.dtype, np.integer):
         raise InputError(f"integer inputs expected, got dtype {a.dtype}")
-    a = a.astype(np.int64)
+    a = a.astype(np.int64, copy=False)
     if a.ndim == 0 or a.size % net.num_inputs:
         raise InputError(f"input of shape {a.shape} does not match the network input {net.input_shape}")
     a = a.reshape((-1, *net.input_shape))

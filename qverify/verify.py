@@ -111,12 +111,7 @@ def symbolic_check(net: QNetwork, prop: Property) -> tuple[bool, list]:
 
     ana = symbolic_analysis(net, prop.lo[None, :], prop.hi[None, :])
     bounds = [(lo[0], hi[0]) for lo, hi in ana.bounds]
-    ok = True
-    for conj in prop.unsafe:
-        if not np.any(ana.row_lower_bounds(conj.A)[0] > conj.b):
-            ok = False
-            break
-    return ok, bounds
+    return bool(ana.refutes(prop)[0]), bounds
 
 
 def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Result | None, list | None]:

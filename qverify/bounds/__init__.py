@@ -1,0 +1,42 @@
+"""Bounds on every layer of a quantized network over integer input boxes.
+
+* :mod:`qverify.bounds.interval` - exact integer interval propagation (QA-IBP), batched over many boxes, and
+  property decisions from output intervals;
+* :mod:`qverify.bounds.symbolic` - linear (DeepPoly/CROWN-style) back-substitution bounds that carry each
+  rounding's error and each clamp's relaxation; tighter per-layer bounds for the encoders and margin bounds that
+  certify argmax robustness;
+* :mod:`qverify.bounds.torch_ibp` - the differentiable interval propagation used in training (imported on demand,
+  it needs torch).
+"""
+
+from qverify.bounds.interval import (
+    INTERVAL,
+    Bounds,
+    certified_by_interval,
+    interval_bounds,
+    interval_output_bounds,
+    refutes_unsafe,
+    row_lower_bounds,
+)
+from qverify.bounds.symbolic import (
+    SymbolicAnalysis,
+    certified_by_symbolic,
+    relax,
+    symbolic_analysis,
+    symbolic_bounds,
+)
+
+__all__ = [
+    "INTERVAL",
+    "Bounds",
+    "SymbolicAnalysis",
+    "certified_by_interval",
+    "certified_by_symbolic",
+    "interval_bounds",
+    "interval_output_bounds",
+    "refutes_unsafe",
+    "relax",
+    "row_lower_bounds",
+    "symbolic_analysis",
+    "symbolic_bounds",
+]

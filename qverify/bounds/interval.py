@@ -1,0 +1,256 @@
+"""Exact integer interval bound propagation (QA-IBP) over a :class:`~qverify.network.QNetwork`, batched over boxes.
+
+For a batch of integer input boxes ``lo <= x <= hi`` every layer maps an integer interval to an integer interval
+that contains every value the executor (:func:`qverify.execute.execute`) can produce for an input of the box:
+
+* affine (dense / conv), by midpoint and radius in doubled integers (no halves):
+  ``c = lo + hi`` (``= 2 mu``), ``d = hi - lo`` (``= 2 r``), ``C = W c + 2 b``, ``D = |W| d``, and
+  ``[lo', hi'] = [(C - D) / 2, (C + D) / 2]`` - which equals ``[W+ lo + W- hi + b, W+ hi + W- lo + b]``,
+  the exact range of the affine map over the box (``C - D`` and ``C + D`` are even). A convolution's padded
+  cells hold the constant ``pad_value`` (radius 0): the center pass pads ``c`` with ``2 pad_value``, the radius
+  pass pads ``d`` with 0.
+* requantization ``clamp(R(acc p / q) + z, lo, hi)`` and clamp: monotone non-decreasing, so they map the ends:
+  ``[f(lo), f(hi)]`` (the executor's own :func:`qverify.execute.requantize`, exact integer rounding).
+* flatten: reshape.
+
+**Exactness of the float64 BLAS.** The affine passes run in float64. Network validation bounds every accumulator
+by ``V = max_o sum_i |W_oi| * m + max |b| (+ sum |W| |pad_value|)`` with ``m`` the largest magnitude of the
+layer's input range, and ``V < 2^53``. Every box handled here lies inside the input grid, so (by induction) every
+interval lies inside the layer's worst-case range, ``|c| <= 2m`` and ``0 <= d <= 2m``: every partial sum of
+``W c + 2b``, of ``|W| d`` and the results ``C +- D`` are integers of magnitude ``<= 2V``. When ``2V < 2^53`` every
+float64 operation is exact; when even ``2V < 2^24`` the same holds in float32, which halves the BLAS time
+(:func:`_center_radius_dtype`). Otherwise (``2^52 <= V < 2^53``, only for huge weights) the layer uses positive
+and negative weight parts, ``W+ lo + W- hi + b``, whose partial sums stay below ``V``, also exact.
+
+The propagation is a table ``{layer type: function}`` (:data:`INTERVAL`) plus one entry point
+(:func:`interval_bounds`), in the style of jax_verify's bound propagation. Each table function takes
+``(layer, lo, hi, in_bound)`` where ``in_bound`` is the largest magnitude of the layer's worst-case input range
+(``net.value_ranges``) and returns the output ``(lo, hi)``.
+
+Deciding properties: an unsafe conjunction ``A y <= b`` is infeasible over the box when for some row
+``min_{y in [ylo, yhi]} a.y = sum a+ ylo + sum a- yhi > b`` (exact integers); a property is certified when every
+disjunct is infeasible (:func:`refutes_unsafe`, :func:`certified_by_interval`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from qverify.execute import check_inputs, conv2d_float, requantize
+from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
+from qverify.property import Property
+from qverify.quant import FLOAT64_EXACT, INT64_SAFE
+
+#: integers below this magnitude are exact in float32
+FLOAT32_EXACT = 2**24
+
+Bounds = tuple[np.ndarray, np.ndarray]
+IntervalFn = Callable[..., Bounds]
+
+
+# ----------------------------------------------------------------------------------------------- affine layers
+def affine_value_bound(layer: Dense | Conv2d, in_bound: int) -> int:
+    """``V``: the largest accumulator magnitude over inputs of magnitude ``<= in_bound`` (as network validation)."""
+    wabs = np.abs(layer.weight).reshape(layer.weight.shape[0], -1).sum(axis=1)
+    wmax = int(wabs.max()) if wabs.size else 0
+    v = wmax * int(in_bound) + (int(np.abs(layer.bias).max()) if layer.bias.size else 0)
+    if isinstance(layer, Conv2d):
+        v += wmax * abs(layer.pad_value)
+    return v
+
+
+def _center_radius_exact(layer: Dense | Conv2d, in_bound: int) -> bool:
+    return 2 * affine_value_bound(layer, in_bound) < FLOAT64_EXACT
+
+
+def _center_radius_dtype(layer: Dense | Conv2d, in_bound: int) -> type:
+    """float32 when ``2V < 2^24`` (every integer up to ``2^24`` is a float32, so the same argument as for float64
+    applies and BLAS runs twice as fast), else float64."""
+    return np.float32 if 2 * affine_value_bound(layer, in_bound) < FLOAT32_EXACT else np.float64
+
+
+def _dense(layer: Dense, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
+    if _center_radius_exact(layer, in_bound):
+        dt = _center_radius_dtype(layer, in_bound)
+        c = np.add(lo, hi, dtype=dt)
+        d = np.subtract(hi, lo, dtype=dt)
+        cc = c @ layer.weight.T.astype(dt)
+        cc += (2 * layer.bias).astype(dt)
+        dd = d @ np.abs(layer.weight).T.astype(dt)
+        return _halves(cc, dd)
+    wp = np.maximum(layer.weight, 0).T.astype(np.float64)
+    wn = np.minimum(layer.weight, 0).T.astype(np.float64)
+    lf, hf = lo.astype(np.float64), hi.astype(np.float64)
+    b = layer.bias.astype(np.float64)
+    out_lo = (lf @ wp + hf @ wn) + b
+    out_hi = (hf @ wp + lf @ wn) + b
+    return out_lo.astype(np.int64), out_hi.astype(np.int64)
+
+
+def _halves(cc: np.ndarray, dd: np.ndarray) -> Bounds:
+    """``((C - D) / 2, (C + D) / 2)`` as int64 (exact: ``C +- D`` are even integers below ``2^53``)."""
+    lo = cc - dd
+    lo *= 0.5
+    cc += dd
+    cc *= 0.5
+    return lo.astype(np.int64), cc.astype(np.int64)
+
+
+def _conv(layer: Conv2d, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
+    if _center_radius_exact(layer, in_bound):
+        dt = _center_radius_dtype(layer, in_bound)
+        center = Conv2d(layer.weight, 2 * layer.bias, layer.stride, layer.padding, layer.dilation,
+                        2 * layer.pad_value)
+        radius = Conv2d(np.abs(layer.weight), np.zeros_like(layer.bias), layer.stride, layer.padding,
+                        layer.dilation, 0)
+        return _halves(conv2d_float(center, lo + hi, dt), conv2d_float(radius, hi - lo, dt))
+    zero = np.zeros_like(layer.bias)
+    pos = Conv2d(np.maximum(layer.weight, 0), layer.bias, layer.stride, layer.padding, layer.dilation,
+                 layer.pad_value)
+    neg = Conv2d(np.minimum(layer.weight, 0), zero, layer.stride, layer.padding, layer.dilation, layer.pad_value)
+    out_lo = conv2d_float(pos, lo) + conv2d_float(neg, hi)
+    out_hi = conv2d_float(pos, hi) + conv2d_float(neg, lo)
+    return out_lo.astype(np.int64), out_hi.astype(np.int64)
+
+
+def _requantize(layer: Requantize, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
+    return requantize(layer, lo), requantize(layer, hi)
+
+
+def _clamp(layer: Clamp, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
+    return np.clip(lo, layer.lo, layer.hi), np.clip(hi, layer.lo, layer.hi)
+
+
+def _flatten(layer: Flatten, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
+    return lo.reshape(len(lo), -1), hi.reshape(len(hi), -1)
+
+
+#: the interval table: one exact function per layer type, ``fn(layer, lo, hi, in_bound) -> (lo, hi)``
+INTERVAL: dict[type, IntervalFn] = {Dense: _dense, Conv2d: _conv, Requantize: _requantize, Clamp: _clamp,
+                                    Flatten: _flatten}
+
+
+def layer_interval(net: QNetwork, index: int, lo: np.ndarray, hi: np.ndarray) -> Bounds:
+    """Bounds of layer ``index``'s output for input bounds ``[lo, hi]`` (``[B, *net.shapes[index]]``)."""
+    layer = net.layers[index]
+    a, b = net.value_ranges[index]
+    return INTERVAL[type(layer)](layer, lo, hi, max(abs(a), abs(b)))
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def check_boxes(net: QNetwork, lo: np.ndarray, hi: np.ndarray) -> Bounds:
+    """Validate a batch of boxes (``[B, n]``, ``[B, *input_shape]`` or one box ``[n]``) against the network's
+    input grid and return them as int64 ``[B, *input_shape]`` (no copy when they already are int64)."""
+    lo_a = np.asarray(lo)
+    hi_a = np.asarray(hi)
+    if lo_a.shape != hi_a.shape:
+        raise ValueError(f"lo and hi differ in shape ({lo_a.shape} vs {hi_a.shape})")
+    if not (np.issubdtype(lo_a.dtype, np.integer) and np.issubdtype(hi_a.dtype, np.integer)):
+        lo_a, hi_a = check_inputs(net, lo_a), check_inputs(net, hi_a)  # validates non-integer dtypes
+    if lo_a.ndim == 0 or lo_a.size % net.num_inputs:
+        raise ValueError(f"box of shape {lo_a.shape} does not match the network input {net.input_shape}")
+    lo_a = lo_a.astype(np.int64, copy=False).reshape((-1, *net.input_shape))
+    hi_a = hi_a.astype(np.int64, copy=False).reshape((-1, *net.input_shape))
+    if lo_a.size:
+        if np.any(lo_a > hi_a):
+            raise ValueError("empty input box: lo > hi somewhere")
+        if lo_a.min() < net.input_lo or hi_a.max() > net.input_hi:
+            raise ValueError(f"box leaves the input grid [{net.input_lo}, {net.input_hi}]")
+    return lo_a, hi_a
+
+
+def interval_bounds(net: QNetwork, lo: np.ndarray, hi: np.ndarray, batch_size: int = 4096) -> list[Bounds]:
+    """Exact integer interval bounds of every layer for a batch of integer input boxes.
+
+    ``lo``, ``hi``: int ``[B, n_inputs]`` (flattened), ``[B, *input_shape]`` or one box ``[n_inputs]``, inside the
+    network's input grid. Returns one ``(lo, hi)`` pair per element of :func:`qverify.execute.execute`'s output
+    (index 0 the input box, index ``i + 1`` layer ``i``'s output), each int64 ``[B, *shape]``. For every integer
+    ``x`` of box ``k`` the executor's values of layer ``i`` lie in ``[lo[k], hi[k]]`` (see the module docstring).
+    The batch is processed in chunks of ``batch_size`` boxes.
+    """
+    lo_a, hi_a = check_boxes(net, lo, hi)
+    n = len(lo_a)
+    if n <= batch_size:
+        out = [(lo_a, hi_a)]
+        for i in range(len(net.layers)):
+            out.append(layer_interval(net, i, *out[-1]))
+        return out
+    out = [(lo_a, hi_a)] + [(np.empty((n, *shape), dtype=np.int64), np.empty((n, *shape), dtype=np.int64))
+                            for shape in net.shapes[1:]]
+    for s in range(0, n, batch_size):
+        l, h = lo_a[s:s + batch_size], hi_a[s:s + batch_size]
+        for i in range(len(net.layers)):
+            l, h = layer_interval(net, i, l, h)
+            out[i + 1][0][s:s + batch_size] = l
+            out[i + 1][1][s:s + batch_size] = h
+    return out
+
+
+def interval_output_bounds(net: QNetwork, lo: np.ndarray, hi: np.ndarray, batch_size: int = 4096) -> Bounds:
+    """The last layer's bounds only (``[B, n_out]`` each), without keeping the intermediate layers."""
+    lo_a, hi_a = check_boxes(net, lo, hi)
+    outs_lo, outs_hi = [], []
+    for s in range(0, max(len(lo_a), 1), batch_size):
+        l, h = lo_a[s:s + batch_size], hi_a[s:s + batch_size]
+        for i in range(len(net.layers)):
+            l, h = layer_interval(net, i, l, h)
+        outs_lo.append(l.reshape(len(l), -1))
+        outs_hi.append(h.reshape(len(h), -1))
+    return np.concatenate(outs_lo), np.concatenate(outs_hi)
+
+
+# ----------------------------------------------------------------------------------------------- properties
+def row_lower_bounds(A: np.ndarray, ylo: np.ndarray, yhi: np.ndarray) -> np.ndarray:
+    """``min_{ylo <= y <= yhi} A y`` for a batch of output boxes: ``A`` int ``[k, n]``, ``ylo``/``yhi``
+    ``[B, n]``; returns ``[B, k]`` exact (int64, or Python ints in an object array when int64 could overflow)."""
+    A = np.atleast_2d(np.asarray(A, dtype=np.int64))
+    ylo = np.atleast_2d(np.asarray(ylo, dtype=np.int64))
+    yhi = np.atleast_2d(np.asarray(yhi, dtype=np.int64))
+    ymax = max(int(np.abs(ylo).max(initial=0)), int(np.abs(yhi).max(initial=0)))
+    amax = int(np.abs(A).sum(axis=1).max(initial=0))
+    Ap, An = np.maximum(A, 0), np.minimum(A, 0)
+    if amax * ymax < INT64_SAFE:
+        return ylo @ Ap.T + yhi @ An.T
+    o = object
+    return ylo.astype(o) @ Ap.T.astype(o) + yhi.astype(o) @ An.T.astype(o)
+
+
+def refutes_unsafe(prop: Property, ylo: np.ndarray, yhi: np.ndarray) -> np.ndarray:
+    """Boolean ``[B]``: for each output box, whether every unsafe disjunct ``A_d y <= b_d`` is infeasible, i.e.
+    some row has ``min over the box of a.y > b`` (then no output of the box is unsafe)."""
+    ylo = np.atleast_2d(ylo)
+    ok = np.ones(len(ylo), dtype=bool)
+    for conj in prop.unsafe:
+        mins = row_lower_bounds(conj.A, ylo, yhi)
+        ok &= np.any(mins > conj.b[None, :], axis=1)
+    return ok
+
+
+def certified_by_interval(net: QNetwork, props: Property | Sequence[Property],
+                          boxes: tuple[np.ndarray, np.ndarray] | None = None,
+                          batch_size: int = 4096) -> np.ndarray:
+    """Decide robustness from interval output bounds; ``True`` means proved (``False``: undecided).
+
+    * ``props`` a sequence of properties (each with its own box): one batched bound pass, result ``[P]``;
+    * ``props`` one property and ``boxes = (lo, hi)`` (``[B, n]``, sub-boxes, e.g. of branch and bound): result
+      ``[B]``, whether the property holds on each sub-box;
+    * one property and no boxes: result ``[1]``.
+    """
+    if isinstance(props, Property):
+        for_each = [props]
+        if boxes is not None:
+            ylo, yhi = interval_output_bounds(net, boxes[0], boxes[1], batch_size)
+            props.check_network(net)
+            return refutes_unsafe(props, ylo, yhi)
+    else:
+        for_each = list(props)
+    if not for_each:
+        return np.zeros(0, dtype=bool)
+    for p in for_each:
+        p.check_network(net)
+    lo = np.stack([p.lo for p in for_each])
+    hi = np.stack([p.hi for p in for_each])
+    ylo, yhi = interval_output_bounds(net, lo, hi, batch_size)
+    return np.array([bool(refutes_unsafe(p, ylo[i:i + 1], yhi[i:i + 1])[0]) for i, p in enumerate(for_each)])

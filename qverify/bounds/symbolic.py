@@ -1,0 +1,753 @@
+"""Symbolic (linear, DeepPoly/CROWN-style back-substitution) bounds through the integer network.
+
+Tighter than intervals: every layer's value is bounded by linear functions of earlier layers, composed back to the
+input box, so correlations between neurons cancel (the margin ``y_c - y_i`` of two outputs is bounded directly).
+
+**Relaxation of a requantization.** Neuron ``y = f(a) = clamp(R(a p / q) + z, lo, hi)`` of an integer accumulator
+``a`` known to lie in ``[l, u]`` (integers). ``f`` is a non-decreasing integer step function; we need lines
+``alpha_L a + beta_L <= f(a) <= alpha_U a + beta_U`` for every *integer* ``a`` in ``[l, u]`` (accumulators are
+integers, so validity is only required there), with slopes ``alpha >= 0``. With ``F_l = f(l) < F_u = f(u)``
+(otherwise the neuron is fixed: both lines are the constant ``F_l``) and ``T(v)`` the smallest integer with
+``f(T(v)) >= v`` (:func:`thresholds`, found with the exact rounding of :func:`qverify.quant.round_div`):
+
+* the integers of ``[l, u]`` split into *levels* (maximal runs where ``f`` is constant). Level ``v`` is
+  ``[max(l, T(v)), min(u, T(v + 1) - 1)]``. The first ``K`` levels ``F_l .. F_l + K - 1`` and the last ``K``
+  levels ``F_u - K + 1 .. F_u`` (``levels=K``, default 3) are taken exactly; the middle levels
+  ``F_l + K .. F_u - K`` fill the span ``M = [T(F_l + K), T(F_u - K + 1) - 1]``, where they lie strictly between
+  ``F_l >= lo`` and ``F_u <= hi``, so no clamp is active and ``f(a) = R(a p / q) + z`` there;
+* the rounding error of ``R`` at ``n / q`` lies in ``[-dL / q, dU / q]`` (:func:`rounding_error_bounds`:
+  floor ``[-(q-1)/q, 0]``, half-up ``[-(ceil(q/2)-1)/q, floor(q/2)/q]``, half-away and half-even
+  ``[-floor(q/2)/q, floor(q/2)/q]``), so on ``M``:
+  ``max(F_l + K, (p a + z q - dL) / q) <= f(a) <= min(F_u - K, (p a + z q + dU) / q)``.
+* With a slope ``alpha >= 0`` a line lies below ``f`` on a level iff it does at the level's right end; so it
+  lies below ``f`` on the integers of ``[l, u]`` if it lies below the exact levels at their right ends, and
+  below the convex lower envelope of ``M`` at ``T(F_l + K)``, at ``k0 = floor(((F_l + K - z) q + dL) / p)``
+  (last point where the constant ``F_l + K`` is the larger), at ``k0 + 1`` and at ``T(F_u - K + 1) - 1``
+  (those inside ``M``) - on each piece the difference is linear, so its maximum is at the piece's ends. (A
+  value skipped by ``f`` gives an empty level whose "end" carries a weaker, implied constraint.) Symmetrically
+  for the upper line with the levels' left ends and the concave upper envelope. So
+  ``beta_L = min_k (V_k - alpha x_k)`` over ``2K + 4`` vertices ``(x_k, V_k)``, ``beta_U = max_k (...)``.
+* The slope is chosen (in float64, any choice is sound) among ``0``, ``p / q`` and the chords of vertex pairs
+  to maximise the lower line (minimise the upper line) at the middle of ``[l, u]`` - DeepPoly's minimal-area
+  heuristic. It is then rounded to ``A / 2^t`` (a float64), and ``beta`` is computed *exactly* (Python integers,
+  every vertex value is a rational with denominator ``q``) for that slope and rounded outward (down for the lower
+  line, up for the upper) to a multiple of ``2^-tb`` that is a float64. So every line is exactly valid.
+
+A :class:`~qverify.network.Clamp` is the same with ``p = q = 1``, ``z = 0``, no rounding error.
+
+**Back-substitution.** To bound ``c . v_K`` (a row over layer ``K``'s values) from below: keep a row ``lam`` over
+the values ``v_k`` of the current layer and a constant ``C`` with ``c . v_K >= lam . v_k + C`` for every
+feasible input. Through an activation ``v_k = f(v_{k-1})``: positive coefficients take the lower line, negative
+ones the upper line: ``lam . v_k >= mu . v_{k-1} + nu``, ``mu = lam+ alpha_L + lam- alpha_U``,
+``nu = lam+ . beta_L + lam- . beta_U``. Through an affine layer ``v_k = W v_{k-1} + b``:
+``lam . v_k = (lam W) . v_{k-1} + lam . b`` (a convolution's ``lam W`` is its transpose, one BLAS contraction
+per kernel offset; the padded cells are constants folded into ``b``). At the
+input box: ``lam . x >= lam+ . lo + lam- . hi``; after each affine step the row is also concretised over that
+layer's own bounds (as DeepPoly does) and the best bound is kept, so a layer's symbolic bound is never worse
+than its interval step from the layer below. Intermediate layers are bounded the same way (rows ``+-e_j``,
+DeepPoly's full back-substitution to the input), then intersected with the interval bounds (both sound); an
+activation's output bounds are ``[f(l), f(u)]`` of its tightened input bounds.
+
+**Soundness of the float64 arithmetic (the proof).** ``lam``, ``C`` are float64; instead of exact values we keep
+a float ``s >= 0`` such that the *exact* valid constant is at least ``C~ - 2 s``. With ``u = 2^-53`` and
+``g(n) = (n + 1) 2^-52 >= n u / (1 - n u)`` (Higham, Thm. 3.5: ``|fl(x.y) - x.y| <= g(n) |x|.|y|`` for
+any summation order, FMA or not, without underflow):
+
+1. ``mu~ = fl(lam alpha)`` (one product; the other term is an exact 0): ``|mu - mu~| <= 2^-52 |mu~|``, so the
+   loss ``sum |mu_j - mu~_j| |v_j| <= 2^-52 |mu~| . m`` with ``m_j = max(|l_j|, |u_j|)`` of the layer's bounds;
+2. ``nu~ = fl(lam+ . beta_L + lam- . beta_U)``: error ``<= g(2n) |lam| . max(|beta_L|, |beta_U|)``;
+3. ``fl(lam W)``: elementwise error ``<= g(n_out) (|lam| |W|)``, loss ``<= g(n_out) (|lam| |W|) . m``;
+   ``fl(lam . b)``: ``<= g(n_out) |lam| . |b|``; the input concretisation: ``<= g(2 n_0) |lam| . m_0``;
+4. every accumulation ``C~ <- fl(C~ + x)`` loses at most ``u |C~_new| <= 2^-52 |C~_new|``;
+5. underflow (gradual, IEEE 754): a product errs by at most ``2^-1075`` more in absolute value, and a sum whose
+   exact value is subnormal is exact. One step puts fewer than ``2^40`` products into a row's bound (dense
+   ``n_out n_in``, convolutions ``n_out C kh kw``), each multiplied by a value bound
+   ``m < 2^53`` at most, so underflow costs less than ``2^93 2^-1075 < 2^-980`` per step - also in the error
+   estimates below, which might underflow to 0.
+
+Each error term is a non-negative expression computed in float64 with fewer than ``2^50`` roundings on any path,
+so its computed value is at least half its exact value (less the underflow of item 5); ``s`` is their float sum,
+also a non-negative expression, plus ``2^-800`` per step (covering item 5): ``2 s`` bounds the total error.
+Finally ``L = fl(C~ - 2 s)`` is lowered by two ulps (``fl`` of one subtraction errs by at most one ulp), and
+the row's integer lower bound is ``ceil(L)`` (the bounded quantities are integers).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qverify.bounds.interval import Bounds, check_boxes, interval_bounds, refutes_unsafe, row_lower_bounds
+from qverify.execute import conv2d_float, requantize
+from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
+from qverify.property import Property
+from qverify.quant import Rounding, round_div
+
+_U52 = 2.0**-52
+_TINY = 2.0**-800
+_MIN_SLOPE = 2.0**-100
+#: largest dense matrix (entries) a convolution is materialised into for back-substitution
+MAX_CONV_MATRIX = 40_000_000
+
+
+def _gam(n: int) -> float:
+    """``g(n) = (n + 1) 2^-52``, an upper bound of Higham's ``gamma_n`` (exact as a float)."""
+    return (n + 1) * _U52
+
+
+# ============================================================================================ rounding facts
+def rounding_error_bounds(q: int, mode: Rounding | str) -> tuple[int, int]:
+    """``(dL, dU)``: for every integer ``n``, ``-dL / q <= R(n / q) - n / q <= dU / q`` (tight)."""
+    mode = Rounding(mode)
+    q = int(q)
+    if q <= 0:
+        raise ValueError("q must be positive")
+    if mode is Rounding.FLOOR:
+        return q - 1, 0
+    if mode is Rounding.HALF_UP:
+        return (q + 1) // 2 - 1, q // 2
+    return q // 2, q // 2  # half away from zero, half to even: symmetric, ties reach 1/2 when q is even
+
+
+@dataclass(frozen=True)
+class ActParams:
+    """Per-neuron parameters of an activation layer (flattened neurons; Python ints in object arrays):
+    ``f(a) = clamp(R(a p / q) + z, lo, hi)``, rounding error in ``[-dL / q, dU / q]``."""
+
+    layer: Requantize | Clamp
+    shape: tuple[int, ...]
+    p: np.ndarray
+    q: np.ndarray
+    z: np.ndarray
+    dL: np.ndarray
+    dU: np.ndarray
+
+    @classmethod
+    def of(cls, layer: Requantize | Clamp, shape: tuple[int, ...]) -> ActParams:
+        n = int(np.prod(shape))
+        if isinstance(layer, Clamp):
+            one = np.ones(n, dtype=object)
+            zero = np.zeros(n, dtype=object)
+            return cls(layer, shape, one, one.copy(), zero, zero.copy(), zero.copy())
+        per = n // shape[0] if shape else n
+        chans = shape[0] if shape else 1
+
+        def spread(vals: Sequence[int]) -> np.ndarray:
+            v = np.array([int(x) for x in vals], dtype=object)
+            if v.size == 1:
+                return np.repeat(v, n)
+            if v.size != chans:
+                raise ValueError("per-channel parameters do not match the layer shape")
+            return np.repeat(v, per)
+
+        errs = [rounding_error_bounds(d, layer.rounding) for d in layer.den]
+        return cls(layer, shape, spread(layer.num), spread(layer.den), spread(layer.zero_point.tolist()),
+                   spread([e[0] for e in errs]), spread([e[1] for e in errs]))
+
+    def apply(self, a: np.ndarray) -> np.ndarray:
+        """``f`` on flattened int64 values ``[B, n]`` (the executor's own requantize / clip)."""
+        if isinstance(self.layer, Clamp):
+            return np.clip(a, self.layer.lo, self.layer.hi)
+        return requantize(self.layer, a.reshape(len(a), *self.shape)).reshape(len(a), -1)
+
+
+def thresholds(params: ActParams, v: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Smallest integer ``a`` with ``f(a) >= v`` for neurons ``j`` (object arrays), for ``lo < v <= hi`` (there
+    ``f(a) >= v`` iff ``R(a p / q) + z >= v``). Exact: a candidate from the rounding cut, fixed up with
+    :func:`qverify.quant.round_div`."""
+    v = np.asarray(v, dtype=object)
+    if isinstance(params.layer, Clamp):
+        return v.copy()
+    p, q, z = params.p[j], params.q[j], params.z[j]
+    mode = params.layer.rounding
+    t = v - z
+    if mode is Rounding.FLOOR:
+        cand = -((-t * q) // p)
+    else:
+        cand = -((-(2 * t - 1) * q) // (2 * p))
+
+    def ok(a: np.ndarray) -> np.ndarray:
+        return np.asarray(round_div(a * p, q, mode) >= t, dtype=bool)
+
+    for _ in range(64):
+        bad = ~ok(cand)
+        if not bad.any():
+            break
+        cand = np.where(bad, cand + 1, cand)
+    for _ in range(64):
+        lower = ok(cand - 1)
+        if not lower.any():
+            break
+        cand = np.where(lower, cand - 1, cand)
+    if not (ok(cand).all() and not ok(cand - 1).any()):  # the relaxations' validity rests on exact thresholds
+        raise RuntimeError("threshold search did not converge")
+    return cand
+
+
+# ============================================================================================ relaxations
+@dataclass
+class Relaxation:
+    """Lines ``aL x + bL <= f(x) <= aU x + bU`` (float64 ``[B, n]``, exactly valid on the integers of the
+    pre-activation bounds)."""
+
+    aL: np.ndarray
+    bL: np.ndarray
+    aU: np.ndarray
+    bU: np.ndarray
+
+    @property
+    def bmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.bL), np.abs(self.bU))
+
+
+def _chords(X: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """Non-negative slopes of all vertex pairs (float, ``[N, K(K-1)/2]``; 0 where the x coincide)."""
+    cols = []
+    K = X.shape[1]
+    for i in range(K):
+        for k in range(i + 1, K):
+            dx = X[:, k] - X[:, i]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sl = np.where(dx != 0, (V[:, k] - V[:, i]) / np.where(dx != 0, dx, 1.0), 0.0)
+            cols.append(np.maximum(sl, 0.0))
+    return np.stack(cols, axis=1)
+
+
+def _choose_slope(X: np.ndarray, V: np.ndarray, s: np.ndarray, mid: np.ndarray, lower: bool,
+                  block: int = 8192) -> np.ndarray:
+    """Slope among 0, ``s`` and vertex chords maximising (lower) / minimising (upper) the line at ``mid``."""
+    if len(X) > block:
+        return np.concatenate([_choose_slope(X[k:k + block], V[k:k + block], s[k:k + block], mid[k:k + block],
+                                             lower, block) for k in range(0, len(X), block)])
+    cand = np.concatenate([np.zeros((len(X), 1)), s[:, None], _chords(X, V)], axis=1)  # [N, C]
+    diff = V[:, None, :] - cand[:, :, None] * X[:, None, :]  # [N, C, K]
+    beta = diff.min(axis=2) if lower else diff.max(axis=2)
+    obj = cand * mid[:, None] + beta
+    pick = np.argmax(obj, axis=1) if lower else np.argmin(obj, axis=1)
+    return cand[np.arange(len(X)), pick]
+
+
+def _to_float(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.array([n / d for n, d in zip(num.tolist(), den.tolist(), strict=True)], dtype=np.float64)
+
+
+def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3) -> Relaxation:
+    """Sound linear relaxation of ``f`` over the integers of ``[l, u]`` (int64 ``[B, n]``), see the module
+    docstring. Fixed neurons (``f(l) == f(u)``) get the exact constant."""
+    fl_ = params.apply(l)
+    fu = params.apply(u)
+    aL = np.zeros(l.shape)
+    aU = np.zeros(l.shape)
+    bL = fl_.astype(np.float64)
+    bU = fu.astype(np.float64)
+    bi, ji = np.nonzero(fl_ != fu)
+    if len(bi) == 0:
+        return Relaxation(aL, bL, aU, bU)
+    o = object
+    L = l[bi, ji].astype(o)
+    U = u[bi, ji].astype(o)
+    FL = fl_[bi, ji].astype(o)
+    FU = fu[bi, ji].astype(o)
+    p, q, z, dL, dU = params.p[ji], params.q[ji], params.z[ji], params.dL[ji], params.dU[ji]
+    K = max(1, int(levels))
+    T_up = [thresholds(params, FL + k, ji) for k in range(1, K + 1)]  # T_up[k-1] = T(F_l + k)
+    T_dn = [thresholds(params, FU - k, ji) for k in range(K)]  # T_dn[k] = T(F_u - k)
+    yes = np.ones(len(bi), dtype=bool)
+    XL, VL, okL, XU, VU, okU = [U], [FU * q], [yes], [L], [FL * q], [yes]
+    for k in range(K):  # first levels F_l + k: right ends (lower), left ends (upper)
+        v = FL + k
+        ok = v < FU
+        XL.append(np.minimum(U, T_up[k] - 1))
+        VL.append(v * q)
+        okL.append(ok)
+        if k:
+            XU.append(T_up[k - 1])
+            VU.append(v * q)
+            okU.append(ok)
+    for k in range(K):  # last levels F_u - k (those not among the first K levels)
+        v = FU - k
+        ok = v >= FL + K
+        if k:
+            XL.append(T_dn[k - 1] - 1)
+            VL.append(v * q)
+            okL.append(ok)
+        XU.append(np.maximum(L, T_dn[k]))
+        VU.append(v * q)
+        okU.append(ok | ((k == 0) & (FU < FL + K)))
+    # middle levels F_l + K .. F_u - K: no clamp active, f = R(a p / q) + z, envelopes +- rounding error
+    c_lo = FL + K
+    c_hi = FU - K
+    a = T_up[K - 1]
+    b = T_dn[K - 1] - 1
+    has_m = (c_lo <= c_hi) & (a <= b)
+
+    def inside(x: np.ndarray) -> np.ndarray:
+        return has_m & (a <= x) & (x <= b)
+
+    k0 = ((c_lo - z) * q + dL) // p  # last point where the constant c_lo is above the lower envelope
+    env_lo = lambda x: p * x + z * q - dL  # noqa: E731
+    XL += [a, k0, k0 + 1, b]
+    VL += [np.maximum(c_lo * q, env_lo(a)), c_lo * q, env_lo(k0 + 1), np.maximum(c_lo * q, env_lo(b))]
+    okL += [has_m, inside(k0), inside(k0 + 1), has_m]
+    k1 = ((c_hi - z) * q - dU) // p  # last point where the upper envelope is below the constant c_hi
+    env_hi = lambda x: p * x + z * q + dU  # noqa: E731
+    XU += [a, k1, k1 + 1, b]
+    VU += [np.minimum(c_hi * q, env_hi(a)), env_hi(k1), c_hi * q, np.minimum(c_hi * q, env_hi(b))]
+    okU += [has_m, inside(k1), inside(k1 + 1), has_m]
+
+    def stack(xs: list, vs: list, oks: list) -> tuple[np.ndarray, np.ndarray]:
+        X = np.stack([np.where(ok, x, xs[0]) for x, ok in zip(xs, oks, strict=True)], axis=1)
+        V = np.stack([np.where(ok, v, vs[0]) for v, ok in zip(vs, oks, strict=True)], axis=1)
+        return X, V
+
+    XL_, VL_ = stack(XL, VL, okL)
+    XU_, VU_ = stack(XU, VU, okU)
+    slope = _to_float(p, q)
+    mid = (L.astype(np.float64) + U.astype(np.float64)) / 2
+    XLf, XUf = XL_.astype(np.float64), XU_.astype(np.float64)
+    VLf = np.stack([_to_float(VL_[:, k], q) for k in range(VL_.shape[1])], axis=1)
+    VUf = np.stack([_to_float(VU_[:, k], q) for k in range(VU_.shape[1])], axis=1)
+    alo = _choose_slope(XLf, VLf, slope, mid, lower=True)
+    ahi = _choose_slope(XUf, VUf, slope, mid, lower=False)
+    # round the slopes to A / 2^t (A < 2^53: exact floats); tiny slopes become 0 (no underflow later)
+    amax = float(max(alo.max(), ahi.max()))
+    t = 52 - math.frexp(amax)[1] if amax > 0 else 0
+    A_lo = np.rint(np.ldexp(alo, t))
+    A_hi = np.rint(np.ldexp(ahi, t))
+    A_lo[np.ldexp(A_lo, -t) < _MIN_SLOPE] = 0
+    A_hi[np.ldexp(A_hi, -t) < _MIN_SLOPE] = 0
+    two_t = 2**t if t >= 0 else None
+
+    def exact_beta(X: np.ndarray, V: np.ndarray, A: np.ndarray, lower: bool) -> np.ndarray:
+        Ao = A.astype(np.int64).astype(o)[:, None]
+        qq = q[:, None]
+        if two_t is not None:
+            num = V * two_t - Ao * X * qq  # beta candidates = num / (q 2^t)
+            den = q * two_t
+        else:
+            sc = 2 ** (-t)
+            num = V - Ao * sc * X * qq
+            den = q
+        num = num.min(axis=1) if lower else num.max(axis=1)
+        approx = _to_float(num, den)
+        big = float(np.abs(approx).max(initial=0.0))
+        tb = min(60, 50 - math.frexp(big + 1.0)[1])
+        if tb >= 0:
+            sc = 2**tb
+            k = (num * sc) // den if lower else -((-num * sc) // den)
+        else:
+            dd = den * 2 ** (-tb)
+            k = num // dd if lower else -((-num) // dd)
+        return np.ldexp(k.astype(np.float64), -tb)
+
+    aL[bi, ji] = np.ldexp(A_lo, -t)
+    aU[bi, ji] = np.ldexp(A_hi, -t)
+    bL[bi, ji] = exact_beta(XL_, VL_, A_lo, lower=True)
+    bU[bi, ji] = exact_beta(XU_, VU_, A_hi, lower=False)
+    return Relaxation(aL, bL, aU, bU)
+
+
+# ============================================================================================ the linear chain
+@dataclass
+class _Op:
+    """One layer of the linear chain: ``kind`` is ``"affine"`` (dense matrix ``W``), ``"conv"`` (applied
+    transposed, never materialised), ``"act"`` or ``"flat"``. ``b`` is the effective bias (a convolution's
+    includes the constant padded cells)."""
+
+    kind: str
+    W: np.ndarray | None = None  # float64 [out, in] (exact integers); conv: the kernel [O, C, kh, kw]
+    b: np.ndarray | None = None
+    absW: np.ndarray | None = None
+    absb: np.ndarray | None = None
+    params: ActParams | None = None
+    conv: Conv2d | None = None
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+    @property
+    def n_out(self) -> int:
+        return int(np.prod(self.out_shape)) if self.kind == "conv" else self.W.shape[0]
+
+    @property
+    def n_in(self) -> int:
+        return int(np.prod(self.in_shape)) if self.kind == "conv" else self.W.shape[1]
+
+    def back(self, lam: np.ndarray, absolute: bool = False) -> np.ndarray:
+        """``lam W`` (or ``lam |W|``) for rows ``lam`` ``[N, n_out]`` -> ``[N, n_in]`` in float64."""
+        W = self.absW if absolute else self.W
+        if self.kind != "conv":
+            return lam @ W
+        return conv_transpose(lam.reshape(len(lam), *self.out_shape), W, self.conv, self.in_shape
+                              ).reshape(len(lam), -1)
+
+
+def conv_transpose(lam: np.ndarray, kernel: np.ndarray, layer: Conv2d, in_shape: tuple[int, ...]) -> np.ndarray:
+    """The transpose of a convolution's linear part: for rows ``lam`` over its output ``[N, O, OH, OW]``, the
+    coefficients over its input ``[N, C, H, W]`` (``sum_o,i,j lam[o,i,j] acc[o,i,j]`` as a function of ``x``;
+    padded cells are constants and dropped). One BLAS contraction over ``O`` per kernel offset."""
+    N, O, OH, OW = lam.shape
+    C, H, Wd = in_shape
+    kh, kw = kernel.shape[2:]
+    pt, pl, pb, pr = layer.padding
+    sh, sw = layer.stride
+    dh, dw = layer.dilation
+    out = np.zeros((N, H + pt + pb, Wd + pl + pr, C))  # channels last: the scatter adds contiguous rows
+    lam_t = np.ascontiguousarray(lam.transpose(0, 2, 3, 1)).reshape(-1, O)  # [N OH OW, O]
+    kern = np.ascontiguousarray(kernel.transpose(2, 3, 0, 1))  # [kh, kw, O, C]
+    for u in range(kh):
+        for v in range(kw):
+            contrib = (lam_t @ kern[u, v]).reshape(N, OH, OW, C)
+            out[:, u * dh:u * dh + (OH - 1) * sh + 1:sh, v * dw:v * dw + (OW - 1) * sw + 1:sw, :] += contrib
+    return out[:, pt:pt + H, pl:pl + Wd, :].transpose(0, 3, 1, 2)
+
+
+_CHAINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def conv_matrix(layer: Conv2d, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A convolution as its exact integer matrix ``[out, in]`` (flattened C order) and effective bias (the bias
+    plus the padded cells' constant ``pad_value`` contributions), via the executor's convolution."""
+    n_in = int(np.prod(in_shape))
+    n_out = int(np.prod(layer.output_shape(in_shape)))
+    if n_in * n_out > MAX_CONV_MATRIX:
+        raise ValueError(f"convolution too large to materialise for symbolic bounds ({n_out} x {n_in}); "
+                         "use interval bounds")
+    lin = Conv2d(layer.weight, np.zeros_like(layer.bias), layer.stride, layer.padding, layer.dilation, 0)
+    W = conv2d_float(lin, np.eye(n_in).reshape(n_in, *in_shape)).reshape(n_in, n_out).T.copy()
+    b = conv2d_float(layer, np.zeros((1, *in_shape), dtype=np.int64)).reshape(-1)
+    return W, b
+
+
+def _chain(net: QNetwork) -> list[_Op]:
+    ops = _CHAINS.get(net)
+    if ops is not None:
+        return ops
+    ops = []
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, Dense):
+            W, b = layer.weight.astype(np.float64), layer.bias.astype(np.float64)
+        elif isinstance(layer, Conv2d):
+            k = layer.weight.astype(np.float64)
+            b = conv2d_float(layer, np.zeros((1, *net.shapes[i]), dtype=np.int64)).reshape(-1)
+            ops.append(_Op("conv", k, b, np.abs(k), np.abs(b), conv=layer, in_shape=net.shapes[i],
+                           out_shape=net.shapes[i + 1]))
+            continue
+        elif isinstance(layer, Flatten):
+            ops.append(_Op("flat"))
+            continue
+        else:
+            ops.append(_Op("act", params=ActParams.of(layer, net.shapes[i + 1])))
+            continue
+        ops.append(_Op("affine", W, b, np.abs(W), np.abs(b)))
+    _CHAINS[net] = ops
+    return ops
+
+
+# ============================================================================================ back-substitution
+def _rowdot(X: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``[B, R, n] . [B, n] -> [B, R]``."""
+    return np.matmul(X, v[:, :, None])[:, :, 0]
+
+
+def _concretize(lam: np.ndarray, c: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                m: np.ndarray) -> np.ndarray:
+    """Rigorous float lower bound of ``lam . v + C`` over the box ``lo <= v <= hi`` (``|v| <= m``), given the
+    float constant ``c`` and slack ``s`` (items 3, 4 of the module docstring, then ``fl(C~ - 2 s)`` lowered
+    by two ulps)."""
+    n = lam.shape[2]
+    r = c + (_rowdot(np.maximum(lam, 0.0), lo.astype(np.float64))
+             + _rowdot(np.minimum(lam, 0.0), hi.astype(np.float64)))
+    s = s + _gam(2 * n) * _rowdot(np.abs(lam), m) + _U52 * np.abs(r) + _TINY
+    low = r - 2.0 * s
+    return np.nextafter(np.nextafter(low, -np.inf), -np.inf)
+
+
+def _backsub_lower(ops: list[_Op], top: int, lam: np.ndarray, flat: list[Bounds], mags: list[np.ndarray],
+                   relax_of: dict[int, Relaxation], sl: slice) -> np.ndarray:
+    """Rigorous integer lower bounds ``[Bc, R]`` of ``lam . v_top`` over boxes ``sl`` (see the module
+    docstring); ``lam`` float64 ``[Bc, R, n_top]`` holding exact small numbers (integers). Every intermediate
+    layer's bounds also give a bound (concretise ``lam . v_k + C`` over them, as DeepPoly does); the best is
+    returned, so the result is never worse than the interval bound one layer down."""
+    Bc, R, _ = lam.shape
+    c = np.zeros((Bc, R))
+    s = np.zeros((Bc, R))
+    best = np.full((Bc, R), -np.inf)
+    for i in range(top - 1, -1, -1):
+        op = ops[i]
+        if op.kind == "flat":
+            continue
+        m = mags[i][sl]
+        if op.kind == "act":
+            rel = relax_of[i]
+            pos = np.maximum(lam, 0.0)
+            neg = np.minimum(lam, 0.0)
+            n = lam.shape[2]
+            c += _rowdot(pos, rel.bL[sl]) + _rowdot(neg, rel.bU[sl])
+            s += _gam(2 * n) * _rowdot(pos - neg, rel.bmax[sl]) + _U52 * np.abs(c) + _TINY
+            lam = pos * rel.aL[sl][:, None, :] + neg * rel.aU[sl][:, None, :]
+            s += _U52 * _rowdot(np.abs(lam), m) + _TINY
+        else:
+            n_out = op.n_out
+            absl = np.abs(lam)
+            c += lam @ op.b
+            s += _gam(n_out) * (absl @ op.absb) + _U52 * np.abs(c) + _TINY
+            s += _gam(n_out) * _rowdot(op.back(absl.reshape(-1, n_out), absolute=True).reshape(Bc, R, -1), m)
+            s += _TINY
+            lam = op.back(lam.reshape(-1, n_out)).reshape(Bc, R, -1)
+            if i > 0:  # over an activation's output: concretise with its (exact image) bounds too
+                best = np.maximum(best, _concretize(lam, c, s, flat[i][0][sl], flat[i][1][sl], m))
+    best = np.maximum(best, _concretize(lam, c, s, flat[0][0][sl], flat[0][1][sl], mags[0][sl]))
+    return np.ceil(best)
+
+
+# ============================================================================================ analysis
+@dataclass
+class SymbolicAnalysis:
+    """Result of :func:`symbolic_analysis` for a batch of ``B`` boxes.
+
+    ``bounds``: per value index (as :func:`qverify.execute.execute`), the tightened ``(lo, hi)`` int64
+    ``[B, *shape]`` (intersection of symbolic and interval bounds); ``interval``: the interval bounds;
+    ``symbolic_only``: the pure back-substitution bounds of the affine layers that were refined (flattened
+    ``[B, n]``; ``refined`` marks the neurons that were, the others hold ``-+2^62``).
+    """
+
+    net: QNetwork
+    bounds: list[Bounds]
+    interval: list[Bounds]
+    relaxations: dict[int, Relaxation]
+    symbolic_only: dict[int, Bounds] = field(default_factory=dict)
+    refined: dict[int, np.ndarray] = field(default_factory=dict)
+    chunk: int = 64
+
+    @property
+    def num_boxes(self) -> int:
+        return len(self.bounds[0][0])
+
+    def _flat(self) -> tuple[list[Bounds], list[np.ndarray]]:
+        B = self.num_boxes
+        flat = [(lo.reshape(B, -1), hi.reshape(B, -1)) for lo, hi in self.bounds]
+        mags = [np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64) for lo, hi in flat]
+        return flat, mags
+
+    def row_lower_bounds(self, rows: np.ndarray, value_index: int | None = None) -> np.ndarray:
+        """Integer lower bounds ``[B, R]`` of ``rows . v`` (``rows`` int ``[R, n]`` shared by all boxes, or
+        ``[B, R, n]``) for the values ``v`` of ``value_index`` (default: the output); the better of the
+        symbolic and the interval bound of each row. int64, or Python ints (object) when int64 could overflow.
+        Rows with a coefficient of magnitude ``>= 2^53`` (not exact in float64) get the interval bound only."""
+        k = len(self.net.layers) if value_index is None else value_index
+        rows = np.asarray(rows, dtype=np.int64)
+        B = self.num_boxes
+        if rows.ndim == 2:
+            rows = np.broadcast_to(rows, (B, *rows.shape))
+        flat, mags = self._flat()
+        ivl = (np.stack([row_lower_bounds(rows[i], flat[k][0][i:i + 1], flat[k][1][i:i + 1])[0]
+                         for i in range(B)]) if B else np.zeros(rows.shape[:2], dtype=np.int64))
+        exact = np.abs(rows).max(axis=2, initial=0) < 2**53  # [B, R]
+        rows_f = np.where(exact[:, :, None], rows, 0).astype(np.float64)
+        ops = _chain(self.net)
+        sym = np.empty(rows.shape[:2])
+        for s0 in range(0, B, self.chunk):
+            sl = slice(s0, min(B, s0 + self.chunk))
+            sym[sl] = _backsub_lower(ops, k, rows_f[sl], flat, mags, self.relaxations, sl)
+        sym[~exact] = -np.inf
+        if ivl.dtype != object and np.all(np.abs(sym[np.isfinite(sym)]) < 2**62):
+            return np.maximum(ivl, np.where(np.isfinite(sym), sym, -(2.0**62)).astype(np.int64))
+        out = np.empty(sym.shape, dtype=object)  # exact Python ints (a ceil'ed float is an exact integer)
+        for idx in np.ndindex(sym.shape):
+            v = int(ivl[idx])
+            out[idx] = max(v, int(sym[idx])) if np.isfinite(sym[idx]) else v
+        return out
+
+    def refutes(self, prop: Property) -> np.ndarray:
+        """Boolean ``[B]``: whether each box's margin bounds refute every unsafe disjunct of ``prop`` (some row's
+        lower bound above its right-hand side); all rows in one batched back-substitution."""
+        rows = np.concatenate([c.A for c in prop.unsafe])
+        low = self.row_lower_bounds(rows)
+        ok = np.ones(self.num_boxes, dtype=bool)
+        start = 0
+        for conj in prop.unsafe:
+            k = conj.A.shape[0]
+            ok &= np.any(low[:, start:start + k] > conj.b[None, :], axis=1)
+            start += k
+        return ok
+
+    def fixed_counts(self, which: str = "bounds") -> dict[int, np.ndarray]:
+        """Per activation layer index: the number of fixed neurons (``lo == hi``) of each box, ``[B]``;
+        ``which`` is ``"bounds"`` (tightened) or ``"interval"``."""
+        src = self.bounds if which == "bounds" else self.interval
+        B = self.num_boxes
+        out = {}
+        for i, layer in enumerate(self.net.layers):
+            if isinstance(layer, (Requantize, Clamp)):
+                lo, hi = src[i + 1]
+                out[i] = (lo.reshape(B, -1) == hi.reshape(B, -1)).sum(axis=1)
+        return out
+
+
+def _needs_symbolic(net: QNetwork, i: int) -> bool:
+    return any(not isinstance(layer, Flatten) for layer in net.layers[:i])
+
+
+def _refine_mask(ops: list[_Op], i: int, il: np.ndarray, ih: np.ndarray) -> np.ndarray:
+    """Neurons of affine layer ``i``'s output worth refining: all, unless the next non-flatten layer is an
+    activation, then only those it does not already fix (a fixed neuron's output is exact)."""
+    nxt = next((op for op in ops[i + 1:] if op.kind != "flat"), None)
+    if nxt is None or nxt.kind != "act":
+        return np.ones(il.shape, dtype=bool)
+    assert nxt.params is not None
+    return nxt.params.apply(il) != nxt.params.apply(ih)
+
+
+def _refine(ops: list[_Op], top: int, need: np.ndarray, flat: list[Bounds], mags: list[np.ndarray],
+            relax_of: dict[int, Relaxation], chunk: int) -> Bounds:
+    """Symbolic bounds of the neurons ``need`` (bool ``[B, n]``) of value ``top``: rows ``+e_j`` and ``-e_j``
+    per needed neuron, packed per box (padded with zero rows). Others get the trivial ``(-2^62, 2^62)``."""
+    B, n = need.shape
+    lo_out = np.full((B, n), -(2**62), dtype=np.int64)
+    hi_out = np.full((B, n), 2**62, dtype=np.int64)
+    counts = need.sum(axis=1)
+    order = np.argsort(~need, axis=1, kind="stable")  # needed neurons first, in index order
+    widest = max((op.n_in for op in ops[:top] if op.kind in ("affine", "conv")), default=n)
+    s0 = 0
+    while s0 < B:
+        # boxes per chunk so that the row block [Bc, 2 Rmax, widest] stays around 4M floats
+        rmax = int(counts[s0:s0 + chunk].max(initial=0))
+        step = max(1, min(chunk, 4_000_000 // max(1, 2 * rmax * widest)))
+        sl = slice(s0, min(B, s0 + step))
+        s0 = sl.stop
+        rmax = int(counts[sl].max(initial=0))
+        if rmax == 0:
+            continue
+        Bc = sl.stop - sl.start
+        J = order[sl, :rmax]  # [Bc, rmax] neuron index of each row
+        valid = np.arange(rmax)[None, :] < counts[sl][:, None]
+        lam = np.zeros((Bc, 2 * rmax, n))
+        bb, rr = np.nonzero(valid)
+        lam[bb, rr, J[bb, rr]] = 1.0
+        lam[bb, rmax + rr, J[bb, rr]] = -1.0
+        low = _backsub_lower(ops, top, lam, flat, mags, relax_of, sl)
+        gb = bb + sl.start
+        lo_out[gb, J[bb, rr]] = low[bb, rr].astype(np.int64)
+        hi_out[gb, J[bb, rr]] = (-low[bb, rmax + rr]).astype(np.int64)
+    return lo_out, hi_out
+
+
+def symbolic_analysis(net: QNetwork, lo: np.ndarray, hi: np.ndarray, chunk: int = 64,
+                      interval: list[Bounds] | None = None, levels: int = 3,
+                      intermediate: str = "symbolic") -> SymbolicAnalysis:
+    """Symbolic bounds of every layer for a batch of integer input boxes (same box format as
+    :func:`qverify.bounds.interval.interval_bounds`); ``chunk`` boxes are back-substituted at a time;
+    ``interval`` reuses interval bounds already computed for these boxes; ``levels``: exact levels per end in
+    each relaxation (:func:`relax`). ``intermediate="interval"`` skips the back-substitution of hidden layers
+    (CROWN-IBP style: relaxations from interval bounds, symbolic bounds only for the output rows), much cheaper
+    on wide convolutional networks; the default refines every hidden affine layer (DeepPoly)."""
+    if intermediate not in ("symbolic", "interval"):
+        raise ValueError(f"intermediate must be 'symbolic' or 'interval', got {intermediate!r}")
+    lo_a, hi_a = check_boxes(net, lo, hi)
+    B = len(lo_a)
+    ivb = interval_bounds(net, lo_a, hi_a) if interval is None else interval
+    ops = _chain(net)
+    flat: list[Bounds] = [(lo_a.reshape(B, -1), hi_a.reshape(B, -1))]
+    mags = [np.maximum(np.abs(flat[0][0]), np.abs(flat[0][1])).astype(np.float64)]
+    relax_of: dict[int, Relaxation] = {}
+    sym_only: dict[int, Bounds] = {}
+    refined: dict[int, np.ndarray] = {}
+    for i, op in enumerate(ops):
+        il, ih = ivb[i + 1]
+        il, ih = il.reshape(B, -1), ih.reshape(B, -1)
+        if op.kind == "flat":
+            nl, nh = flat[i]
+        elif op.kind == "act":
+            assert op.params is not None
+            relax_of[i] = relax(op.params, *flat[i], levels=levels)
+            nl, nh = op.params.apply(flat[i][0]), op.params.apply(flat[i][1])
+        elif not _needs_symbolic(net, i) or (intermediate == "interval" and i < len(ops) - 1
+                                             and any(o.kind == "act" for o in ops[i + 1:])):
+            nl, nh = il, ih
+        else:
+            need = _refine_mask(ops, i, il, ih)
+            sl_lo, sl_hi = _refine(ops, i + 1, need, flat, mags, relax_of, chunk)
+            sym_only[i + 1] = (sl_lo, sl_hi)
+            refined[i + 1] = need
+            nl, nh = np.maximum(sl_lo, il), np.minimum(sl_hi, ih)
+        flat.append((nl, nh))
+        mags.append(np.maximum(np.abs(nl), np.abs(nh)).astype(np.float64))
+    bounds = [(fl_.reshape(B, *shape), fh.reshape(B, *shape))
+              for (fl_, fh), shape in zip(flat, net.shapes, strict=True)]
+    return SymbolicAnalysis(net, bounds, ivb, relax_of, sym_only, refined, chunk)
+
+
+def symbolic_bounds(net: QNetwork, lo: np.ndarray, hi: np.ndarray, chunk: int = 64,
+                    intermediate: str = "symbolic") -> list[Bounds]:
+    """Tightened per-layer bounds, same format as :func:`qverify.bounds.interval.interval_bounds` (one
+    ``(lo, hi)`` int64 ``[B, *shape]`` pair per value index): the intersection of the symbolic and the interval
+    bounds. Use them for fixed neurons and tight domains in the exact encodings."""
+    return symbolic_analysis(net, lo, hi, chunk, intermediate=intermediate).bounds
+
+
+def _spec_rows(props: Sequence[Property], n_out: int) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+    """Stack every property's unsafe rows (padded with zero rows): ``[P, R, n_out]`` and, per property, the
+    ``(start, stop)`` row range of each disjunct."""
+    spans, counts = [], []
+    for p in props:
+        k, sp = 0, []
+        for conj in p.unsafe:
+            sp.append((k, k + conj.A.shape[0]))
+            k += conj.A.shape[0]
+        spans.append(sp)
+        counts.append(k)
+    rows = np.zeros((len(props), max(counts, default=0), n_out), dtype=np.int64)
+    for i, p in enumerate(props):
+        if counts[i]:
+            rows[i, :counts[i]] = np.concatenate([c.A for c in p.unsafe])
+    return rows, spans
+
+
+def certified_by_symbolic(net: QNetwork, props: Property | Sequence[Property],
+                          boxes: tuple[np.ndarray, np.ndarray] | None = None, chunk: int = 64,
+                          intermediate: str = "symbolic") -> np.ndarray:
+    """Decide properties from symbolic margin bounds (``True``: proved; ``False``: undecided). Bounds each unsafe
+    row ``a . y`` directly by back-substitution through ``a`` (plus the interval bound, the better one), and
+    a disjunct ``A y <= b`` is infeasible when some row's lower bound exceeds ``b``. Same call forms as
+    :func:`qverify.bounds.interval.certified_by_interval` (many properties, or one property on sub-boxes)."""
+    if isinstance(props, Property):
+        props.check_network(net)
+        if boxes is None:
+            lo, hi = props.lo[None, :], props.hi[None, :]
+        else:
+            lo, hi = np.atleast_2d(boxes[0]), np.atleast_2d(boxes[1])
+        plist = [props] * len(lo)
+    else:
+        plist = list(props)
+        if not plist:
+            return np.zeros(0, dtype=bool)
+        for p in plist:
+            p.check_network(net)
+        lo = np.stack([p.lo for p in plist])
+        hi = np.stack([p.hi for p in plist])
+    ana = symbolic_analysis(net, lo, hi, chunk, intermediate=intermediate)
+    out_lo, out_hi = ana.bounds[-1]
+    # cheap first: properties the tightened output intervals already decide
+    done = np.array([bool(refutes_unsafe(p, out_lo[i:i + 1], out_hi[i:i + 1])[0]) for i, p in enumerate(plist)])
+    todo = np.nonzero(~done)[0]
+    if len(todo) == 0:
+        return done
+    rows, spans = _spec_rows([plist[i] for i in todo], net.num_outputs)
+    sub = SymbolicAnalysis(net, [(lo_[todo], hi_[todo]) for lo_, hi_ in ana.bounds],
+                           [(lo_[todo], hi_[todo]) for lo_, hi_ in ana.interval],
+                           {k: Relaxation(r.aL[todo], r.bL[todo], r.aU[todo], r.bU[todo])
+                            for k, r in ana.relaxations.items()}, chunk=chunk)
+    low = sub.row_lower_bounds(rows)
+    for t, i in enumerate(todo):
+        p = plist[i]
+        ok = True
+        for conj, (a, b) in zip(p.unsafe, spans[t], strict=True):
+            if not np.any(low[t, a:b] > conj.b):
+                ok = False
+                break
+        done[i] = ok
+    return done
