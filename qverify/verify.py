@@ -323,7 +323,9 @@ def _run_pool(net: QNetwork, props: Sequence[Property], todo: list[int], setting
     solver = replace(settings.solver, threads=max(1, settings.solver.num_threads // workers))
     per = replace(settings, solver=solver)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(net,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(net,))
+    finished = False
+    try:
         futs: dict[Future, int] = {}
         pending = list(todo)
         while pending or futs:
@@ -334,6 +336,13 @@ def _run_pool(net: QNetwork, props: Sequence[Property], todo: list[int], setting
             for f in done:
                 i = futs.pop(f)
                 yield i, _merge(f.result(), shared[i])
+        finished = True
+    finally:
+        # on an interruption (Ctrl-C, a callback's exception) do not wait for the instances in flight
+        pool.shutdown(wait=finished, cancel_futures=not finished)
+        if not finished:
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
 
 
 def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings) -> Result:

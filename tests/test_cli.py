@@ -101,3 +101,28 @@ def test_train_command_writes_model_and_resumes(tmp_path, capsys):
     assert all(np.array_equal(a.weight, b.weight) for a, b in zip(net.layers, again.layers, strict=True)
                if hasattr(a, "weight"))
     assert main(["train", "--set", "train.nonsense=1", "-o", str(tmp_path / "x")]) == 3
+
+
+def test_certify_and_report_commands(tmp_path, capsys):
+    from tests.fixtures import random_dense_network
+
+    net = random_dense_network(np.random.default_rng(3), n_in=4, hidden=(5,), n_out=3)
+    model = tmp_path / "m.qnn"
+    save_model(net, model)
+    d = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(d, images=rng.integers(0, 8, size=(6, 4)), labels=rng.integers(0, 3, size=6))
+    out = tmp_path / "cert"
+    args = ["certify", str(model), str(d), "--radius", "1", "--radius", "2", "--workers", "1", "--no-progress",
+            "-o", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "certified acc" in text and (out / "report" / "report.html").exists()
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert main(args) == 0  # resume: nothing is redone
+    assert "0 new, 12 resumed" in capsys.readouterr().out
+    assert (out / "results.jsonl").read_text().splitlines()[: len(lines)] == lines
+    assert main(["report", str(out / "results.jsonl"), str(out / "results.jsonl"), "-o", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.md").exists()
+    with pytest.raises(SystemExit):
+        main(["certify", str(model), str(d), "-o", str(out)])  # no --radius
