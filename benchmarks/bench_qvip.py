@@ -42,7 +42,8 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return d["images"].reshape(len(d["images"]), -1), d["labels"].astype(int)
 
 
-def run_instances(net: QNetwork, ids: list[int], radius: int, settings: VerifySettings) -> list[dict]:
+def run_instances(net: QNetwork, ids: list[int], radius: int, settings: VerifySettings, workers: int = 1
+                  ) -> list[dict]:
     """Verify ``ids`` at ``radius``; misclassified samples are recorded, not verified (QVIP's convention)."""
     images, labels = load_mnist()
     x = pixels_to_grid(net, images[ids])
@@ -56,7 +57,7 @@ def run_instances(net: QNetwork, ids: list[int], radius: int, settings: VerifySe
         props.append(robustness_property(net, x[k], int(labels[i]), radius=radius, name=f"id{i}_r{radius}"))
         where.append(i)
     if settings.method == "portfolio":
-        results = verify_batch(net, props, settings, workers=1)
+        results = verify_batch(net, props, settings, workers=workers)
     else:
         results = [verify(net, p, settings) for p in props]
     for i, r in zip(where, results, strict=True):
@@ -137,10 +138,11 @@ def cmd_table3(args: argparse.Namespace) -> None:
         net = load_qvip_h5(network_path(name))
         pub = pub_all[name]
         for r in radii:
-            ids = sorted(i for (i, rr) in pub if rr == r and i < 1000)[: args.ids_per_radius]
+            ids = sorted(i for (i, rr) in pub if rr == r and i < 1000
+                         and (not args.only_qvip_na or pub[(i, rr)].result == "NA"))[: args.ids_per_radius]
             if not ids:
                 continue
-            rows = run_instances(net, ids, r, settings_from(args))
+            rows = run_instances(net, ids, r, settings_from(args), workers=args.workers)
             s = summarize(rows, pub)
             qvip_to = [i for i in ids if pub[(i, r)].result == "NA"]
             mis = {x["id"] for x in rows if x["verdict"] == "misclassified"}
@@ -236,6 +238,9 @@ def main() -> None:
     ap.add_argument("--nets", default=None, help="table3: comma-separated, e.g. P1-4,P2-6")
     ap.add_argument("--radii", default=None, help="table3: comma-separated radii")
     ap.add_argument("--configs", default=None, help="compare: backend:encoding,... (default: all)")
+    ap.add_argument("--only-qvip-na", action="store_true",
+                    help="table3: only the instances QVIP left NA (2 h timeout, or misclassified)")
+    ap.add_argument("--workers", type=int, default=1, help="table3: worker processes for the exact stage")
     args = ap.parse_args()
     {"table2": cmd_table2, "table3": cmd_table3, "compare": cmd_compare, "stages": cmd_stages}[args.mode](args)
 

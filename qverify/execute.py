@@ -21,8 +21,20 @@ class InputError(ValueError):
     """Inputs that are not on the network's integer grid."""
 
 
+_WT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _dense_weights(layer: Dense) -> np.ndarray:
+    """``W^T`` as float64, cached per layer."""
+    w = _WT.get(layer)
+    if w is None:
+        w = _WT[layer] = np.ascontiguousarray(layer.weight.T, dtype=np.float64)
+    return w
+
+
 def _dense(layer: Dense, x: np.ndarray) -> np.ndarray:
-    acc = x.astype(np.float64) @ layer.weight.T.astype(np.float64) + layer.bias.astype(np.float64)
+    acc = x.astype(np.float64) @ _dense_weights(layer)
+    acc += layer.bias
     return acc.astype(np.int64)
 
 
