@@ -1,0 +1,159 @@
+"""Attacks: only replay-confirmed counterexamples come back; easy ones are found; exact region checks."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qverify.attack import AttackSettings, PaddedRegions, attack, attack_batch, attack_result
+from qverify.execute import forward, predict
+from qverify.network import Dense, QNetwork, Requantize
+from qverify.property import Conjunction, Property, pixels_to_grid, robustness_property
+from qverify.replay import replay
+from qverify.result import Verdict
+from qverify.settings import VerifySettings
+from tests.fixtures import MNIST1000, P1_6, brute_force, networks_and_properties
+
+FAST = AttackSettings(restarts=4, steps=10, random_points=4, random_vertices=4, local_steps=2, local_starts=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(networks_and_properties(), st.integers(0, 3), st.sampled_from([20, 16384]))
+def test_only_confirmed_witnesses(np_: tuple[QNetwork, Property], seed: int, local_rows: int) -> None:
+    net, prop = np_
+    robust, _ = brute_force(net, prop)
+    ce = attack(net, prop, AttackSettings(restarts=4, steps=8, seed=seed, local_steps=2, local_rows=local_rows,
+                                          max_rows=16))
+    if robust:
+        assert ce is None
+    if ce is not None:
+        assert ce.confirmed and prop.contains(ce.x)[0]
+        assert replay(net, prop, ce.x).confirmed
+        assert np.array_equal(ce.y, forward(net, ce.x[None])[0])
+        assert prop.is_violated(ce.y[None])[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(networks_and_properties(), st.integers(0, 2**32 - 1))
+def test_padded_regions_exact(np_: tuple[QNetwork, Property], seed: int) -> None:
+    """The batched region check equals ``Property.is_violated`` (also for multi-row, multi-disjunct regions)."""
+    net, prop = np_
+    rng = np.random.default_rng(seed)
+    n_out = net.num_outputs
+    extra = Property(prop.lo, prop.hi, (Conjunction(rng.integers(-3, 4, size=(3, n_out)), rng.integers(-5, 6, 3)),
+                                        Conjunction(rng.integers(-3, 4, size=(1, n_out)), rng.integers(-5, 6, 1))))
+    props = [prop, extra]
+    regions = PaddedRegions.of(props)
+    y = rng.integers(-8, 8, size=(2, 50, n_out))
+    got = regions.violated(y)
+    for i, p in enumerate(props):
+        assert np.array_equal(got[i], p.is_violated(y[i]))
+
+
+def _sum_net() -> QNetwork:
+    """y0 = x0 + x1 + x2 + x3 (0..28), y1 = 25: class 0 wins (index 0 < 1 on ties) iff the sum is >= 25."""
+    return QNetwork((4,), 0, 7, (Dense([[1, 1, 1, 1], [0, 0, 0, 0]], [0, 25]), Requantize.pow2(0, -64, 63)))
+
+
+def _tent_net() -> QNetwork:
+    """One input in 0..7: y0 = 10 - 11 (|x - 4|), y1 = 0: class 0 iff x == 4 (an interior point)."""
+    return QNetwork((1,), 0, 7, (
+        Dense([[1], [-1]], [-4, 4]), Requantize.pow2(0, 0, 15),
+        Dense([[-11, -11], [0, 0]], [10, 0]), Requantize.pow2(0, -64, 63)))
+
+
+def test_centre_misclassified_is_found() -> None:
+    net = _sum_net()
+    x = np.array([7, 7, 7, 7])
+    prop = robustness_property(net, x, 1, radius=0)
+    ce = attack(net, prop, FAST)
+    assert ce is not None and ce.note.startswith("attack: centre")
+
+
+def test_pgd_finds_the_corner() -> None:
+    net = _sum_net()
+    prop = robustness_property(net, np.array([0, 0, 0, 0]), 1, radius=7)
+    assert predict(net, np.zeros((1, 4), dtype=np.int64))[0] == 1
+    ce = attack(net, prop, AttackSettings(restarts=2, steps=10, random_points=0, random_vertices=0, local_steps=0))
+    assert ce is not None and "pgd" in ce.note
+    assert ce.x.sum() >= 25
+
+
+def test_interior_counterexample_is_found() -> None:
+    net = _tent_net()
+    prop = robustness_property(net, np.array([0]), 1, radius=7)
+    ce = attack(net, prop, AttackSettings(restarts=2, steps=10, random_points=0, random_vertices=0))
+    assert ce is not None and ce.x.tolist() == [4]
+
+
+def test_local_search_without_dense_first_layer() -> None:
+    """The tent behind a 1x1 convolution: PGD cannot reach x = 4 in one step, the local search evaluates it."""
+    from qverify.network import Conv2d, Flatten
+
+    conv = QNetwork((1, 1, 1), 0, 7, (
+        Conv2d(np.array([[[[1]]], [[[-1]]]]), np.array([-4, 4])), Requantize.pow2(0, 0, 15), Flatten(),
+        Dense([[-11, -11], [0, 0]], [10, 0]), Requantize.pow2(0, -64, 63)))
+    prop = robustness_property(conv, np.array([0]), 1, radius=7)
+    ce = attack(conv, prop, AttackSettings(restarts=1, steps=1, random_points=0, random_vertices=0, local_steps=3))
+    assert ce is not None and ce.x.tolist() == [4] and "local search" in ce.note
+
+
+def test_robust_gives_none() -> None:
+    net = _sum_net()
+    prop = robustness_property(net, np.array([1, 1, 1, 1]), 1, radius=2)
+    assert brute_force(net, prop)[0]
+    assert attack(net, prop, FAST) is None
+    res = attack_result(net, prop, FAST)
+    assert res.verdict is Verdict.UNKNOWN and res.reason == "incomplete-method"
+
+
+def test_batch_and_result() -> None:
+    net = _sum_net()
+    props = [robustness_property(net, np.array([0, 0, 0, 0]), 1, radius=7),
+             robustness_property(net, np.array([1, 1, 1, 1]), 1, radius=2),
+             robustness_property(net, np.array([7, 7, 7, 7]), 1, radius=1)]
+    stats: dict = {}
+    out = attack_batch(net, props, FAST, stats=stats)
+    assert [c is not None for c in out] == [True, False, True]
+    assert stats["found"] == 2 and stats["phases"][1] is None
+    for p, c in zip(props, out, strict=True):
+        if c is not None:
+            assert replay(net, p, c.x).confirmed
+    res = attack_result(net, props[0], FAST)
+    assert res.verdict is Verdict.COUNTEREXAMPLE and res.method == "attack"
+
+
+def test_expired_deadline_stops() -> None:
+    net = _sum_net()
+    prop = robustness_property(net, np.array([0, 0, 0, 0]), 1, radius=7)
+    t = time.monotonic()
+    out = attack(net, prop, AttackSettings(random_points=0, random_vertices=0), deadline=t - 1)
+    assert out is None  # only the centre was checked, and it is safe
+    res = attack_result(net, prop, AttackSettings(random_points=0, random_vertices=0), deadline=t - 1)
+    assert res.verdict is Verdict.UNKNOWN and res.reason == "timeout"
+
+
+def test_settings_from_verify() -> None:
+    s = AttackSettings.from_verify(VerifySettings(attack_restarts=3, attack_steps=7, seed=5))
+    assert (s.restarts, s.steps, s.seed) == (3, 7, 5)
+
+
+@pytest.mark.skipif(not (P1_6.exists() and MNIST1000.exists()), reason="QVIP anchors / MNIST not available")
+def test_p1_6_known_counterexamples() -> None:
+    """QVIP Table 2 (r = 4): ids 303, 320, 324, 376 are non-robust, 321, 340 misclassified."""
+    from qverify.io.h5 import load_qvip_h5
+
+    net = load_qvip_h5(P1_6)
+    d = np.load(MNIST1000)
+    x = pixels_to_grid(net, d["images"])
+    ids = [303, 320, 321, 324, 340, 376, 301]
+    props = [robustness_property(net, x[i], int(d["labels"][i]), radius=4) for i in ids]
+    out = attack_batch(net, props, AttackSettings(local_steps=0))
+    assert [c is not None for c in out] == [True] * 6 + [False]  # 301 is robust (QVIP)
+    for p, c in zip(props, out, strict=True):
+        if c is not None:
+            assert replay(net, p, c.x).confirmed
