@@ -167,10 +167,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     net = _load(args)
     prop = parse_vnnlib(args.property, net)
     if args.export:
-        from qverify.exact import export_program
+        from qverify.bounds.symbolic import symbolic_bounds
+        from qverify.encode import encode
+        from qverify.solvers.export import export
 
-        export_program(net, prop, args.export, _verify_settings(args).solver)
-        print(f"wrote {args.export}")
+        if Path(args.export).suffix.lower() not in (".lp", ".mps"):
+            raise CliError(f"--export {args.export}: use a .lp or .mps file name")
+        bounds = [(lo[0], hi[0]) for lo, hi in symbolic_bounds(net, prop.lo[None, :], prop.hi[None, :])]
+        enc = encode(net, prop, bounds, args.encoding)
+        export(enc.program, args.export, comment=f"qverify: {net.name}, {prop.name}, {args.encoding} encoding")
+        print(f"wrote {args.export} ({args.encoding} encoding, symbolic bounds)")
         return EXIT_OK
     from qverify.verify import verify
 
@@ -263,18 +269,27 @@ def cmd_radius(args: argparse.Namespace) -> int:
     from qverify.radius import max_radius
 
     net = _load(args)
-    data, _, sid = args.sample.rpartition(":")
-    if not data:
-        raise CliError("SAMPLE must be DATA.npz:ID, e.g. mnist.npz:17")
+    import re
+
+    m = re.match(r"^(.+?\.npz):(.+)$", args.sample)
+    if not m:
+        raise CliError("SAMPLE must be DATA.npz:ID, e.g. mnist.npz:17 or mnist.npz:0:10")
+    data, sid = m.group(1), m.group(2)
     images, labels = _load_data(data)
     ids = _parse_ids(sid, len(images))
     settings = _verify_settings(args).solver
     rows = []
     for i in ids:
         x = pixels_to_grid(net, images[i:i + 1])[0]
-        r = max_radius(net, x, int(labels[i]), settings, max_radius=args.max_radius)
+        r = max_radius(net, x, int(labels[i]), settings, r_max=args.max_radius)
         rows.append({"id": i, **r.to_json()})
-        print(f"sample {i}: {r.summary()}")
+        if r.exact:
+            line = f"maximum robust radius {r.radius}"
+        else:
+            line = f"robust up to radius {r.lower}, counterexample at {r.upper} (between: undecided)"
+        if r.counterexample is not None:
+            line += f"; counterexample at radius {r.upper} (replayed: {r.counterexample.confirmed})"
+        print(f"sample {i} (label {r.label}): {line}  [{r.seconds:.2f}s]")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return EXIT_OK
@@ -483,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(ID may be a range such as 0:10).")
     _model_args(c)
     c.add_argument("sample", help="DATA.npz:ID")
-    c.add_argument("--max-radius", type=int, default=255, help="largest radius to consider")
+    c.add_argument("--max-radius", type=int, default=None,
+                   help="largest radius to consider (default: until the box covers the whole grid)")
     _solver_args(c)
     c.add_argument("--json", default=None, help="write the results as JSON here")
     c.set_defaults(func=cmd_radius)

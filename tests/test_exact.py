@@ -1,0 +1,153 @@
+"""verify_milp: agreement with brute force for every back end and encoding, replayed counterexamples, the explicit
+status mapping (timeouts and unreplayable solutions are never verdicts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qverify.exact as exact
+from qverify.encode import worst_case_bounds
+from qverify.exact import verify_milp
+from qverify.execute import forward, predict
+from qverify.property import Property, robustness_property
+from qverify.result import Reason, Verdict
+from qverify.settings import SolverSettings
+from qverify.solvers.base import SolveOutcome, SolveStatus
+from tests.fixtures import MNIST1000, P1_6, brute_force, networks_and_properties, tiny_fixed_point_mlp
+
+
+def _check(net, prop, res):
+    robust, _ = brute_force(net, prop)
+    assert res.verdict in (Verdict.ROBUST, Verdict.COUNTEREXAMPLE), (res.verdict, res.reason, res.details)
+    assert (res.verdict is Verdict.ROBUST) == robust
+    if res.verdict is Verdict.COUNTEREXAMPLE:
+        cex = res.counterexample
+        assert cex.confirmed and prop.contains(cex.x)[0]
+        y = forward(net, cex.x[None, :])
+        assert prop.is_violated(y)[0] and np.array_equal(y[0], cex.y)
+
+
+@pytest.mark.parametrize("encoding", ["range", "onehot"])
+@given(case=networks_and_properties(), split=st.booleans(), margin=st.booleans(), loose=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_cpsat_verdicts_equal_brute_force(encoding, case, split, margin, loose):
+    net, prop = case
+    bounds = worst_case_bounds(net) if loose else None
+    res = verify_milp(net, prop, SolverSettings(encoding=encoding, threads=1), bounds=bounds, margin=margin,
+                      split=split)
+    _check(net, prop, res)
+    assert res.method == f"milp-cpsat-{encoding}" and res.seconds >= 0
+
+
+@pytest.mark.parametrize("backend", ["scip", "highs", "cbc"])
+@given(case=networks_and_properties(), encoding=st.sampled_from(["range", "onehot"]), split=st.booleans())
+@settings(max_examples=5, deadline=None)
+def test_mip_verdicts_equal_brute_force(backend, case, encoding, split):
+    net, prop = case
+    res = verify_milp(net, prop, SolverSettings(backend=backend, encoding=encoding, threads=1), split=split)
+    _check(net, prop, res)
+
+
+@given(case=networks_and_properties(conv=True))
+@settings(max_examples=10, deadline=None)
+def test_conv_networks(case):
+    net, prop = case
+    _check(net, prop, verify_milp(net, prop, SolverSettings(threads=1), bounds=worst_case_bounds(net)))
+
+
+def test_disjunction_of_multi_row_conjunctions():
+    """A general unsafe region (two rows per disjunct), not a robustness query."""
+    net = tiny_fixed_point_mlp()
+    lo, hi = np.array([0, 0]), np.array([3, 3])
+    ys = forward(net, np.array([[a, b] for a in range(4) for b in range(4)]))
+    from qverify.property import Conjunction
+
+    for t0 in range(-3, 4):
+        for t1 in range(-2, 8):
+            unsafe = (Conjunction(np.array([[1, 0], [0, -1]]), np.array([t0, -t1])),
+                      Conjunction(np.array([[-1, 0], [0, 1]]), np.array([-t0 - 2, t1 - 3])))
+            prop = Property(lo, hi, unsafe)
+            res = verify_milp(net, prop, SolverSettings(threads=1))
+            assert (res.verdict is Verdict.ROBUST) == (not prop.is_violated(ys).any())
+
+
+# ------------------------------------------------------------------------------------------ status mapping
+def _hand_case():
+    net = tiny_fixed_point_mlp()
+    x = np.array([1, 2])
+    label = int(predict(net, x[None, :])[0])
+    return net, robustness_property(net, x, label, radius=1)
+
+
+def _fake_solve(status: SolveStatus, values=None, raw=None):
+    def fake(program, settings, deadline=None):
+        vals = values(program) if callable(values) else values
+        return SolveOutcome(status, "fake", 0.01, f"FAKE_{status.value.upper()}", values=vals, raw_values=raw,
+                            message="fake solver")
+    return fake
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_solution_that_does_not_replay_is_unknown_never_a_verdict(monkeypatch, split):
+    net, prop = _hand_case()
+    robust, _ = brute_force(net, prop)
+    assert robust  # so no solution can replay
+    monkeypatch.setattr(exact, "solve", _fake_solve(SolveStatus.FEASIBLE, lambda p: [v.lo for v in p.vars],
+                                                    raw=None))
+    res = verify_milp(net, prop, SolverSettings(), bounds=worst_case_bounds(net), split=split)
+    assert res.verdict is Verdict.UNKNOWN and res.reason == Reason.REPLAY_FAILED
+    rep = res.details["replay_failure"]
+    assert "note" in rep and "x" in rep and res.counterexample is not None and not res.counterexample.confirmed
+
+
+@pytest.mark.parametrize("status,verdict,reason", [
+    (SolveStatus.TIMEOUT, Verdict.UNKNOWN, Reason.TIMEOUT),
+    (SolveStatus.UNKNOWN, Verdict.UNKNOWN, Reason.SOLVER),
+    (SolveStatus.ERROR, Verdict.ERROR, None),
+    (SolveStatus.INFEASIBLE, Verdict.ROBUST, None),
+])
+def test_status_mapping(monkeypatch, status, verdict, reason):
+    net, prop = _hand_case()
+    monkeypatch.setattr(exact, "solve", _fake_solve(status))
+    res = verify_milp(net, prop, SolverSettings(), bounds=worst_case_bounds(net), split=False)
+    assert res.verdict is verdict
+    if reason is not None:
+        assert res.reason == reason
+    assert res.vnncomp_status() != "unsat" or status is SolveStatus.INFEASIBLE
+
+
+def test_real_timeout_is_unknown():
+    net, prop = _hand_case()
+    import time
+
+    res = verify_milp(net, prop, SolverSettings(), bounds=worst_case_bounds(net), deadline=time.monotonic() - 1)
+    assert res.verdict is Verdict.UNKNOWN and res.reason == Reason.TIMEOUT
+
+
+def test_property_that_does_not_fit_is_an_error():
+    net, _ = _hand_case()
+    prop = robustness_property(tiny_fixed_point_mlp(), np.array([1, 2]), 0, radius=1)
+    bad = Property(np.zeros(3, np.int64), np.ones(3, np.int64), prop.unsafe)
+    assert verify_milp(net, bad).verdict is Verdict.ERROR
+
+
+# ------------------------------------------------------------------------------------------ the real benchmark
+@pytest.mark.skipif(not (P1_6.exists() and MNIST1000.exists()), reason="QVIP anchors not present")
+def test_p1_6_known_instances():
+    """QVIP Table 2: id 0 is robust at r=1; id 115 is non-robust at r=2 (QVIP 0.30 s)."""
+    from qverify.io.h5 import load_qvip_h5
+    from qverify.property import pixels_to_grid
+
+    net = load_qvip_h5(P1_6)
+    data = np.load(MNIST1000)
+    xs = pixels_to_grid(net, data["images"])
+    labels = data["labels"]
+    r0 = verify_milp(net, robustness_property(net, xs[0], int(labels[0]), radius=1), SolverSettings(time_limit=30))
+    assert r0.verdict is Verdict.ROBUST
+    p = robustness_property(net, xs[115], int(labels[115]), radius=2)
+    r1 = verify_milp(net, p, SolverSettings(time_limit=30))
+    assert r1.verdict is Verdict.COUNTEREXAMPLE and r1.counterexample.confirmed
+    assert np.max(np.abs(r1.counterexample.x - xs[115])) <= 2
