@@ -151,6 +151,38 @@ def test_fixed_input_every_layer_equals_the_executor(encoding, net, seed):
     assert CPSAT.solve(enc.program, ONE, 10).status == "infeasible"
 
 
+@pytest.mark.parametrize("encoding", ["range", "onehot"])
+@pytest.mark.parametrize("mode", list(Rounding))
+def test_single_neuron_exhaustively(encoding, mode):
+    """One requantized neuron ``y = clamp(R((w x + b) p / q) + z, lo, hi)`` over a whole input range, for many
+    multipliers, zero points and clamp ranges (ties, saturation, both signs): CP-SAT finds no input whose ``y``
+    differs from the executor's (the table of the executor is an element constraint on the input)."""
+    from ortools.sat.python import cp_model
+
+    from qverify.solvers.cpsat import build_cpsat
+
+    for (p, q), z, (lo, hi), (w, b) in itertools.product(
+            [(1, 1), (1, 2), (1, 4), (3, 4), (1, 3), (5, 6), (2, 1), (7, 2)], (-2, 0, 1),
+            ((-4, 3), (0, 7), (1, 2)), ((1, -8), (3, -20))):
+        net = QNetwork((1,), 0, 15, (Dense([[w]], [b]), Requantize((p,), (q,), np.array([z]), lo, hi, mode)))
+        enc = encode_network(net, np.array([0]), np.array([15]), None, encoding)
+        y = enc.outputs[0]
+        xs = np.arange(16)[:, None]
+        table = execute(net, xs)[-1].ravel()
+        if not isinstance(y, LinExpr):
+            assert np.all(table == y)
+            continue
+        model, xv = build_cpsat(enc.program)
+        (xi,) = enc.inputs[0].terms
+        fx = model.new_int_var(int(table.min()), int(table.max()), "fx")
+        model.add_element(xv[xi], [int(t) for t in table], fx)
+        (yi,) = y.terms
+        model.add(xv[yi] != fx)
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        assert solver.solve(model) == cp_model.INFEASIBLE, (p, q, z, lo, hi, w, b)
+
+
 @given(net=tiny_networks(), seed=st.integers(0, 2**32 - 1))
 @settings(max_examples=20, deadline=None)
 def test_a_point_box_needs_no_variables(net, seed):

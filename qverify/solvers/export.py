@@ -103,7 +103,8 @@ def write_lp(program: Program, out: str | Path | TextIO, comment: str = "") -> N
     # every variable appears in the objective (with 0 when it has no cost): LP readers such as CBC's reject a
     # variable that is declared only in the Bounds section
     coefs = dict(prog.objective.terms) if prog.objective is not None else {}
-    parts = [f"+ {coefs[k]} {n}" if coefs.get(k, 0) >= 0 else f"- {-coefs[k]} {n}" for k, n in enumerate(names)]
+    parts = [f"+ {c} {n}" if c >= 0 else f"- {-c} {n}" for n, c in ((n, coefs.get(k, 0))
+                                                                  for k, n in enumerate(names))]
     buf.write(_wrap(" obj:", parts, "") + "\n")
     buf.write("Subject To\n")
     for name, c, sense, rhs in _rows(prog):
