@@ -259,28 +259,18 @@ def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], se
     todo = [i for i in todo if i not in decided]
     if not todo:
         return todo
-    # interval
-    t = time.monotonic()
-    cert = np.asarray(certified_by_interval(net, [props[i] for i in todo]))
-    dt = (time.monotonic() - t) / len(todo)
-    for i, ok in zip(todo, cert, strict=True):
-        shared[i].append(StageTime("interval", dt, "robust" if ok else "undecided"))
-        if ok:
-            close(i, Verdict.ROBUST, "interval")
-    todo = [i for i, ok in zip(todo, cert, strict=True) if not ok]
-    if not todo:
-        return todo
-    # symbolic
-    t = time.monotonic()
-    cert = np.asarray(certified_by_symbolic(net, [props[i] for i in todo]))
-    dt = (time.monotonic() - t) / len(todo)
-    for i, ok in zip(todo, cert, strict=True):
-        shared[i].append(StageTime("symbolic", dt, "robust" if ok else "undecided"))
-        if ok:
-            close(i, Verdict.ROBUST, "symbolic")
-    todo = [i for i, ok in zip(todo, cert, strict=True) if not ok]
-    if not todo:
-        return todo
+    # interval, then symbolic: one batched pass each over what is still open
+    for stage, certifier in (("interval", certified_by_interval), ("symbolic", certified_by_symbolic)):
+        t = time.monotonic()
+        cert = np.asarray(certifier(net, [props[i] for i in todo]))
+        dt = (time.monotonic() - t) / len(todo)
+        for i, ok in zip(todo, cert, strict=True):
+            shared[i].append(StageTime(stage, dt, "robust" if ok else "undecided"))
+            if ok:
+                close(i, Verdict.ROBUST, stage)
+        todo = [i for i, ok in zip(todo, cert, strict=True) if not ok]
+        if not todo:
+            return todo
     # attack: a share of each property's budget, all at once
     t = time.monotonic()
     found = attack_batch(net, [props[i] for i in todo], settings,

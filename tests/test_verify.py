@@ -1,0 +1,83 @@
+"""The portfolio and every forced method against brute-force enumeration on tiny networks."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from qverify.property import robustness_property
+from qverify.result import Reason, Verdict
+from qverify.settings import VerifySettings
+from qverify.verify import METHODS, verify, verify_batch
+from tests.fixtures import brute_force, networks_and_properties, random_dense_network
+
+
+def _check(net, prop, res, robust):
+    if res.verdict is Verdict.ROBUST:
+        assert robust, res
+    elif res.verdict is Verdict.COUNTEREXAMPLE:
+        assert not robust and res.counterexample.confirmed
+        assert prop.is_violated(res.counterexample.y[None, :])[0]
+    assert res.stages and abs(res.seconds - sum(s.seconds for s in res.stages)) < 0.5
+
+
+@given(networks_and_properties(max_points=2000))
+@settings(max_examples=25, deadline=None)
+def test_portfolio_is_complete_and_agrees_with_brute_force(pair):
+    net, prop = pair
+    robust, _ = brute_force(net, prop)
+    res = verify(net, prop, VerifySettings(timeout=30))
+    _check(net, prop, res, robust)
+    assert res.verdict in (Verdict.ROBUST, Verdict.COUNTEREXAMPLE)  # complete on tiny nets
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "portfolio"])
+def test_forced_methods_are_sound(method):
+    rng = np.random.default_rng(5)
+    for k in range(6):
+        net = random_dense_network(np.random.default_rng(k), n_in=3, hidden=(4,))
+        x = rng.integers(0, 8, size=3)
+        prop = robustness_property(net, x, int(rng.integers(0, 3)), radius=1)
+        robust, _ = brute_force(net, prop)
+        res = verify(net, prop, VerifySettings(method=method, timeout=20))
+        _check(net, prop, res, robust)
+        if method in ("milp", "bab"):
+            assert res.verdict is not Verdict.UNKNOWN
+        elif res.verdict is Verdict.UNKNOWN:
+            assert res.reason in (Reason.INCOMPLETE, Reason.TIMEOUT)
+
+
+def test_batch_equals_single_and_reports_each():
+    rng = np.random.default_rng(1)
+    net = random_dense_network(rng, n_in=4, hidden=(5, 4))
+    props = [robustness_property(net, rng.integers(0, 8, size=4), int(rng.integers(0, 3)), radius=int(r))
+             for r in rng.integers(0, 3, size=12)]
+    seen = []
+    out = verify_batch(net, props, VerifySettings(timeout=20), workers=1, on_result=lambda i, r: seen.append(i))
+    assert sorted(seen) == list(range(12))
+    for p, r in zip(props, out, strict=True):
+        assert r.verdict is verify(net, p, VerifySettings(timeout=20)).verdict
+        assert r.verdict is Verdict.ROBUST if brute_force(net, p)[0] else r.verdict is Verdict.COUNTEREXAMPLE
+
+
+def test_timeout_is_never_robust():
+    from tests.fixtures import MNIST1000, P1_6
+
+    if not P1_6.exists():
+        pytest.skip("../shared anchors not present")
+    from qverify.io.h5 import load_qvip_h5
+
+    net = load_qvip_h5(P1_6)
+    d = np.load(MNIST1000)
+    # id 175 at r=2 is robust but needs the exact stage; a 0.05 s budget cannot prove it
+    prop = robustness_property(net, d["images"][175].ravel(), int(d["labels"][175]), radius=2)
+    res = verify(net, prop, VerifySettings(method="milp", timeout=0.05))
+    assert res.verdict is Verdict.UNKNOWN and res.reason == Reason.TIMEOUT
+    assert res.vnncomp_status() == "timeout"
+
+
+def test_property_of_another_network_is_an_error():
+    net = random_dense_network(np.random.default_rng(0), n_in=4)
+    other = random_dense_network(np.random.default_rng(0), n_in=3)
+    prop = robustness_property(other, np.zeros(3, int), 0, radius=1)
+    res = verify(net, prop)
+    assert res.verdict is Verdict.ERROR and "3 inputs" in res.reason
