@@ -58,7 +58,10 @@ class _RequantizeSTE(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-class _ClampSTE(torch.autograd.Function):
+class LeakyClamp(torch.autograd.Function):
+    """``clamp(x, lo, hi)`` forward; gradient ``1`` inside ``[lo, hi]`` and ``leak`` outside (so it does not die
+    at the bounds). Shared by the attack's network view and the training layers."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, lo: int, hi: int, leak: float) -> torch.Tensor:  # type: ignore[override]
         inside = (x >= lo) & (x <= hi)
@@ -174,7 +177,7 @@ class TorchNet(torch.nn.Module):
             zp = self._channel_view(p[1], v.ndim)
             return _RequantizeSTE.apply(v, layer, mult, zp, leak, self.check_integers)
         if isinstance(layer, Clamp):
-            return _ClampSTE.apply(v, layer.lo, layer.hi, leak)
+            return LeakyClamp.apply(v, layer.lo, layer.hi, leak)
         if isinstance(layer, Flatten):
             return v.reshape(v.shape[0], -1)
         raise TypeError(f"unsupported layer {type(layer).__name__}")  # pragma: no cover
@@ -198,7 +201,7 @@ class TorchNet(torch.nn.Module):
                 mult, zp = self._params[i][0], self._params[i][1]
                 v = v * self._channel_view(mult, v.ndim) + self._channel_view(zp, v.ndim)
             if clamp:
-                v = _ClampSTE.apply(v, layer.lo - 0.5, layer.hi + 0.5, self.output_leak)
+                v = LeakyClamp.apply(v, layer.lo - 0.5, layer.hi + 0.5, self.output_leak)
         return v.reshape(v.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

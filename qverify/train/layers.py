@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qverify.quant import Rounding, multiply_round
+from qverify.torch_net import LeakyClamp
 
 SCHEMES = ("pow2", "affine")
 DTYPE = torch.float64
@@ -177,21 +178,6 @@ class _Requant(torch.autograd.Function):
         return g, None, None, None, None
 
 
-class _ClampLeaky(torch.autograd.Function):
-    """``clamp(x, lo, hi)`` forward; gradient ``1`` inside, ``leak`` outside."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, lo: float, hi: float, leak: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward((x >= lo) & (x <= hi))
-        ctx.leak = leak
-        return x.clamp(lo, hi)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        (inside,) = ctx.saved_tensors
-        return torch.where(inside, g, g * ctx.leak), None, None, None
-
-
 class _RoundParam(torch.autograd.Function):
     """Round half to even with identity gradient (produces integer parameters)."""
 
@@ -234,7 +220,7 @@ class _Dyadic(torch.autograd.Function):
 
 
 def clamp_leaky(x: torch.Tensor, lo: float, hi: float, leak: float) -> torch.Tensor:
-    return _ClampLeaky.apply(x, float(lo), float(hi), float(leak))
+    return LeakyClamp.apply(x, float(lo), float(hi), float(leak))
 
 
 def round_param(x: torch.Tensor) -> torch.Tensor:
