@@ -11,6 +11,9 @@ time and verification time. Results go to ``benchmarks/out/bench_train.json`` an
     python benchmarks/bench_train.py --quick         # a smoke test on a tiny budget
     python benchmarks/bench_train.py --models mlp-qaibp-r2 cnn-qaibp-r2 --radii 2
 
+An interrupted run resumes: each model's training figures and verified radii are kept in
+``benchmarks/out/train/<name>.result.json`` and reused (``--fresh`` starts over).
+
 The training configurations are written next to each model (``benchmarks/out/train/<name>.toml``), so a row can
 be reproduced with ``qverify.train.load_config(path)`` and ``qverify.train.train``.
 """
@@ -68,8 +71,32 @@ def train_one(name: str, out_dir: Path, threads: int, quick: bool, extra: list[s
             "train_eval_cert": h["eval_cert"], "train_eval_radius": h["eval_radius"]}
 
 
+def _state_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.result.json"
+
+
+def load_state(out_dir: Path, name: str, quick: bool) -> dict | None:
+    """The finished part of an earlier run of model ``name`` (training figures and verified radii), if any.
+
+    A model counts as trained when its ``.qnn`` and its result file exist and the result file was written by a run
+    with the same ``--quick`` setting; each radius row is kept keyed by (radius, n_test, timeout).
+    """
+    path = _state_path(out_dir, name)
+    if not path.exists() or not (out_dir / f"{name}.qnn").exists():
+        return None
+    state = json.loads(path.read_text())
+    return state if state.get("quick") == quick else None
+
+
+def save_state(out_dir: Path, name: str, state: dict) -> None:
+    path = _state_path(out_dir, name)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    tmp.replace(path)
+
+
 def verify_one(net, images: np.ndarray, labels: np.ndarray, radius: int, timeout: float, workers: int) -> dict:
-    from qverify.attack import attack_batch
+    from qverify.attack import AttackSettings, attack_batch
     from qverify.bounds.interval import certified_by_interval
     from qverify.execute import predict
     from qverify.property import pixels_to_grid, robustness_property
@@ -81,12 +108,16 @@ def verify_one(net, images: np.ndarray, labels: np.ndarray, radius: int, timeout
     clean = predict(net, x) == labels
     settings = VerifySettings(timeout=timeout)
     t = time.perf_counter()
-    found = attack_batch(net, props, settings)
-    t_attack = time.perf_counter() - t
-    pgd = np.array([clean[i] and found[i] is None for i in range(len(props))])
-    t = time.perf_counter()
     interval = np.asarray(certified_by_interval(net, props), dtype=bool)
     t_interval = time.perf_counter() - t
+    # PGD accuracy: the attack runs on every correctly classified image that the interval bounds do not certify
+    # (on a certified one no attack can succeed: the bounds are sound, tested against the executor).
+    t = time.perf_counter()
+    todo = [i for i in range(len(props)) if clean[i] and not interval[i]]
+    pgd_settings = AttackSettings(local_steps=0, threads=2)  # PGD with restarts (and random points), no local search
+    found = dict(zip(todo, attack_batch(net, [props[i] for i in todo], pgd_settings), strict=True)) if todo else {}
+    t_attack = time.perf_counter() - t
+    pgd = np.array([clean[i] and found.get(i) is None for i in range(len(props))])
     t = time.perf_counter()
     try:
         results = verify_batch(net, props, settings, workers=workers)
@@ -102,7 +133,7 @@ def verify_one(net, images: np.ndarray, labels: np.ndarray, radius: int, timeout
             "certified_acc": float(np.mean([v == "robust" for v in verdicts])),
             "counterexample": verdicts.count("counterexample"), "unknown": verdicts.count("unknown"),
             "error": verdicts.count("error"), "attack_seconds": t_attack, "interval_seconds": t_interval,
-            "verify_seconds": t_verify,
+            "verify_seconds": t_verify, "unknown_ids": [i for i, v in enumerate(verdicts) if v == "unknown"],
             "methods": {m: [r.method for r in results].count(m) for m in sorted({r.method for r in results})}}
 
 
@@ -117,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--fresh", action="store_true",
+                    help="retrain and reverify everything (default: reuse models and rows an earlier run wrote)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     args = ap.parse_args(argv)
     if args.quick:
@@ -131,19 +164,39 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
-        tr = train_one(name, out_dir, args.threads, args.quick, args.set)
-        print(f"{name}: trained in {tr['train_seconds']:.0f} s; bounds-certified "
-              f"{100 * tr['train_eval_cert']:.1f}% at r={tr['train_eval_radius']}, "
-              f"clean {100 * tr['train_eval_acc']:.1f}%", flush=True)
+        state = None if args.fresh else load_state(out_dir, name, args.quick)
+        if state is not None and state.get("set") != args.set:
+            state = None  # trained with other overrides
+        if state is None:
+            tr = train_one(name, out_dir, args.threads, args.quick, args.set)
+            state = {"quick": args.quick, "set": args.set, "verified": {},
+                     **{k: v for k, v in tr.items() if k != "net"}}
+            save_state(out_dir, name, state)
+            net = tr["net"]
+        else:
+            from qverify.io import load_model
+
+            net = load_model(out_dir / f"{name}.qnn")
+            print(f"{name}: reusing the model trained by an earlier run (--fresh retrains)", flush=True)
+        print(f"{name}: trained in {state['train_seconds']:.0f} s; bounds-certified "
+              f"{100 * state['train_eval_cert']:.1f}% at r={state['train_eval_radius']}, "
+              f"clean {100 * state['train_eval_acc']:.1f}%", flush=True)
         if args.no_verify:
-            rows.append({"model": name, "train_s": round(tr["train_seconds"], 1)})
+            rows.append({"model": name, "train_s": round(state["train_seconds"], 1)})
             continue
         for r in args.radii:
-            v = verify_one(tr["net"], images, labels, r, args.timeout, args.workers)
-            rows.append({"model": name, "r": r, "clean": v["clean_acc"], "pgd": v["pgd_acc"],
-                         "interval": v["interval_cert_acc"], "certified": v["certified_acc"],
-                         "unknown": v["unknown"], "error": v["error"], "train_s": round(tr["train_seconds"], 1),
-                         "verify_s": round(v["verify_seconds"], 1), "methods": json.dumps(v["methods"])})
+            key = f"r={r} n={args.n_test} timeout={args.timeout:g}"
+            if key not in state["verified"]:
+                v = verify_one(net, images, labels, r, args.timeout, args.workers)
+                state["verified"][key] = {
+                    "model": name, "r": r, "clean": v["clean_acc"], "pgd": v["pgd_acc"],
+                    "interval": v["interval_cert_acc"], "certified": v["certified_acc"],
+                    "counterexample": v["counterexample"], "unknown": v["unknown"], "error": v["error"],
+                    "train_s": round(state["train_seconds"], 1), "verify_s": round(v["verify_seconds"], 1),
+                    "pgd_s": round(v["attack_seconds"], 1), "methods": json.dumps(v["methods"]),
+                    "unknown_ids": v["unknown_ids"]}
+                save_state(out_dir, name, state)
+            rows.append(state["verified"][key])
             print(rows[-1], flush=True)
     cols = ["model", "r", "clean", "pgd", "interval", "certified", "unknown", "error", "train_s", "verify_s"]
     print_table(rows, cols)

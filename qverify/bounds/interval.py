@@ -238,19 +238,39 @@ def certified_by_interval(net: QNetwork, props: Property | Sequence[Property],
       ``[B]``, whether the property holds on each sub-box;
     * one property and no boxes: result ``[1]``.
     """
-    if isinstance(props, Property):
-        for_each = [props]
-        if boxes is not None:
-            ylo, yhi = interval_output_bounds(net, boxes[0], boxes[1], batch_size)
-            props.check_network(net)
-            return refutes_unsafe(props, ylo, yhi)
-    else:
-        for_each = list(props)
-    if not for_each:
+    plist, lo, hi = property_boxes(net, props, boxes)
+    if not plist:
         return np.zeros(0, dtype=bool)
-    for p in for_each:
-        p.check_network(net)
-    lo = np.stack([p.lo for p in for_each])
-    hi = np.stack([p.hi for p in for_each])
     ylo, yhi = interval_output_bounds(net, lo, hi, batch_size)
-    return np.array([bool(refutes_unsafe(p, ylo[i:i + 1], yhi[i:i + 1])[0]) for i, p in enumerate(for_each)])
+    return refutes_each(plist, ylo, yhi)
+
+
+def property_boxes(net: QNetwork, props: Property | Sequence[Property],
+                   boxes: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[list[Property], np.ndarray, np.ndarray]:
+    """The two call forms of the certifiers as one list of properties and stacked boxes ``lo, hi [B, n]``.
+
+    A sequence of properties gives their own boxes; one property with ``boxes = (lo, hi)`` (sub-boxes) is repeated
+    once per sub-box; one property alone gives its box. Every property is checked against ``net``."""
+    if isinstance(props, Property):
+        props.check_network(net)
+        if boxes is None:
+            return [props], props.lo[None, :], props.hi[None, :]
+        lo, hi = np.atleast_2d(boxes[0]), np.atleast_2d(boxes[1])
+        return [props] * len(lo), lo, hi
+    plist = list(props)
+    for p in plist:
+        p.check_network(net)
+    if not plist:
+        n = net.num_inputs
+        return plist, np.zeros((0, n), dtype=np.int64), np.zeros((0, n), dtype=np.int64)
+    return plist, np.stack([p.lo for p in plist]), np.stack([p.hi for p in plist])
+
+
+def refutes_each(plist: Sequence[Property], ylo: np.ndarray, yhi: np.ndarray) -> np.ndarray:
+    """:func:`refutes_unsafe` row by row: ``[B]``, whether property ``plist[i]`` holds on output box ``i``
+    (one vectorized call when every row has the same property, as for the sub-boxes of branch and bound)."""
+    if plist and all(p is plist[0] for p in plist):
+        return refutes_unsafe(plist[0], ylo, yhi)
+    return np.array([bool(refutes_unsafe(p, ylo[i:i + 1], yhi[i:i + 1])[0]) for i, p in enumerate(plist)],
+                    dtype=bool)

@@ -81,7 +81,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qverify.bounds.interval import Bounds, check_boxes, interval_bounds, refutes_unsafe, row_lower_bounds
+from qverify.bounds.interval import (
+    Bounds,
+    check_boxes,
+    interval_bounds,
+    property_boxes,
+    refutes_each,
+    row_lower_bounds,
+)
 from qverify.execute import conv2d_float, requantize
 from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
 from qverify.property import Property
@@ -714,25 +721,13 @@ def certified_by_symbolic(net: QNetwork, props: Property | Sequence[Property],
     row ``a . y`` directly by back-substitution through ``a`` (plus the interval bound, the better one), and
     a disjunct ``A y <= b`` is infeasible when some row's lower bound exceeds ``b``. Same call forms as
     :func:`qverify.bounds.interval.certified_by_interval` (many properties, or one property on sub-boxes)."""
-    if isinstance(props, Property):
-        props.check_network(net)
-        if boxes is None:
-            lo, hi = props.lo[None, :], props.hi[None, :]
-        else:
-            lo, hi = np.atleast_2d(boxes[0]), np.atleast_2d(boxes[1])
-        plist = [props] * len(lo)
-    else:
-        plist = list(props)
-        if not plist:
-            return np.zeros(0, dtype=bool)
-        for p in plist:
-            p.check_network(net)
-        lo = np.stack([p.lo for p in plist])
-        hi = np.stack([p.hi for p in plist])
+    plist, lo, hi = property_boxes(net, props, boxes)
+    if not plist:
+        return np.zeros(0, dtype=bool)
     ana = symbolic_analysis(net, lo, hi, chunk, intermediate=intermediate)
     out_lo, out_hi = ana.bounds[-1]
     # cheap first: properties the tightened output intervals already decide
-    done = np.array([bool(refutes_unsafe(p, out_lo[i:i + 1], out_hi[i:i + 1])[0]) for i, p in enumerate(plist)])
+    done = refutes_each(plist, out_lo, out_hi)
     todo = np.nonzero(~done)[0]
     if len(todo) == 0:
         return done
