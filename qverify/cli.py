@@ -142,7 +142,9 @@ def _verify_settings(args: argparse.Namespace, timeout: float | None = None):
 
     solver = SolverSettings(backend=args.solver, encoding=args.encoding, threads=args.threads, seed=args.seed,
                             time_limit=timeout or args.timeout)
-    return VerifySettings(method=args.method, timeout=timeout or args.timeout, solver=solver, seed=args.seed)
+    fallback = getattr(args, "fallback", "none")
+    return VerifySettings(method=args.method, timeout=timeout or args.timeout, solver=solver, seed=args.seed,
+                          fallback="" if fallback == "none" else fallback)
 
 
 def _print_result(prop_name: str, result) -> None:
@@ -421,6 +423,9 @@ def _solver_args(c: argparse.ArgumentParser) -> None:
                    default="portfolio", help="force one method (default: the portfolio)")
     c.add_argument("--solver", choices=["cpsat", "scip", "highs", "cbc"], default="cpsat",
                    help="back end of the exact stage (default cpsat)")
+    c.add_argument("--fallback", choices=["highs", "scip", "cbc", "cpsat", "none"], default="none",
+                   help="portfolio only: back end given the rest of the exact stage when the first times out "
+                        "(default none; highs proves some hard robust instances but may overrun the time limit)")
     c.add_argument("--encoding", choices=["range", "onehot"], default="range",
                    help="encoding of round+clamp (default range)")
     c.add_argument("--threads", type=int, default=0, help="solver threads (0 = all cores)")

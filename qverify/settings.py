@@ -31,3 +31,7 @@ class VerifySettings:
     attack_restarts: int = 8        # PGD restarts in the attack stage
     attack_steps: int = 40          # PGD steps per restart
     seed: int = 0                   # seed of attacks and random search
+    fallback: str = ""              # back end that gets the rest of the exact stage when the first one times out
+    #                                 ('' or the same back end: none; 'highs' proves some hard robust instances
+    #                                 CP-SAT does not, but may overrun its time limit in its root node)
+    fallback_share: float = 0.7     # the fallback's share of the exact stage's time

@@ -81,3 +81,54 @@ def test_property_of_another_network_is_an_error():
     prop = robustness_property(other, np.zeros(3, int), 0, radius=1)
     res = verify(net, prop)
     assert res.verdict is Verdict.ERROR and "3 inputs" in res.reason
+
+
+def _fake_milp(calls, answers):
+    """A stand-in for ``verify_milp`` that records (back end, time limit) and answers from ``answers``."""
+    from qverify.result import Result as R
+
+    def fake(net, prop, solver, bounds=None, deadline=None):
+        calls.append((solver.backend, solver.time_limit))
+        verdict, reason = answers[solver.backend]
+        return R(verdict, f"milp-{solver.backend}-{solver.encoding}", 0.0, reason)
+    return fake
+
+
+@pytest.mark.parametrize("first, expect_calls", [
+    ((Verdict.UNKNOWN, Reason.TIMEOUT), ["cpsat", "highs"]),   # the first times out: the fallback decides
+    ((Verdict.ROBUST, ""), ["cpsat"]),                         # the first decides: no fallback
+    ((Verdict.UNKNOWN, Reason.SOLVER), ["cpsat"]),      # not a timeout: reported as it is
+])
+def test_portfolio_exact_stage_falls_back_only_after_a_timeout(monkeypatch, first, expect_calls):
+    import qverify.exact
+    from qverify.verify import _Clock, _exact_stage
+
+    net = random_dense_network(np.random.default_rng(0), n_in=3, hidden=(4,))
+    prop = robustness_property(net, np.array([3, 4, 5]), 0, radius=1)
+    calls: list = []
+    monkeypatch.setattr(qverify.exact, "verify_milp",
+                        _fake_milp(calls, {"cpsat": first, "highs": (Verdict.ROBUST, "")}))
+    res = _exact_stage(net, prop, _Clock(10.0), VerifySettings(timeout=10.0, fallback="highs"), "milp", None)
+    assert [c[0] for c in calls] == expect_calls
+    if len(calls) == 2:
+        assert res.verdict is Verdict.ROBUST and res.method == "milp-highs-range"
+        assert calls[0][1] == pytest.approx(3.0, abs=0.2)  # 1 - fallback_share of the stage's time
+        assert calls[1][1] == pytest.approx(10.0, abs=0.2)  # all that is left (the fake returned at once)
+        assert [s.stage for s in res.stages] == ["milp-cpsat-range", "milp"]
+    else:
+        assert res.verdict is first[0] and calls[0][1] == pytest.approx(3.0, abs=0.2)
+
+
+@pytest.mark.parametrize("settings_", [VerifySettings(method="milp", fallback="highs"), VerifySettings(),
+                                       VerifySettings(fallback="cpsat")])
+def test_no_fallback_for_a_forced_milp_or_when_switched_off(monkeypatch, settings_):
+    import qverify.exact
+    from qverify.verify import _Clock, _exact_stage
+
+    net = random_dense_network(np.random.default_rng(0), n_in=3, hidden=(4,))
+    prop = robustness_property(net, np.array([3, 4, 5]), 0, radius=1)
+    calls: list = []
+    monkeypatch.setattr(qverify.exact, "verify_milp", _fake_milp(calls, {"cpsat": (Verdict.UNKNOWN, Reason.TIMEOUT),
+                                                                          "highs": (Verdict.ROBUST, "")}))
+    res = _exact_stage(net, prop, _Clock(5.0), settings_, "milp", None)
+    assert [c[0] for c in calls] == ["cpsat"] and res.verdict is Verdict.UNKNOWN and res.reason == Reason.TIMEOUT
