@@ -410,7 +410,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     start_epoch = 0
     ckpt_path = Path(cfg.out_dir) / CHECKPOINT if cfg.out_dir else None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain values only
         if state.get("config") != _resume_key(cfg):
             raise ConfigError(f"{ckpt_path}: checkpoint was written with a different configuration")
         model.load_state_dict(state["model"])
