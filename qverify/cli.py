@@ -268,7 +268,7 @@ def _verify_instances(args: argparse.Namespace) -> int:
 
 def cmd_radius(args: argparse.Namespace) -> int:
     from qverify.property import pixels_to_grid
-    from qverify.radius import max_radius
+    from qverify.radius import default_decider, max_radius
 
     net = _load(args)
     import re
@@ -279,11 +279,13 @@ def cmd_radius(args: argparse.Namespace) -> int:
     data, sid = m.group(1), m.group(2)
     images, labels = _load_data(data)
     ids = _parse_ids(sid, len(images))
-    settings = _verify_settings(args).solver
+    vs = _verify_settings(args)
+    settings = vs.solver
     rows = []
     for i in ids:
         x = pixels_to_grid(net, images[i:i + 1])[0]
-        r = max_radius(net, x, int(labels[i]), settings, r_max=args.max_radius)
+        r = max_radius(net, x, int(labels[i]), settings, r_max=args.max_radius,
+                       decide=default_decider(settings, vs.fallback))
         rows.append({"id": i, **r.to_json()})
         if r.exact:
             line = f"maximum robust radius {r.radius}"

@@ -75,7 +75,7 @@ def exact_decider(settings: SolverSettings) -> Decider:
     return decide
 
 
-def default_decider(settings: SolverSettings) -> Decider:
+def default_decider(settings: SolverSettings, fallback: str = "") -> Decider:
     """The verification portfolio (:func:`qverify.verify.verify`: center, bounds, attack, then the exact program
     with ``settings``) within ``min(settings.time_limit, deadline - now)``; :func:`exact_decider` when the
     portfolio is not available. Attacks matter here: the exponential phase probes large radii, where a
@@ -88,7 +88,7 @@ def default_decider(settings: SolverSettings) -> Decider:
 
     def decide(net: QNetwork, prop: Property, deadline: float | None) -> Result:
         limit = settings.time_limit if deadline is None else min(settings.time_limit, deadline - time.monotonic())
-        return verify(net, prop, VerifySettings(timeout=max(0.01, limit), solver=settings))
+        return verify(net, prop, VerifySettings(timeout=max(0.01, limit), solver=settings, fallback=fallback))
 
     return decide
 
