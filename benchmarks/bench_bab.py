@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -65,30 +66,31 @@ HEURISTICS = [("bound", "bound", 0), ("lookahead-4", "lookahead", 4), ("gradient
 Instance = tuple[str, QNetwork, Property]
 
 
-def dense_instances(count: int) -> list[Instance]:
-    rng = np.random.default_rng(0)
+def _undecided_instances(prefix: str, count: int, seed: int,
+                         draw: Callable[[np.random.Generator], tuple[QNetwork, np.ndarray, int]]) -> list[Instance]:
+    """``count`` robustness instances around the network's own prediction that neither the interval bounds nor
+    the attack decide; ``draw(rng)`` gives a network, an input and a radius."""
+    rng = np.random.default_rng(seed)
     out: list[Instance] = []
     while len(out) < count:
-        net = random_dense_network(rng, n_in=10, hidden=(16, 12), n_out=4, input_hi=15, wmax=3)
-        x = rng.integers(0, 16, size=10)
-        p = robustness_property(net, x, int(predict(net, x[None])[0]), radius=3)
+        net, x, radius = draw(rng)
+        p = robustness_property(net, x, int(predict(net, x[None])[0]), radius=radius)
         if certified_by_interval(net, p)[0] or attack(net, p) is not None:
             continue
-        out.append((f"dense-{len(out)}", net, p))
+        out.append((f"{prefix}-{len(out)}", net, p))
     return out
+
+
+def dense_instances(count: int) -> list[Instance]:
+    return _undecided_instances("dense", count, 0, lambda rng: (
+        random_dense_network(rng, n_in=10, hidden=(16, 12), n_out=4, input_hi=15, wmax=3),
+        rng.integers(0, 16, size=10), 3))
 
 
 def conv_instances(count: int) -> list[Instance]:
-    rng = np.random.default_rng(1)
-    out: list[Instance] = []
-    while len(out) < count:
-        net = random_conv_network(rng, in_shape=(1, 5, 5), channels=3, n_out=4, input_hi=7, padding=1)
-        x = rng.integers(0, 8, size=25)
-        p = robustness_property(net, x, int(predict(net, x[None])[0]), radius=1)
-        if certified_by_interval(net, p)[0] or attack(net, p) is not None:
-            continue
-        out.append((f"conv-{len(out)}", net, p))
-    return out
+    return _undecided_instances("conv", count, 1, lambda rng: (
+        random_conv_network(rng, in_shape=(1, 5, 5), channels=3, n_out=4, input_hi=7, padding=1),
+        rng.integers(0, 8, size=25), 1))
 
 
 def _p16() -> tuple[QNetwork, np.ndarray, np.ndarray]:

@@ -75,17 +75,18 @@ def _state_path(out_dir: Path, name: str) -> Path:
     return out_dir / f"{name}.result.json"
 
 
-def load_state(out_dir: Path, name: str, quick: bool) -> dict | None:
+def load_state(out_dir: Path, name: str, quick: bool, overrides: list[str]) -> dict | None:
     """The finished part of an earlier run of model ``name`` (training figures and verified radii), if any.
 
     A model counts as trained when its ``.qnn`` and its result file exist and the result file was written by a run
-    with the same ``--quick`` setting; each radius row is kept keyed by (radius, n_test, timeout).
+    with the same ``--quick`` setting and ``--set`` overrides; each radius row is kept keyed by (radius, n_test,
+    timeout).
     """
     path = _state_path(out_dir, name)
     if not path.exists() or not (out_dir / f"{name}.qnn").exists():
         return None
     state = json.loads(path.read_text())
-    return state if state.get("quick") == quick else None
+    return state if state.get("quick") == quick and state.get("set") == overrides else None
 
 
 def save_state(out_dir: Path, name: str, state: dict) -> None:
@@ -164,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
-        state = None if args.fresh else load_state(out_dir, name, args.quick)
-        if state is not None and state.get("set") != args.set:
-            state = None  # trained with other overrides
+        state = None if args.fresh else load_state(out_dir, name, args.quick, args.set)
         if state is None:
             tr = train_one(name, out_dir, args.threads, args.quick, args.set)
             state = {"quick": args.quick, "set": args.set, "verified": {},

@@ -142,9 +142,8 @@ def _verify_settings(args: argparse.Namespace, timeout: float | None = None):
 
     solver = SolverSettings(backend=args.solver, encoding=args.encoding, threads=args.threads, seed=args.seed,
                             time_limit=timeout or args.timeout)
-    fallback = getattr(args, "fallback", "none")
     return VerifySettings(method=args.method, timeout=timeout or args.timeout, solver=solver, seed=args.seed,
-                          fallback="" if fallback == "none" else fallback)
+                          fallback="" if args.fallback == "none" else args.fallback)
 
 
 def _print_result(prop_name: str, result) -> None:

@@ -132,31 +132,30 @@ def _exact_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifyS
     else:
         from qverify.exact import verify_milp
 
-        chain = _exact_chain(settings, clock.left())
-        for k, (solver, share) in enumerate(chain):
-            last = k == len(chain) - 1
-            limit = clock.left() if last else share
-            r = verify_milp(net, prop, replace(solver, time_limit=max(0.01, limit)), bounds=bounds,
-                            deadline=clock.deadline)
-            if last or r.verdict is not Verdict.UNKNOWN or r.reason != Reason.TIMEOUT or clock.left() <= 0:
-                break
+        fallback = _fallback(settings)
+        left = clock.left()
+        first = (1.0 - settings.fallback_share) * left if fallback else left
+        r = verify_milp(net, prop, replace(settings.solver, time_limit=max(0.01, first)), bounds=bounds,
+                        deadline=clock.deadline)
+        if fallback and r.verdict is Verdict.UNKNOWN and r.reason == Reason.TIMEOUT and clock.left() > 0:
             clock.stage(r.method or method, r.reason)
+            solver = replace(settings.solver, backend=fallback, time_limit=max(0.01, clock.left()))
+            r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline)
     clock.stage(method, r.verdict.value if r.verdict is not Verdict.UNKNOWN else r.reason)
     return Result(r.verdict, r.method if r.method else method, clock.elapsed(), r.reason, r.counterexample,
                   clock.stages, r.details)
 
 
-def _exact_chain(settings: VerifySettings, left: float) -> list[tuple[SolverSettings, float]]:
-    """The portfolio's exact back ends and their time: the configured one, then (when it times out) the
-    fallback for ``fallback_share`` of the stage's ``left`` seconds (a forced ``milp`` method uses its back end
-    alone). The two are complementary: CP-SAT (stop at the first solution) finds counterexamples fast; an
-    LP-based branch and cut (HiGHS) proves hard robust instances where the rounding slack of many neurons leaves
-    the LP bound less than one output step short (see ``benchmarks/RESULTS.md``)."""
-    first = settings.solver
+def _fallback(settings: VerifySettings) -> str:
+    """The portfolio's second exact back end ('' for none). When the configured one times out after
+    ``1 - fallback_share`` of the exact stage's time, the fallback gets the rest (a forced ``milp`` method uses
+    its back end alone). The two are complementary: CP-SAT (stop at the first solution) finds counterexamples
+    fast; an LP-based branch and cut (HiGHS) proves hard robust instances where the rounding slack of many neurons
+    leaves the LP bound less than one output step short (see ``benchmarks/RESULTS.md``)."""
     fb = settings.fallback
-    if settings.method != "portfolio" or not fb or fb == first.backend or not 0.0 < settings.fallback_share < 1.0:
-        return [(first, left)]
-    return [(first, (1.0 - settings.fallback_share) * left), (replace(first, backend=fb), left)]
+    if settings.method != "portfolio" or fb == settings.solver.backend or not 0.0 < settings.fallback_share < 1.0:
+        return ""
+    return fb
 
 
 def verify(net: QNetwork, prop: Property, settings: VerifySettings | None = None) -> Result:
