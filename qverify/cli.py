@@ -426,7 +426,7 @@ def _solver_args(c: argparse.ArgumentParser) -> None:
                    help="back end of the exact stage (default cpsat)")
     c.add_argument("--fallback", choices=["highs", "scip", "cbc", "cpsat", "none"], default="none",
                    help="portfolio only: back end given the rest of the exact stage when the first times out "
-                        "(default none; highs proves some hard robust instances but may overrun the time limit)")
+                        "(default none; highs proves some near-tie robust instances that CP-SAT does not)")
     c.add_argument("--encoding", choices=["range", "onehot"], default="range",
                    help="encoding of round+clamp (default range)")
     c.add_argument("--threads", type=int, default=0, help="solver threads (0 = all cores)")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -75,11 +75,12 @@ def exact_decider(settings: SolverSettings) -> Decider:
     return decide
 
 
-def default_decider(settings: SolverSettings, fallback: str = "") -> Decider:
+def default_decider(settings: SolverSettings, fallback: str | None = None) -> Decider:
     """The verification portfolio (:func:`qverify.verify.verify`: center, bounds, attack, then the exact program
     with ``settings``) within ``min(settings.time_limit, deadline - now)``; :func:`exact_decider` when the
     portfolio is not available. Attacks matter here: the exponential phase probes large radii, where a
-    counterexample is usually cheap to find by search and expensive for the solver."""
+    counterexample is usually cheap to find by search and expensive for the solver. ``fallback``: the portfolio's
+    second exact back end (default: :class:`~qverify.settings.VerifySettings`'s; ``''`` for none)."""
     try:
         from qverify.settings import VerifySettings
         from qverify.verify import verify
@@ -88,7 +89,8 @@ def default_decider(settings: SolverSettings, fallback: str = "") -> Decider:
 
     def decide(net: QNetwork, prop: Property, deadline: float | None) -> Result:
         limit = settings.time_limit if deadline is None else min(settings.time_limit, deadline - time.monotonic())
-        return verify(net, prop, VerifySettings(timeout=max(0.01, limit), solver=settings, fallback=fallback))
+        vs = VerifySettings(timeout=max(0.01, limit), solver=settings)
+        return verify(net, prop, vs if fallback is None else replace(vs, fallback=fallback))
 
     return decide
 

@@ -17,6 +17,7 @@ class SolverSettings:
     time_limit: float = 60.0        # seconds for one solve
     threads: int = 0                # 0 = all cores
     seed: int = 0                   # solver random seed (determinism)
+    watchdog: bool = True           # run back ends that overrun their limit (HiGHS, SCIP) in a child killed at it
 
     @property
     def num_threads(self) -> int:
@@ -32,6 +33,6 @@ class VerifySettings:
     attack_steps: int = 40          # PGD steps per restart
     seed: int = 0                   # seed of attacks and random search
     fallback: str = ""              # back end that gets the rest of the exact stage when the first one times out
-    #                                 ('' or the same back end: none; 'highs' proves some hard robust instances
-    #                                 CP-SAT does not, but may overrun its time limit in its root node)
+    #                                 ('' or the same back end: none; 'highs' proves some near-tie robust instances
+    #                                 CP-SAT does not and loses some CP-SAT decides late: opt-in, RESULTS.md)
     fallback_share: float = 0.7     # the fallback's share of the exact stage's time

@@ -48,6 +48,8 @@ class Backend(Protocol):
     by the caller's deadline)."""
 
     name: str
+    #: the back end may overrun its time limit (it checks it only between phases): run it under the watchdog
+    overruns: bool
 
     def solve(self, program: Program, settings: SolverSettings, time_limit: float) -> SolveOutcome: ...
 
@@ -96,10 +98,16 @@ def get_backend(name: str) -> Backend:
 
 def solve(program: Program, settings: SolverSettings, deadline: float | None = None) -> SolveOutcome:
     """Solve with ``settings.backend`` within ``min(settings.time_limit, deadline - now)`` (``deadline`` on
-    :func:`time.monotonic`'s clock)."""
+    :func:`time.monotonic`'s clock). A back end that ``overruns`` its limit runs under the watchdog
+    (:mod:`qverify.solvers.watchdog`: killed one second after the limit) unless ``settings.watchdog`` is off."""
     limit = settings.time_limit
     if deadline is not None:
         limit = min(limit, deadline - time.monotonic())
     if limit <= 0:
         return SolveOutcome(SolveStatus.TIMEOUT, settings.backend, 0.0, "deadline", message="no time left")
-    return get_backend(settings.backend).solve(program, settings, limit)
+    backend = get_backend(settings.backend)
+    if settings.watchdog and getattr(backend, "overruns", False):
+        from qverify.solvers.watchdog import solve_killable
+
+        return solve_killable(lambda lim: backend.solve(program, settings, lim), limit, backend.name)
+    return backend.solve(program, settings, limit)

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import time
 
+# OR-Tools first: PuLP imports ``highspy`` when it is installed, and a process that loaded highspy's HiGHS can no
+# longer load OR-Tools' (conflicting C++ symbols: ``import pywraplp`` fails). Loaded in this order both work (PuLP
+# then skips highspy); measured with OR-Tools 9.x and highspy 1.15.
+# isort: off
+from ortools.linear_solver import pywraplp  # noqa: F401
 import pulp
+# isort: on
 
 from qverify.encode.program import Program
 from qverify.settings import SolverSettings
@@ -20,6 +26,7 @@ from qverify.solvers.base import SolveOutcome, SolveStatus, round_values, stoppe
 
 class CbcBackend:
     name = "cbc"
+    overruns = False  # PuLP runs the CBC binary with its own time limit
 
     def solve(self, program: Program, settings: SolverSettings, time_limit: float) -> SolveOutcome:
         triv = trivial_outcome(program, self.name)

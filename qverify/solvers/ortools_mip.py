@@ -26,6 +26,8 @@ _NAMES = {pywraplp.Solver.OPTIMAL: "OPTIMAL", pywraplp.Solver.FEASIBLE: "FEASIBL
 
 
 class OrToolsMipBackend:
+    overruns = True  # both check the time limit only between phases (see qverify.solvers.watchdog)
+
     def __init__(self, which: str = "scip") -> None:
         if which not in _IDS:
             raise ValueError(f"unknown OR-Tools MIP solver {which!r} (known: {', '.join(_IDS)})")
