@@ -787,23 +787,29 @@ class _Importer:
             raise self.error(f"Reshape target {list(target)} does not keep the per-sample size {n}")
         return tuple(rest)
 
-    def op_Reshape(self, node: Any) -> _Sym:
-        x = self.get(node.input[0])
+    def pass_constant(self, node: Any, x: _Sym | None) -> _Sym | None:
+        """A shape operator on a constant: a dequantized constant moves along unchanged, a plain one is folded
+        (``None`` for an activation: the operator's own rule applies)."""
         if isinstance(x, _ConstDQ):
             return self.move(node, x)
         if isinstance(x, _Const):
             self.fold(node)
             return self.syms[node.output[0]]
+        return None
+
+    def op_Reshape(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        done = self.pass_constant(node, x)
+        if done is not None:
+            return done
         shape = self.const(node.input[1], "Reshape shape")
         return self.flatten_to(x, self.target_shape(x, shape, bool(self.attr("allowzero", 0))))
 
     def op_Flatten(self, node: Any) -> _Sym:
         x = self.get(node.input[0])
-        if isinstance(x, _ConstDQ):
-            return self.move(node, x)
-        if isinstance(x, _Const):
-            self.fold(node)
-            return self.syms[node.output[0]]
+        done = self.pass_constant(node, x)
+        if done is not None:
+            return done
         if int(self.attr("axis", 1)) != 1:
             raise self.error("Flatten with axis != 1 is not supported")
         cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", ())
@@ -811,11 +817,9 @@ class _Importer:
 
     def op_Transpose(self, node: Any) -> _Sym:
         x = self.get(node.input[0])
-        if isinstance(x, _ConstDQ):
-            return self.move(node, x)
-        if isinstance(x, _Const):
-            self.fold(node)
-            return self.syms[node.output[0]]
+        done = self.pass_constant(node, x)
+        if done is not None:
+            return done
         raise self.error(f"Transpose of {_kind(x)} is not supported")
 
     op_Squeeze = op_Transpose
@@ -1028,18 +1032,25 @@ def onnx_session(path: str | Path, optimization: str = "all") -> Any:
     p = str(Path(path).resolve())
     key = (p, Path(p).stat().st_mtime, optimization)
     if key not in _SESSIONS:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[optimization]
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        _SESSIONS[key] = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+        _SESSIONS[key] = ort.InferenceSession(p, _session_options(optimization), providers=["CPUExecutionProvider"])
     return _SESSIONS[key]
+
+
+def _session_options(optimization: str) -> Any:
+    """Single-threaded, quiet onnxruntime session options at one graph optimization level."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
 
 
 def onnx_real_inputs(net: QNetwork, x_int: np.ndarray) -> np.ndarray:
@@ -1140,16 +1151,8 @@ def onnx_layer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "al
         if name not in known:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, et, None))
             known.add(name)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), _session_options(optimization),
+                                providers=["CPUExecutionProvider"])
     x = np.asarray(x_int).reshape(-1, net.num_inputs).astype(np.int64)
     dims = [int(d) for d in meta["onnx_input_shape"].split(",")]
     if meta["onnx_input_dtype"] == "float":
