@@ -512,9 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("train", help="train a certifiably robust quantized model (QA-IBP) and export it",
                        description="Train with quantization-aware interval bound propagation (or a baseline) from a "
-                                   "TOML config plus flags; writes OUT/model.qnn, config.toml, history.json and a "
-                                   "checkpoint after every epoch (--resume continues an interrupted run).")
-    c.add_argument("config", nargs="?", default=None, help="TOML config (default: built-in defaults)")
+                                   "TOML or YAML config plus flags; writes OUT/model.qnn, config.toml, history.json "
+                                   "and a checkpoint after every epoch (--resume continues an interrupted run).")
+    c.add_argument("config", nargs="?", default=None,
+                   help="TOML or YAML (.yaml/.yml) config (default: built-in defaults)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lam=2 --set quant.weight_bits=6")
     c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp"], default=None,

@@ -12,6 +12,7 @@ from qverify.train.trainer import (
     Config,
     ConfigError,
     apply_overrides,
+    config_to_dict,
     dump_config,
     load_config,
     prepare_data,
@@ -156,3 +157,33 @@ def test_device_selection() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError):
             select_device("cuda")
+
+
+def test_yaml_config_reads_like_toml(tmp_path) -> None:
+    import yaml
+
+    cfg = load_config(None, ["train.epochs=3", "model.hidden=[8, 4]", "model.conv=[[4, 3, 1, 1]]",
+                             "quant.weight_bits=6", "train.lr=0.002", "data.train=digits"])
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(p) == cfg
+    q = tmp_path / "partial.yml"
+    q.write_text("seed: 3\ntrain:\n  epochs: 2\n  lr: 1   # an int where a float is expected\nmodel:\n  hidden: [16]\n")
+    got = load_config(q)
+    assert got.seed == 3 and got.train.epochs == 2 and got.train.lr == 1.0 and got.model.hidden == (16,)
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == Config()
+
+
+@pytest.mark.parametrize("text, where", [
+    ("train:\n  epochs: 2\n   lr: 0.1\n", "line 3"),           # bad indentation: the place is named
+    ("- 1\n- 2\n", "must be a mapping"),                      # a list, not settings
+    ("train:\n  epochs: many\n", "'epochs' must be int"),     # a value of the wrong type
+    ("train:\n  epoch: 2\n", "unknown setting 'epoch'"),       # a misspelt setting
+])
+def test_malformed_yaml_names_the_file_and_the_place(tmp_path, text, where) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and where in str(e.value)

@@ -202,13 +202,37 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str] = 
     return config_from_dict(d)
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _read_yaml(p: Path, text: str) -> Any:
+    """A YAML document (the TOML layout: top-level settings and one mapping per section), with the line and
+    column of a syntax error."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p}: {where}{problem}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{p}: the document must be a mapping of settings and sections, got {type(d).__name__}")
+    return d
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
-    """Read a TOML config (``None``: the defaults) and apply overrides."""
+    """Read a TOML config, or a YAML one (``.yaml``/``.yml``, same layout), (``None``: the defaults) and apply
+    overrides."""
     cfg = Config()
     if path is not None:
         p = Path(path)
         try:
-            d = tomllib.loads(p.read_text())
+            text = p.read_text()
+            d = _read_yaml(p, text) if p.suffix.lower() in YAML_SUFFIXES else tomllib.loads(text)
         except OSError as e:
             raise ConfigError(f"{p}: cannot read ({e})") from None
         except tomllib.TOMLDecodeError as e:
