@@ -25,9 +25,9 @@ the instances in flight; a background thread fsyncs the file after every write (
 during one fsync), so a power loss loses at most the records of the last few milliseconds. A record cut short by a
 crash leaves a truncated last line: :func:`read_results` detects it, and on resume it is reported and dropped (the file
 is truncated back to the last complete record). Re-running the same command resumes: finished ``(id, radius)`` pairs
-are not redone. A results file written for another model, data set or settings is refused (:class:`ResultsFileError`)
-unless ``overwrite=True`` (the old file is kept as ``<name>.bak``). A run holds an exclusive lock on the file, so two
-runs cannot interleave records.
+are not redone. A results file written for another model, data set or settings is refused (:class:`ResultsFileError`;
+solver threads and the watchdog may change: :data:`RESOURCE_SETTINGS`) unless ``overwrite=True`` (the old file is
+kept as ``<name>.bak``). A run holds an exclusive lock on the file, so two runs cannot interleave records.
 """
 
 from __future__ import annotations
@@ -411,8 +411,26 @@ def _settings_json(settings: VerifySettings) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
 
 
+#: settings that change how fast a run goes, not what its verdicts mean: a resumed run may change them (solver
+#: threads; the watchdog, which older results files do not record)
+RESOURCE_SETTINGS = (("solver", "threads"), ("solver", "watchdog"))
+
+
+def _verdict_settings(settings: dict) -> dict:
+    """The settings without :data:`RESOURCE_SETTINGS` (a copy)."""
+    out = json.loads(json.dumps(settings))
+    for *parents, key in RESOURCE_SETTINGS:
+        d = out
+        for k in parents:
+            d = d.get(k) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(key, None)
+    return out
+
+
 def _compatible(old: dict, new: dict) -> list[str]:
-    """Differences that make resuming unsound: another network, data set or verification settings."""
+    """Differences that make resuming unsound: another network, data set or verification settings (those of
+    :data:`RESOURCE_SETTINGS` may differ)."""
     diffs = []
     if old["model"]["network_sha256"] != new["model"]["network_sha256"]:
         diffs.append(f"model: the file was written for network sha256 {old['model']['network_sha256'][:16]}... "
@@ -422,11 +440,10 @@ def _compatible(old: dict, new: dict) -> list[str]:
         diffs.append(f"data: the file was written for data sha256 {old['data']['sha256'][:16]}... "
                      f"({old['data'].get('path')!r}), this run's data is {new['data']['sha256'][:16]}... "
                      f"({new['data'].get('path')!r})")
-    if old["settings"] != new["settings"]:
-        keys = sorted(k for k in set(old["settings"]) | set(new["settings"])
-                      if old["settings"].get(k) != new["settings"].get(k))
-        diffs.append("settings: " + ", ".join(f"{k} was {old['settings'].get(k)!r}, now {new['settings'].get(k)!r}"
-                                              for k in keys))
+    so, sn = _verdict_settings(old["settings"]), _verdict_settings(new["settings"])
+    if so != sn:
+        keys = sorted(k for k in set(so) | set(sn) if so.get(k) != sn.get(k))
+        diffs.append("settings: " + ", ".join(f"{k} was {so.get(k)!r}, now {sn.get(k)!r}" for k in keys))
     return diffs
 
 

@@ -267,6 +267,9 @@ def test_incompatible_file_is_refused_unless_overwrite(problem, reference, tmp_p
         certify(net, images[::-1].copy(), labels, RADII, results_path=path, settings=SETTINGS, workers=1,
                 progress=False)
     assert path.read_bytes() == reference[0].read_bytes()  # refused runs leave the file alone
+    with pytest.raises(ResultsFileError, match="settings: solver was .*'encoding': 'range'.* now .*'onehot'"):
+        certify(net, images, labels, RADII, results_path=path, workers=1, progress=False,
+                settings=replace(SETTINGS, solver=replace(SETTINGS.solver, encoding="onehot")))
     s = certify(net, images, labels, [0], ids=[0], results_path=path, settings=replace(SETTINGS, timeout=5),
                 workers=1, progress=False, overwrite=True)
     assert s.new == 1 and s.resumed == 0
@@ -356,3 +359,18 @@ def test_ray_path_same_results_and_resume(problem, reference, ray_local, tmp_pat
     assert len(recs) == len({(r["id"], r["radius"]) for r in recs}) == N * len(RADII)
     assert verdicts(recs) == verdicts(instance_lines(reference[0]))
     assert read_results(path).sessions[-2]["ray_address"] == "auto"
+
+
+def test_resume_may_change_threads_and_reads_files_without_the_watchdog_setting(problem, reference, tmp_path):
+    """Solver threads and the watchdog change the speed of a run, not the meaning of its verdicts: a results file
+    resumes under other values, and one written before the watchdog setting existed resumes too."""
+    net, images, labels = problem
+    path = tmp_path / "r.jsonl"
+    lines = reference[0].read_text().splitlines(keepends=True)
+    head = json.loads(lines[0])
+    del head["settings"]["solver"]["watchdog"]  # as written by an older qverify
+    head["settings"]["solver"]["threads"] = 7
+    path.write_text(json.dumps(head) + "\n" + "".join(lines[1:]))
+    s = certify(net, images, labels, RADII, results_path=path, workers=1, progress=False,
+                settings=replace(SETTINGS, solver=replace(SETTINGS.solver, threads=1, watchdog=False)))
+    assert s.new == 0 and s.resumed == len(reference[1].records)
