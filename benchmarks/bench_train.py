@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per verification instance")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--fallback", default="none", choices=["none", "highs", "scip", "cbc"],
-                    help="the portfolio's fallback back end (VerifySettings.fallback, default none; rows are kept "
-                         "per value, 'none' being the key without a suffix)")
+    ap.add_argument("--fallback", default="highs", choices=["none", "highs", "scip", "cbc"],
+                    help="the portfolio's fallback back end (VerifySettings.fallback, default highs as in the "
+                         "library; rows are kept per value, 'none' being the key without a suffix)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     ap.add_argument("--no-verify", action="store_true")

@@ -424,9 +424,9 @@ def _solver_args(c: argparse.ArgumentParser) -> None:
                    default="portfolio", help="force one method (default: the portfolio)")
     c.add_argument("--solver", choices=["cpsat", "scip", "highs", "cbc"], default="cpsat",
                    help="back end of the exact stage (default cpsat)")
-    c.add_argument("--fallback", choices=["highs", "scip", "cbc", "cpsat", "none"], default="none",
+    c.add_argument("--fallback", choices=["highs", "scip", "cbc", "cpsat", "none"], default="highs",
                    help="portfolio only: back end given the rest of the exact stage when the first times out "
-                        "(default none; highs proves some near-tie robust instances that CP-SAT does not)")
+                        "(default highs: it proves near-tie robust instances that CP-SAT does not; none: off)")
     c.add_argument("--encoding", choices=["range", "onehot"], default="range",
                    help="encoding of round+clamp (default range)")
     c.add_argument("--threads", type=int, default=0, help="solver threads (0 = all cores)")

@@ -85,6 +85,17 @@ def brute_force(net: QNetwork, prop: Property, limit: int = 200_000) -> tuple[bo
     return True, None
 
 
+def assert_exact_on_points(bounds_fn, net: QNetwork, seed: int, n: int) -> None:
+    """On ``n`` one-point boxes every per-layer bound of ``bounds_fn(net, lo, hi)`` must collapse to the value the
+    executor computes (no slack anywhere)."""
+    from qverify.execute import execute
+
+    x = np.random.default_rng(seed).integers(net.input_lo, net.input_hi + 1, size=(n, net.num_inputs))
+    for (bl, bh), v in zip(bounds_fn(net, x, x), execute(net, x), strict=True):
+        np.testing.assert_array_equal(bl, v)
+        np.testing.assert_array_equal(bh, v)
+
+
 def all_box_points(prop: Property) -> np.ndarray:
     axes = [np.arange(l, h + 1) for l, h in zip(prop.lo, prop.hi, strict=True)]
     return np.array(list(itertools.product(*axes)), dtype=np.int64)

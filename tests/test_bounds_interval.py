@@ -23,6 +23,7 @@ from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
 from qverify.property import robustness_property
 from tests.fixtures import (
     all_box_points,
+    assert_exact_on_points,
     brute_force,
     networks_and_properties,
     random_conv_network,
@@ -71,11 +72,7 @@ def test_interval_bounds_contain_every_executed_value(case: tuple) -> None:
 @given(tiny_networks(), st.integers(0, 2**32 - 1))
 def test_point_boxes_give_the_exact_values(net: QNetwork, seed: int) -> None:
     """On a one-point box every interval must collapse to the executed value (no slack anywhere)."""
-    x = np.random.default_rng(seed).integers(net.input_lo, net.input_hi + 1, size=(4, net.num_inputs))
-    values = execute(net, x)
-    for (bl, bh), v in zip(interval_bounds(net, x, x), values, strict=True):
-        np.testing.assert_array_equal(bl, v)
-        np.testing.assert_array_equal(bh, v)
+    assert_exact_on_points(interval_bounds, net, seed, 4)
 
 
 @settings(max_examples=60, deadline=None)

@@ -26,7 +26,15 @@ from qverify.execute import conv2d_float, execute, predict
 from qverify.network import Clamp, Conv2d, Dense, QNetwork, Requantize
 from qverify.property import pixels_to_grid, robustness_property
 from qverify.quant import Rounding, round_div, threshold
-from tests.fixtures import MNIST1000, P1_6, brute_force, networks_and_properties, roundings, tiny_networks
+from tests.fixtures import (
+    MNIST1000,
+    P1_6,
+    assert_exact_on_points,
+    brute_force,
+    networks_and_properties,
+    roundings,
+    tiny_networks,
+)
 
 
 # ----------------------------------------------------------------------------------------------- rounding facts
@@ -182,11 +190,7 @@ def test_symbolic_bounds_contain_every_executed_value(case: tuple, intermediate:
 @settings(max_examples=40, deadline=None)
 @given(tiny_networks(), st.integers(0, 2**32 - 1))
 def test_point_boxes_are_exact(net: QNetwork, seed: int) -> None:
-    x = np.random.default_rng(seed).integers(net.input_lo, net.input_hi + 1, size=(3, net.num_inputs))
-    values = execute(net, x)
-    for (bl, bh), v in zip(symbolic_bounds(net, x, x), values, strict=True):
-        np.testing.assert_array_equal(bl, v)
-        np.testing.assert_array_equal(bh, v)
+    assert_exact_on_points(symbolic_bounds, net, seed, 3)
 
 
 def test_symbolic_is_never_looser_than_interval() -> None:

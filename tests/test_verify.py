@@ -119,7 +119,7 @@ def test_portfolio_exact_stage_falls_back_only_after_a_timeout(monkeypatch, firs
         assert res.verdict is first[0] and calls[0][1] == pytest.approx(3.0, abs=0.2)
 
 
-@pytest.mark.parametrize("settings_", [VerifySettings(method="milp", fallback="highs"), VerifySettings(),
+@pytest.mark.parametrize("settings_", [VerifySettings(method="milp", fallback="highs"), VerifySettings(fallback=""),
                                        VerifySettings(fallback="cpsat")])
 def test_no_fallback_for_a_forced_milp_or_when_switched_off(monkeypatch, settings_):
     import qverify.exact

@@ -440,18 +440,24 @@ class _Importer:
         self.layers.append(layer)
         return _Acc(len(self.layers), shape, [x.scale / d], x.clip)
 
-    def requantize(self, acc: _Acc, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
-        self.take(acc)
-        if acc.integer:
-            raise self.error("integer accumulator must be Cast to float before QuantizeLinear")
-        etype = _etype(lo, hi)
-        a, b = acc.clip
+    def clipped_range(self, clip: tuple, s: Fraction, z: int, lo: int, hi: int) -> tuple[int, int]:
+        """``[lo, hi]`` narrowed by a real clip interval ``(a, b)`` (``None`` = open) quantized with scale ``s`` and
+        zero point ``z``: ``lo' = max(lo, R(a / s) + z)``, ``hi' = min(hi, R(b / s) + z)``, R half-even."""
+        a, b = clip
         if a is not None:
             lo = max(lo, round_fraction(a / s, Rounding.HALF_EVEN) + z)
         if b is not None:
             hi = min(hi, round_fraction(b / s, Rounding.HALF_EVEN) + z)
         if lo > hi:
             raise self.error(f"the clip interval leaves no integer output (range [{lo}, {hi}])")
+        return lo, hi
+
+    def requantize(self, acc: _Acc, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
+        self.take(acc)
+        if acc.integer:
+            raise self.error("integer accumulator must be Cast to float before QuantizeLinear")
+        etype = _etype(lo, hi)
+        lo, hi = self.clipped_range(acc.clip, s, z, lo, hi)
         self.layers.append(Requantize.affine([m / s for m in acc.mult], z, lo, hi, Rounding.HALF_EVEN, name=name))
         return _Quant(len(self.layers), acc.shape, lo, hi, s, z, etype)
 
@@ -459,14 +465,7 @@ class _Importer:
         if s == x.scale and z == x.zero_point and (lo, hi) == (_INT_RANGES[x.q.etype][1:]):
             # Q(clip(DQ(q))) with the same parameters and type: a clamp
             self.take(x)
-            a, b = x.clip
-            qlo, qhi = max(lo, x.q.lo), min(hi, x.q.hi)
-            if a is not None:
-                qlo = max(qlo, round_fraction(a / s, Rounding.HALF_EVEN) + z)
-            if b is not None:
-                qhi = min(qhi, round_fraction(b / s, Rounding.HALF_EVEN) + z)
-            if qlo > qhi:
-                raise self.error(f"the clip interval leaves no integer output (range [{qlo}, {qhi}])")
+            qlo, qhi = self.clipped_range(x.clip, s, z, max(lo, x.q.lo), min(hi, x.q.hi))
             if (qlo, qhi) == (x.q.lo, x.q.hi):
                 return _Quant(x.q.pos, x.q.shape, qlo, qhi, s, z, x.q.etype)
             self.layers.append(Clamp(qlo, qhi, name=name))
