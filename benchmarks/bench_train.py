@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_verify:
             rows.append({"model": name, "train_s": round(state["train_seconds"], 1)})
             continue
+        fb = "" if args.fallback == "none" else args.fallback
         for r in args.radii:
-            fb = "" if args.fallback == "none" else args.fallback
             key = f"r={r} n={args.n_test} timeout={args.timeout:g}" + (f" fallback={fb}" if fb else "")
             if key not in state["verified"]:
                 v = verify_one(net, images, labels, r, args.timeout, args.workers, fb)

@@ -411,21 +411,15 @@ def _settings_json(settings: VerifySettings) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
 
 
-#: settings that change how fast a run goes, not what its verdicts mean: a resumed run may change them (solver
-#: threads; the watchdog, which older results files do not record)
-RESOURCE_SETTINGS = (("solver", "threads"), ("solver", "watchdog"))
+#: solver settings that change how fast a run goes, not what its verdicts mean: a resumed run may change them
+#: (threads; the watchdog, which older results files do not record)
+RESOURCE_SETTINGS = ("threads", "watchdog")
 
 
 def _verdict_settings(settings: dict) -> dict:
-    """The settings without :data:`RESOURCE_SETTINGS` (a copy)."""
-    out = json.loads(json.dumps(settings))
-    for *parents, key in RESOURCE_SETTINGS:
-        d = out
-        for k in parents:
-            d = d.get(k) if isinstance(d, dict) else None
-        if isinstance(d, dict):
-            d.pop(key, None)
-    return out
+    """The settings without the solver's :data:`RESOURCE_SETTINGS` (a copy)."""
+    solver = {k: v for k, v in settings.get("solver", {}).items() if k not in RESOURCE_SETTINGS}
+    return {**settings, "solver": solver}
 
 
 def _compatible(old: dict, new: dict) -> list[str]:

@@ -106,7 +106,7 @@ def solve(program: Program, settings: SolverSettings, deadline: float | None = N
     if limit <= 0:
         return SolveOutcome(SolveStatus.TIMEOUT, settings.backend, 0.0, "deadline", message="no time left")
     backend = get_backend(settings.backend)
-    if settings.watchdog and getattr(backend, "overruns", False):
+    if settings.watchdog and backend.overruns:
         from qverify.solvers.watchdog import solve_killable
 
         return solve_killable(lambda lim: backend.solve(program, settings, lim), limit, backend.name)
