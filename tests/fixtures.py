@@ -10,6 +10,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from hypothesis import strategies as st
 
 from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
@@ -21,6 +23,9 @@ QVIP = SHARED / "anchors" / "qvip"
 P1_6 = QVIP / "S3L-official_QVIP" / "QNN_benchmark" / "mnist_mlp.h5"
 MNIST1000 = SHARED / "data" / "mnist_test_first1000.npz"
 CIFAR100 = SHARED / "data" / "cifar10_sample100.npz"
+
+#: marks a test that needs a CUDA device (skipped on CPU-only machines such as CI; run where a GPU is lent)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def _requant(rng: np.random.Generator, channels: int, lo: int, hi: int, rounding: Rounding, affine: bool,

@@ -21,6 +21,7 @@ from qverify.network import Conv2d, Dense, QNetwork
 from qverify.quant import Rounding
 from qverify.train.export import export_qnetwork
 from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
+from tests.fixtures import CUDA
 
 
 def reference_intervals(net: QNetwork, lo: np.ndarray, hi: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -105,6 +106,25 @@ def test_torch_intervals_equal_exact_integer_intervals(mx: tuple[QuantNet, np.nd
     for (pl, ph), v in zip(pts, execute(net, x), strict=True):
         assert np.array_equal(pl.detach().numpy(), v.astype(np.float64))
         assert np.array_equal(ph.detach().numpy(), v.astype(np.float64))
+
+
+
+@CUDA
+@settings(max_examples=20, deadline=None)
+@given(quant_models(), st.integers(0, 3))
+def test_cuda_intervals_equal_exact_integer_intervals(mx: tuple[QuantNet, np.ndarray], radius: int) -> None:
+    """The training bounds computed on a GPU are the exact integer intervals too, and they stay differentiable."""
+    model, x = mx
+    net = export_qnetwork(model)
+    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    model = model.to("cuda")
+    got = interval_bounds(model, torch.from_numpy(lo).cuda(), torch.from_numpy(hi).cuda())
+    for (gl, gh), (wl, wh) in zip(got, reference_intervals(net, lo, hi), strict=True):
+        assert gl.device.type == "cuda"
+        assert np.array_equal(gl.detach().cpu().numpy(), wl.astype(np.float64))
+        assert np.array_equal(gh.detach().cpu().numpy(), wh.astype(np.float64))
+    (got[-1][1] - got[-1][0]).sum().backward()
+    assert all(p.grad is None or p.grad.device.type == "cuda" for p in model.parameters())
 
 
 @settings(max_examples=20, deadline=None)

@@ -50,7 +50,7 @@ def _save(nodes, inits, path, in_shape, out_shape, in_type=TensorProto.FLOAT, op
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
                           [_init(k, v) for k, v in inits.items()])
     ops = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
-    onnx.save(helper.make_model(g, opset_imports=ops), str(path))
+    onnx.save(helper.make_model(g, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops, True)), str(path))
     return path
 
 

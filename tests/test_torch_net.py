@@ -151,3 +151,16 @@ def test_limit_threads_restores() -> None:
     assert torch.get_num_threads() == before
     with limit_threads(0):
         assert torch.get_num_threads() == before
+
+
+@fx.CUDA
+@settings(max_examples=30, deadline=None)
+@given(tiny_networks(), st.integers(0, 2**32 - 1))
+def test_cuda_forward_equals_executor_every_layer(net: QNetwork, seed: int) -> None:
+    """On a GPU the float64 kernels sum in another order; integer partial sums below 2^53 stay exact."""
+    x = _grid_points(net, np.random.default_rng(seed))
+    tn = TorchNet(net, device="cuda")
+    got = tn.layer_values(torch.from_numpy(x.astype(np.float64)).cuda())
+    for g, w in zip(got, execute(net, x), strict=True):
+        assert g.device.type == "cuda"
+        assert np.array_equal(g.detach().cpu().numpy(), w.astype(np.float64))

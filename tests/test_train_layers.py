@@ -21,6 +21,7 @@ from qverify.train.layers import (
     dyadic_parts,
     round_real,
 )
+from tests.fixtures import CUDA
 
 
 @settings(max_examples=60, deadline=None)
@@ -151,3 +152,35 @@ def test_requant_on_integers_is_the_executor_rounding(mode: Rounding) -> None:
     got = _Requant.apply(acc_t * mult, acc_t, num[None, :], den[None, :], mode).numpy()
     want = multiply_round(acc.astype(np.int64), num[None, :], den[None, :], mode)
     assert np.array_equal(got, want.astype(np.float64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=40), st.integers(1, 2**20),
+       st.sampled_from(list(Rounding)))
+def test_round_div_torch_is_the_executor_rounding(n: list[int], q: int, mode: Rounding) -> None:
+    """The device-side integer rounding equals qverify.quant.round_div, ties included."""
+    from qverify.train.layers import round_div_torch
+
+    ties = [(2 * k + 1) * q // 2 for k in (-2, -1, 0, 1)] if q % 2 == 0 else []  # n / q exactly halfway
+    arr = np.array(n + [k * q for k in (-3, -1, 0, 2)] + ties, dtype=np.int64)
+    got = round_div_torch(torch.from_numpy(arr), torch.tensor(q), mode).numpy()
+    assert np.array_equal(got, round_div(arr, np.int64(q), mode))
+
+
+@CUDA
+@pytest.mark.parametrize("mode", list(Rounding))
+def test_cuda_requant_is_the_executor_rounding(mode: Rounding) -> None:
+    """On a GPU the requantization rounds in int64 on the device: still the executor's multiply_round."""
+    from qverify.quant import multiply_round
+    from qverify.train.layers import _Requant
+
+    rng = np.random.default_rng(11)
+    acc = rng.integers(-(2**30), 2**30, size=(64, 4)).astype(np.float64)
+    acc[:8] = np.array([[-3, -1, 1, 3]]) * 2**9  # ties for the 2^-10 multiplier below
+    num, den = dyadic_parts(np.array([2.0**-10, 0.75, 2.0**-3 * 5, 1.0]))
+    a = torch.from_numpy(acc).cuda()
+    mult = torch.from_numpy(num / den).cuda()[None, :]
+    got = _Requant.apply(a * mult, a, num[None, :], den[None, :], mode)
+    assert got.device.type == "cuda"
+    want = multiply_round(acc.astype(np.int64), num[None, :], den[None, :], mode)
+    assert np.array_equal(got.cpu().numpy(), want.astype(np.float64))

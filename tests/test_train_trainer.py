@@ -19,6 +19,7 @@ from qverify.train.trainer import (
     select_device,
     train,
 )
+from tests.fixtures import CUDA
 from tests.test_bounds_torch_ibp import _as_pairs, _numpy_interval_module, reference_intervals
 
 TINY = ["data.train='digits'", "data.holdout=300", "model.hidden=[16]", "progress=false", "train.batch_size=64",
@@ -56,6 +57,37 @@ def test_resume_gives_the_uninterrupted_model(tmp_path, extra: tuple[str, ...]) 
         assert np.array_equal(a[k], b[k]), k
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
+
+
+
+@CUDA
+@pytest.mark.parametrize("extra", [(), ("model.arch='cnn'", "model.conv=[[4, 3, 2, 1]]")])
+def test_cuda_training_is_deterministic_resumable_and_exact(tmp_path, extra: tuple[str, ...]) -> None:
+    """On a GPU: the same seed gives the same model, an interrupted run resumes to it, and the figures the
+    trainer reports (computed on the GPU) are those of the exported integer network on the CPU."""
+    common = ["device='cuda'", "train.epochs=3", "train.warmup_epochs=0.5", "train.ramp_epochs=1.0",
+              "train.lr_milestones=[2]", *extra]
+    full = train(_cfg(*common, out=str(tmp_path / "a")))
+    again = train(_cfg(*common, out=str(tmp_path / "c")))
+    part = train(_cfg(*common, out=str(tmp_path / "b")), stop_after_epoch=0)
+    resumed = train(_cfg(*common, out=str(tmp_path / "b")), resume=True)
+    a = _state(full.model)
+    for other in (again, resumed):
+        b = _state(other.model)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(part.history) == 1 and next(full.model.parameters()).device.type == "cuda"
+    net = full.network()
+    _, ev = prepare_data(_cfg(*common))
+    x, y = ev.images.astype(np.int64), ev.labels
+    from qverify.bounds.interval import certified_by_interval
+    from qverify.execute import predict
+    from qverify.property import robustness_property
+
+    r = full.config.train.radius
+    props = [robustness_property(net, x[i].ravel(), int(y[i]), radius=r) for i in range(len(y))]
+    assert full.eval is not None
+    assert np.array_equal(full.eval.certified, np.asarray(certified_by_interval(net, props), dtype=bool))
+    assert np.array_equal(full.eval.correct, predict(net, x) == y)
 
 
 def test_resume_rejects_other_config(tmp_path) -> None:

@@ -195,7 +195,11 @@ def export_onnx(model: QuantNet, path: str | Path, opset: int = 13) -> QNetwork:
         nodes, net.name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *model.input_shape])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", model.n_classes])], inits)
-    om = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qverify.train")
+    ops = [helper.make_opsetid("", opset)]
+    # the oldest IR version that carries the opset, not the installed onnx package's newest: runtimes older
+    # than that package still load the file (onnx 1.23 writes IR 14, which onnxruntime 1.30 refuses)
+    om = helper.make_model(graph, opset_imports=ops, producer_name="qverify.train",
+                           ir_version=helper.find_min_ir_version_for(ops))
     onnx.checker.check_model(om)
     onnx.save(om, str(path))
     return net

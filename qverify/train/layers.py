@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qverify.quant import Rounding, multiply_round
+from qverify.quant import INT64_SAFE, Rounding, multiply_round
 from qverify.torch_net import LeakyClamp
 
 SCHEMES = ("pow2", "affine")
@@ -158,6 +158,22 @@ def dyadic_parts(mult: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return num, den
 
 
+def round_div_torch(n: torch.Tensor, q: torch.Tensor, mode: Rounding) -> torch.Tensor:
+    """``R(n / q)`` for int64 tensors ``n`` and positive ``q`` (broadcast) on any device: the integer formulas of
+    :func:`qverify.quant.round_div` (floor ``n // q``; half up ``(2n + q) // 2q``; half away on ``|n|``; half even
+    from the floor and the remainder), in torch int64, whose ``//`` floors as Python's does. Exact while
+    ``2|n| + 2q < 2^63`` (callers check); tested equal to the executor's rounding."""
+    if mode is Rounding.FLOOR:
+        return n // q
+    if mode is Rounding.HALF_UP:
+        return (2 * n + q) // (2 * q)
+    if mode is Rounding.HALF_AWAY:
+        return torch.sign(n) * ((2 * n.abs() + q) // (2 * q))
+    f = n // q
+    twice = 2 * (n - f * q)
+    return f + ((twice > q) | ((twice == q) & (f % 2 != 0))).to(torch.int64)
+
+
 class _Requant(torch.autograd.Function):
     """``R(v)`` with ``v = acc * M``: exact integer rounding on the grid, straight-through gradient."""
 
@@ -167,6 +183,12 @@ class _Requant(torch.autograd.Function):
         a = acc.detach()
         if a.numel() and bool(torch.all(a == torch.floor(a))):
             amax = float(a.abs().max())
+            if (a.device.type != "cpu" and np.asarray(num).dtype != object and np.asarray(den).dtype != object
+                    and amax * float(np.max(num)) + 2 * float(np.max(den)) < INT64_SAFE / 2):
+                # on a GPU: the same integer rounding in int64 on the device (no round trip through the host)
+                nt = torch.as_tensor(np.asarray(num, dtype=np.int64), device=a.device)
+                dt = torch.as_tensor(np.asarray(den, dtype=np.int64), device=a.device)
+                return round_div_torch(a.to(torch.int64) * nt, dt, mode).to(torch.float64)
             if amax < _EXACT:  # exact integers: the executor's rounding (Python ints where int64 could overflow)
                 ai = a.cpu().numpy().astype(np.int64)
                 out = multiply_round(ai, num, den, mode, acc_bound=int(amax))

@@ -16,17 +16,19 @@ Optional ``float_epochs`` of natural float pre-training precede quantization (th
 trained float model). Determinism: weights are initialised from ``seed``; epoch ``e`` visits the training set in
 the order of a generator seeded with ``(seed, e)``; the schedule and learning rate are pure functions of
 ``(epoch, step)``. A checkpoint after each epoch holds the model, the optimizer and the history, so
-``train(cfg, resume=True)`` continues to the same final model as an uninterrupted run (tested).
+``train(cfg, resume=True)`` continues to the same final model as an uninterrupted run (tested). On CUDA, training
+runs with deterministic kernels only (:func:`deterministic_kernels`; tested on an H100 where a GPU is lent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -410,11 +412,40 @@ def _quantize_now(model: QuantNet, calib: torch.Tensor, weights: bool) -> None:
     model.quantized = True
 
 
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, only deterministic kernels while the block runs (cuDNN's convolution backward otherwise sums in
+    a run-dependent order, and two runs with one seed drift apart: measured on an H100); the global flags are
+    restored afterwards. A no-op on the CPU, whose kernels are deterministic for a fixed thread count."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if saved[3] is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # what cuBLAS needs for reproducible reductions
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           data: tuple[Dataset, Dataset] | None = None) -> TrainResult:
     """Train per ``cfg`` (module docstring). ``resume``: continue from ``out_dir/checkpoint.pt`` when present.
     ``stop_after_epoch``: return after that epoch (simulates an interruption). ``data``: pre-loaded sets."""
+    with deterministic_kernels(select_device(cfg.device)):
+        return _train(cfg, resume, stop_after_epoch, on_epoch, data)
+
+
+def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
+           on_epoch: Callable[[dict[str, Any]], None] | None, data: tuple[Dataset, Dataset] | None) -> TrainResult:
     t_start = time.perf_counter()
     tc = cfg.train
     if cfg.threads > 0:
