@@ -306,7 +306,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.set or [])
     for key, flag in (("train.method", args.method), ("train.epochs", args.epochs), ("train.eps", args.eps),
-                      ("data.train", args.data), ("device", args.device), ("seed", args.seed)):
+                      ("train.bound", args.bound), ("data.train", args.data), ("device", args.device),
+                      ("seed", args.seed)):
         if flag is not None:
             overrides.append(f"{key}={flag}" if not isinstance(flag, str) else f'{key}="{flag}"')
     try:
@@ -522,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training objective (qaibp: quantization-aware IBP)")
     c.add_argument("--epochs", type=int, default=None, help="epochs")
     c.add_argument("--eps", type=float, default=None, help="training radius in input units (pixels)")
+    c.add_argument("--bound", choices=["ibp", "crown-ibp"], default=None,
+                   help="margin bounds of the robust term: interval (default) or CROWN-IBP (beta ramps 1 -> "
+                        "train.beta_end)")
     c.add_argument("--data", default=None,
                    help="training data: mnist-5k (bundled), digits, npz:PATH, idx:DIR, keras-npz:PATH, cifar10:DIR")
     c.add_argument("--device", default=None, help="cpu (default), cuda, or auto")

@@ -44,7 +44,8 @@ def _state(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("extra", [(), ("train.method='float-ibp'",),
-                                   ("quant.scheme='affine'", "train.float_epochs=1")])
+                                   ("quant.scheme='affine'", "train.float_epochs=1"),
+                                   ("train.bound='crown-ibp'", "train.beta_end=0.5")])
 def test_resume_gives_the_uninterrupted_model(tmp_path, extra: tuple[str, ...]) -> None:
     common = ["train.epochs=4", "train.warmup_epochs=1.0", "train.ramp_epochs=1.5", "train.lr_milestones=[2]", *extra]
     full = train(_cfg(*common, out=str(tmp_path / "a")))
@@ -88,6 +89,30 @@ def test_cuda_training_is_deterministic_resumable_and_exact(tmp_path, extra: tup
     assert full.eval is not None
     assert np.array_equal(full.eval.certified, np.asarray(certified_by_interval(net, props), dtype=bool))
     assert np.array_equal(full.eval.correct, predict(net, x) == y)
+
+
+def test_checkpoint_written_before_new_settings_resumes(tmp_path) -> None:
+    """A checkpoint whose configuration lacks settings added later (here the CROWN-IBP ones) resumes as long as
+    the run uses their defaults."""
+    common = ["train.epochs=2", "train.warmup_epochs=0.5", "train.ramp_epochs=1.0"]
+    train(_cfg(*common, out=str(tmp_path)), stop_after_epoch=0)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for k in ("bound", "beta_end"):
+        del state["config"]["train"][k]
+    torch.save(state, path)
+    assert len(train(_cfg(*common, out=str(tmp_path)), resume=True).history) == 2
+    with pytest.raises(ConfigError):
+        train(_cfg(*common, "train.bound='crown-ibp'", out=str(tmp_path)), resume=True)
+
+
+def test_crown_ibp_bound_trains() -> None:
+    res = train(_cfg("train.bound='crown-ibp'", "train.epochs=4", "train.warmup_epochs=1.0", "train.ramp_epochs=2.0"))
+    h = res.history
+    assert h[-1]["natural_loss"] < h[0]["natural_loss"] and h[-1]["robust_loss"] > 0
+    assert h[-1]["eval_acc"] > 0.7 and res.network().metadata["train_method"] == "qaibp"
+    with pytest.raises(ConfigError):
+        load_config(None, ["train.bound='crown'"])
 
 
 def test_resume_rejects_other_config(tmp_path) -> None:

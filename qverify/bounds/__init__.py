@@ -6,7 +6,8 @@
   rounding's error and each clamp's relaxation; tighter per-layer bounds for the encoders and margin bounds that
   certify argmax robustness;
 * :mod:`qverify.bounds.torch_ibp` - the differentiable interval propagation used in training (imported on demand,
-  it needs torch).
+  it needs torch);
+* :mod:`qverify.bounds.torch_crown` - differentiable CROWN-IBP margin bounds (training's ``bound = "crown-ibp"``).
 """
 
 from qverify.bounds.interval import (

@@ -15,7 +15,9 @@ bound of the margin ``z_y - z_j``:
       L = kappa(t) CE(z, y) + lambda(t) CE(z_worst, y) + rho(t) W,   z_worst = s * (l_y, u_{j != y})
 
   (the trainer sets ``lambda = 1 - kappa`` for the ``ibp`` methods, ``kappa`` ramping from 1 to ``kappa_end``);
-* plain QAT: ``kappa = 1``, ``lambda = rho = 0`` (no bounds are computed).
+* plain QAT: ``kappa = 1``, ``lambda = rho = 0`` (no bounds are computed);
+* CROWN-IBP (``beta > 0``, any robust term): ``lb = beta lb_CROWN-IBP + (1 - beta) lb_IBP`` in place of the interval
+  margin bounds (Zhang et al. 2020).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qverify.bounds.torch_crown import crown_ibp_margins
 from qverify.bounds.torch_ibp import (
     certified_by_bounds,
     input_box,
@@ -76,12 +79,15 @@ def width_regularizer(model: QuantNet, bounds: list[tuple[torch.Tensor, torch.Te
 
 
 def objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float, lam: float,
-              rho: float, robust: str = "hinge", margin: float = 0.5) -> tuple[torch.Tensor, LossStats]:
+              rho: float, robust: str = "hinge", margin: float = 0.5,
+              beta: float = 0.0) -> tuple[torch.Tensor, LossStats]:
     """The training loss of one batch (module docstring) and its statistics.
 
     ``x`` integer pixels ``[B, ...]``, ``y`` labels, ``eps`` the (real-valued) training radius in input units.
     Bounds are computed only when ``eps > 0`` and a bound term has weight; ``certified`` counts the samples the
-    batch's bounds at this ``eps`` prove robust.
+    batch's interval bounds at this ``eps`` prove robust. ``beta > 0``: the margin lower bounds of the robust term
+    are ``beta lb_CROWN-IBP + (1 - beta) lb_IBP`` (:func:`qverify.bounds.torch_crown.crown_ibp_margins`); the CE
+    term then reads ``CE(-s lb, y)``, which is ``CE(z_worst, y)`` when ``beta = 0``.
     """
     if robust not in ROBUST_TERMS:
         raise ValueError(f"robust term must be one of {ROBUST_TERMS}, got {robust!r}")
@@ -100,7 +106,11 @@ def objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, eps: float, kap
         out_lo = bounds[-1][0].reshape(-1, model.n_classes)
         out_hi = bounds[-1][1].reshape(-1, model.n_classes)
         if lam > 0:
-            if robust == "hinge":
+            if beta > 0:
+                lb = margin_lower_bounds(out_lo, out_hi, y)
+                lb = beta * crown_ibp_margins(model, lo, hi, y, params, bounds) + (1.0 - beta) * lb
+                rob = hinge_loss(lb * scale, y, margin) if robust == "hinge" else F.cross_entropy(-lb * scale, y)
+            elif robust == "hinge":
                 rob = hinge_loss(margin_lower_bounds(out_lo, out_hi, y) * scale, y, margin)
             else:
                 rob = F.cross_entropy(worst_case_logits(out_lo, out_hi, y) * scale, y)

@@ -6,6 +6,7 @@ steps_per_epoch`` and ``R = ramp_epochs * steps_per_epoch`` the ramp fraction is
 
 * ``eps(t) = f * eps``, ``lambda(t) = f * lam``, ``rho(t) = f * rho``,
 * ``kappa(t) = 1 + f * (kappa_end - 1)`` (classic IBP: ``lambda(t) = 1 - kappa(t)``),
+* ``beta(t) = 1 + f * (beta_end - 1)``, CROWN-IBP's weight of its linear bound against the interval bound,
 * ``lr(epoch) = lr * gamma^(number of milestones <= epoch)`` (step decay).
 
 Every value is a pure function of ``(epoch, step)``: nothing to save, so a resumed run sees the same values.
@@ -25,6 +26,7 @@ class ScheduleValues:
     rho: float
     lr: float
     fraction: float
+    beta: float = 1.0
 
 
 def ramp_fraction(t: int, warmup_steps: int, ramp_steps: int) -> float:
@@ -44,7 +46,7 @@ def step_decay(lr: float, epoch: int, milestones: Sequence[int], gamma: float) -
 def schedule_values(epoch: int, step: int, steps_per_epoch: int, *, warmup_epochs: float, ramp_epochs: float,
                     eps: float, lam: float, rho: float, kappa_end: float, lr: float,
                     milestones: Sequence[int] = (), gamma: float = 0.1, ibp_mixing: bool = False,
-                    start_epoch: float = 0.0) -> ScheduleValues:
+                    start_epoch: float = 0.0, beta_end: float = 1.0) -> ScheduleValues:
     """The schedule at ``(epoch, step)``; ``start_epoch`` shifts the warm-up start (e.g. after float pre-training).
 
     ``ibp_mixing``: ``lambda = 1 - kappa`` (classic IBP) instead of ``f * lam``.
@@ -56,4 +58,4 @@ def schedule_values(epoch: int, step: int, steps_per_epoch: int, *, warmup_epoch
     kappa = 1.0 + f * (kappa_end - 1.0)
     lam_t = (1.0 - kappa) if ibp_mixing else f * lam
     return ScheduleValues(eps=f * eps, kappa=kappa, lam=lam_t, rho=f * rho,
-                          lr=step_decay(lr, epoch, milestones, gamma), fraction=f)
+                          lr=step_decay(lr, epoch, milestones, gamma), fraction=f, beta=1.0 + f * (beta_end - 1.0))
