@@ -108,9 +108,13 @@ def crown_ibp_margins(model: QuantNet, lo: torch.Tensor, hi: torch.Tensor, label
     q = model.quantized
     labels = torch.as_tensor(labels, dtype=torch.int64, device=ib[0][0].device)
     B, n = labels.shape[0], model.n_classes
+    k = n - 1
     eye = torch.eye(n, dtype=DTYPE, device=labels.device)
-    lam = eye[labels][:, None, :] - eye[None, :, :]           # [B, K, n]: row j is e_y - e_j
-    bias = torch.zeros((B, n), dtype=DTYPE, device=labels.device)
+    # the other classes of each sample: others[b, r] = r + (r >= y_b), so row r is e_y - e_{others[b, r]}
+    others = torch.arange(k, device=labels.device)[None, :].expand(B, k)
+    others = others + (others >= labels[:, None]).to(others.dtype)
+    lam = eye[labels][:, None, :] - eye[others]               # [B, K, n] with K = n - 1
+    bias = torch.zeros((B, k), dtype=DTYPE, device=labels.device)
     # the index in ``ib`` of each block's input
     starts, i = [], 0
     for blk in model.blocks:
@@ -121,18 +125,19 @@ def crown_ibp_margins(model: QuantNet, lo: torch.Tensor, hi: torch.Tensor, label
             assert p is not None
             acc, act = ib[s + 1], ib[s + 2]
             a_l, b_l, a_u, b_u = _activation_lines(blk, p, acc, act, q)
-            lam = lam.reshape(B, n, *acc[0].shape[1:])
-            pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+            lam = lam.reshape(B, k, *acc[0].shape[1:])
+            pos = lam >= 0
             dims = tuple(range(2, lam.ndim))
-            bias = bias + (pos * b_l[:, None] + neg * b_u[:, None]).sum(dim=dims)
-            lam = pos * a_l[:, None] + neg * a_u[:, None]
+            bias = bias + (lam * torch.where(pos, b_l[:, None], b_u[:, None])).sum(dim=dims)
+            lam = lam * torch.where(pos, a_l[:, None], a_u[:, None])
             bshape = (1, 1, -1) + (1,) * (lam.ndim - 3)
             bias = bias + (lam * p.bias.reshape(bshape)).sum(dim=dims)
             lam = _back_affine(blk, p, lam, tuple(ib[s][0].shape[1:]))
         else:
-            lam = lam.reshape(B, n, *ib[s][0].shape[1:])
+            lam = lam.reshape(B, k, *ib[s][0].shape[1:])
     x_lo, x_hi = ib[0]
-    lam = lam.reshape(B, n, *x_lo.shape[1:])
+    lam = lam.reshape(B, k, *x_lo.shape[1:])
     dims = tuple(range(2, lam.ndim))
-    lb = bias + (lam.clamp(min=0) * x_lo[:, None] + lam.clamp(max=0) * x_hi[:, None]).sum(dim=dims)
-    return lb.masked_fill(F.one_hot(labels, n).bool(), 0.0)
+    lb = bias + (lam * torch.where(lam >= 0, x_lo[:, None], x_hi[:, None])).sum(dim=dims)
+    out = torch.zeros((B, n), dtype=DTYPE, device=labels.device)
+    return out.scatter(1, others, lb)
