@@ -183,7 +183,8 @@ class _Requant(torch.autograd.Function):
         a = acc.detach()
         if a.numel() and bool(torch.all(a == torch.floor(a))):
             amax = float(a.abs().max())
-            if (a.device.type != "cpu" and np.asarray(num).dtype != object and np.asarray(den).dtype != object
+            if (amax < _EXACT and a.device.type != "cpu" and np.asarray(num).dtype != object
+                    and np.asarray(den).dtype != object
                     and amax * float(np.max(num)) + 2 * float(np.max(den)) < INT64_SAFE / 2):
                 # on a GPU: the same integer rounding in int64 on the device (no round trip through the host)
                 nt = torch.as_tensor(np.asarray(num, dtype=np.int64), device=a.device)
