@@ -95,3 +95,18 @@ def test_cuda_margins_equal_cpu_margins(mx: tuple[QuantNet, np.ndarray], radius:
     gpu = crown_ibp_margins(model, torch.from_numpy(lo).cuda(), torch.from_numpy(hi).cuda(), y.cuda())
     assert gpu.device.type == "cuda"
     assert np.allclose(gpu.detach().cpu().numpy(), cpu, atol=TOL, rtol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(quant_models(), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_float_mode_margins_below_sampled_points(mx: tuple[QuantNet, np.ndarray], radius: int, seed: int) -> None:
+    """In float mode (float-IBP training) the activation is ReLU and the bound classic CROWN-IBP: still sound."""
+    model, x = mx
+    model.quantized = False
+    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    y = np.arange(len(x)) % model.n_classes
+    lb = crown_ibp_margins(model, torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(y)).detach().numpy()
+    rng = np.random.default_rng(seed)
+    for pts in [lo, hi, *(rng.integers(lo, hi + 1) for _ in range(6))]:
+        out = model.layer_values(torch.from_numpy(pts))[-1].detach().numpy().reshape(len(x), -1)
+        assert np.all(lb <= out[np.arange(len(x)), y][:, None] - out + TOL)
