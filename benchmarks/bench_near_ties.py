@@ -38,18 +38,6 @@ from ortools.linear_solver import pywraplp  # noqa: E402  (OR-Tools before anyth
 from benchmarks.common import MNIST1000, print_table, write_json  # noqa: E402
 
 
-def _lp(program) -> tuple[pywraplp.Solver, list]:
-    lin = program.linearized()
-    s = pywraplp.Solver.CreateSolver("GLOP")
-    xs = [s.NumVar(float(v.lo), float(v.hi), "") for v in lin.vars]
-    inf = s.infinity()
-    for c in lin.cons:
-        row = s.Constraint(-inf if c.lo is None else float(c.lo), inf if c.hi is None else float(c.hi))
-        for k, a in c.terms:
-            row.SetCoefficient(xs[k], float(a))
-    return s, xs
-
-
 def _value(e, sol: np.ndarray) -> float:
     if isinstance(e, (int, np.integer)):
         return float(e)
@@ -95,6 +83,7 @@ def diagnose(net, image: np.ndarray, label: int, radius: int) -> list[dict]:
     from qverify.encode import encode_network
     from qverify.execute import forward
     from qverify.property import pixels_to_grid, robustness_property
+    from qverify.solvers.ortools_mip import fill_solver
     from qverify.verify import symbolic_check
 
     x = pixels_to_grid(net, image[None])[0]
@@ -102,7 +91,8 @@ def diagnose(net, image: np.ndarray, label: int, radius: int) -> list[dict]:
     _, bounds = symbolic_check(net, prop)
     flat = [(lo_.ravel(), hi_.ravel()) for lo_, hi_ in bounds]
     enc = encode_network(net, prop.lo, prop.hi, flat, "range")
-    solver, xs = _lp(enc.program)
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    xs = fill_solver(solver, enc.program, integer=False)
     lo, hi = prop.lo.ravel().astype(np.int64), prop.hi.ravel().astype(np.int64)
     rows = []
     for j in range(len(enc.outputs)):

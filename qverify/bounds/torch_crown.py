@@ -45,7 +45,6 @@ def _line_bounds(l: torch.Tensor, u: torch.Tensor, m: torch.Tensor | float, d_lo
     flat = width <= 0
     w = torch.where(flat, torch.ones_like(width), width)
     zero = torch.zeros_like(l)
-    mm = m.expand_as(l) if m.ndim else m * torch.ones_like(l)
     # lower side: clamp(t) with t = a m - d_lo on [tl, tu]
     tl, tu = l * m - d_lo, u * m - d_lo
     inside = (tl >= lo) & (tu <= hi)
@@ -53,7 +52,7 @@ def _line_bounds(l: torch.Tensor, u: torch.Tensor, m: torch.Tensor | float, d_lo
     concave = (tl >= lo) & (tl < hi) & (tu > hi)             # min(t, hi): the chord lies below
     use_line = inside | (convex & ((tu - lo) > (lo - tl)))
     chord_l = (hi - tl) / w
-    a_l = torch.where(use_line, mm, torch.where(concave, chord_l, zero))
+    a_l = torch.where(use_line, m, torch.where(concave, chord_l, zero))
     b_l = torch.where(use_line, torch.full_like(l, -d_lo), torch.where(concave, tl - chord_l * l, q_lo))
     # upper side: clamp(t') with t' = a m + d_hi
     sl, su = l * m + d_hi, u * m + d_hi
@@ -62,7 +61,7 @@ def _line_bounds(l: torch.Tensor, u: torch.Tensor, m: torch.Tensor | float, d_lo
     concave_u = (sl >= lo) & (sl < hi) & (su > hi)           # min(t', hi): the line t', or the constant
     use_line_u = inside_u | (concave_u & ((su - hi) < (hi - sl)))
     chord_u = (su - lo) / w
-    a_u = torch.where(use_line_u, mm, torch.where(convex_u, chord_u, zero))
+    a_u = torch.where(use_line_u, m, torch.where(convex_u, chord_u, zero))
     b_u = torch.where(use_line_u, torch.full_like(l, d_hi), torch.where(convex_u, lo - chord_u * l, q_hi))
     a_l, a_u = torch.where(flat, zero, a_l), torch.where(flat, zero, a_u)
     b_l, b_u = torch.where(flat, q_lo, b_l), torch.where(flat, q_hi, b_u)
@@ -115,12 +114,7 @@ def crown_ibp_margins(model: QuantNet, lo: torch.Tensor, hi: torch.Tensor, label
     others = others + (others >= labels[:, None]).to(others.dtype)
     lam = eye[labels][:, None, :] - eye[others]               # [B, K, n] with K = n - 1
     bias = torch.zeros((B, k), dtype=DTYPE, device=labels.device)
-    # the index in ``ib`` of each block's input
-    starts, i = [], 0
-    for blk in model.blocks:
-        starts.append(i)
-        i += 2 if isinstance(blk, QAffine) else 1
-    for blk, p, s in zip(reversed(model.blocks), reversed(params), reversed(starts), strict=True):
+    for blk, p, s in zip(reversed(model.blocks), reversed(params), reversed(model.block_starts()), strict=True):
         if isinstance(blk, QAffine):
             assert p is not None
             acc, act = ib[s + 1], ib[s + 2]

@@ -25,6 +25,27 @@ _NAMES = {pywraplp.Solver.OPTIMAL: "OPTIMAL", pywraplp.Solver.FEASIBLE: "FEASIBL
           pywraplp.Solver.MODEL_INVALID: "MODEL_INVALID"}
 
 
+def fill_solver(s: pywraplp.Solver, program: Program, integer: bool = True) -> list:
+    """Add ``program`` (indicators linearized with exact big-M, :meth:`Program.linearized`) to the empty solver
+    ``s`` as variables, rows and a minimized objective; returns the variables by index. ``integer=False`` gives the
+    LP relaxation (continuous variables), e.g. for GLOP."""
+    lin = program.linearized()
+    inf = s.infinity()
+    make = s.IntVar if integer else s.NumVar
+    xs = [make(float(v.lo), float(v.hi), v.name) for v in lin.vars]
+    for c in lin.cons:
+        row = s.RowConstraint(-inf if c.lo is None else float(c.lo), inf if c.hi is None else float(c.hi), c.name)
+        for k, a in c.terms:
+            row.SetCoefficient(xs[k], float(a))
+    obj = s.Objective()
+    if lin.objective is not None:
+        for k, a in lin.objective.terms.items():
+            obj.SetCoefficient(xs[k], float(a))
+        obj.SetOffset(float(lin.objective.const))
+    obj.SetMinimization()
+    return xs
+
+
 class OrToolsMipBackend:
     overruns = True  # both check the time limit only between phases (see qverify.solvers.watchdog)
 
@@ -42,19 +63,7 @@ class OrToolsMipBackend:
         if s is None:
             return SolveOutcome(SolveStatus.ERROR, self.name, 0.0, "unavailable",
                                 message=f"OR-Tools was built without {_IDS[self.name]}")
-        lin = program.linearized()
-        inf = s.infinity()
-        xs = [s.IntVar(float(v.lo), float(v.hi), v.name) for v in lin.vars]
-        for c in lin.cons:
-            row = s.RowConstraint(-inf if c.lo is None else float(c.lo), inf if c.hi is None else float(c.hi), c.name)
-            for k, a in c.terms:
-                row.SetCoefficient(xs[k], float(a))
-        obj = s.Objective()
-        if lin.objective is not None:
-            for k, a in lin.objective.terms.items():
-                obj.SetCoefficient(xs[k], float(a))
-            obj.SetOffset(float(lin.objective.const))
-        obj.SetMinimization()
+        xs = fill_solver(s, program)
         threads_ok = s.SetNumThreads(settings.num_threads)
         s.SetTimeLimit(max(1, int(time_limit * 1000)))
         if self.name == "scip":

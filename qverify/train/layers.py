@@ -461,6 +461,15 @@ class QuantNet(nn.Module):
                 out.append(None)
         return out
 
+    def block_starts(self) -> list[int]:
+        """Per block, the index of its input in :meth:`layer_values` (and in the interval bounds' list): a
+        quantized affine block adds two exported layers (affine, requantization), a flatten one."""
+        starts, i = [], 0
+        for blk in self.blocks:
+            starts.append(i)
+            i += blk.n_layers
+        return starts
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """Integer pixels as float64 ``[B, *input_shape]`` in the mode's units (real units when not quantized)."""
         v = torch.as_tensor(x).to(DTYPE).reshape((-1, *self.input_shape))

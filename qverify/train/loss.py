@@ -63,16 +63,11 @@ def width_regularizer(model: QuantNet, bounds: list[tuple[torch.Tensor, torch.Te
                       params: list) -> torch.Tensor:
     """Mean over hidden affine blocks of the mean real width of their activation bounds."""
     terms = []
-    i = 1
-    for blk, p in zip(model.blocks, params, strict=True):
-        if isinstance(blk, QAffine):
-            if not blk.last:
-                lo, hi = bounds[i + 1]
-                scale = torch.exp2(p.out_log2).reshape(()) if model.quantized else 1.0
-                terms.append(((hi - lo) * scale).mean())
-            i += 2
-        else:
-            i += 1
+    for blk, p, s in zip(model.blocks, params, model.block_starts(), strict=True):
+        if isinstance(blk, QAffine) and not blk.last:
+            lo, hi = bounds[s + 2]  # the block's activation
+            scale = torch.exp2(p.out_log2).reshape(()) if model.quantized else 1.0
+            terms.append(((hi - lo) * scale).mean())
     if not terms:
         return torch.zeros((), dtype=bounds[0][0].dtype)
     return torch.stack(terms).mean()
@@ -106,12 +101,13 @@ def objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, eps: float, kap
         out_lo = bounds[-1][0].reshape(-1, model.n_classes)
         out_hi = bounds[-1][1].reshape(-1, model.n_classes)
         if lam > 0:
+            lb = margin_lower_bounds(out_lo, out_hi, y)
             if beta > 0:
-                lb = margin_lower_bounds(out_lo, out_hi, y)
                 lb = beta * crown_ibp_margins(model, lo, hi, y, params, bounds) + (1.0 - beta) * lb
-                rob = hinge_loss(lb * scale, y, margin) if robust == "hinge" else F.cross_entropy(-lb * scale, y)
-            elif robust == "hinge":
-                rob = hinge_loss(margin_lower_bounds(out_lo, out_hi, y) * scale, y, margin)
+            if robust == "hinge":
+                rob = hinge_loss(lb * scale, y, margin)
+            elif beta > 0:
+                rob = F.cross_entropy(-lb * scale, y)
             else:
                 rob = F.cross_entropy(worst_case_logits(out_lo, out_hi, y) * scale, y)
             loss = loss + lam * rob
