@@ -103,7 +103,7 @@ def save_state(out_dir: Path, name: str, state: dict) -> None:
 
 
 def verify_one(net, images: np.ndarray, labels: np.ndarray, radius: int, timeout: float, workers: int,
-               fallback: str = "") -> dict:
+               fallback: str = "", relax: str = "") -> dict:
     from qverify.attack import AttackSettings, attack_batch
     from qverify.bounds.interval import certified_by_interval
     from qverify.execute import predict
@@ -114,7 +114,7 @@ def verify_one(net, images: np.ndarray, labels: np.ndarray, radius: int, timeout
     x = pixels_to_grid(net, images)
     props = [robustness_property(net, x[i], int(labels[i]), radius=radius) for i in range(len(labels))]
     clean = predict(net, x) == labels
-    settings = VerifySettings(timeout=timeout, fallback=fallback)
+    settings = VerifySettings(timeout=timeout, fallback=fallback, relax=relax)
     t = time.perf_counter()
     interval = np.asarray(certified_by_interval(net, props), dtype=bool)
     t_interval = time.perf_counter() - t
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fallback", default="highs", choices=["none", "highs", "scip", "cbc"],
                     help="the portfolio's fallback back end (VerifySettings.fallback, default highs as in the "
                          "library; rows are kept per value, 'none' being the key without a suffix)")
+    ap.add_argument("--relax", default="scip", choices=["none", "scip", "highs", "cbc"],
+                    help="back end of the portfolio's relaxed-input program (VerifySettings.relax, default scip as "
+                         "in the library; rows are kept per value, 'none' being the key without a suffix)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     ap.add_argument("--no-verify", action="store_true")
@@ -194,17 +197,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"model": name, "train_s": round(state["train_seconds"], 1)})
             continue
         fb = "" if args.fallback == "none" else args.fallback
+        rx = "" if args.relax == "none" else args.relax
         for r in args.radii:
-            key = f"r={r} n={args.n_test} timeout={args.timeout:g}" + (f" fallback={fb}" if fb else "")
+            key = (f"r={r} n={args.n_test} timeout={args.timeout:g}" + (f" fallback={fb}" if fb else "")
+                   + (f" relax={rx}" if rx else ""))
             if key not in state["verified"]:
-                v = verify_one(net, images, labels, r, args.timeout, args.workers, fb)
+                v = verify_one(net, images, labels, r, args.timeout, args.workers, fb, rx)
                 state["verified"][key] = {
                     "model": name, "r": r, "clean": v["clean_acc"], "pgd": v["pgd_acc"],
                     "interval": v["interval_cert_acc"], "certified": v["certified_acc"],
                     "counterexample": v["counterexample"], "unknown": v["unknown"], "error": v["error"],
                     "train_s": round(state["train_seconds"], 1), "verify_s": round(v["verify_seconds"], 1),
                     "pgd_s": round(v["attack_seconds"], 1), "methods": json.dumps(v["methods"]),
-                    "unknown_ids": v["unknown_ids"], "fallback": args.fallback}
+                    "unknown_ids": v["unknown_ids"], "fallback": args.fallback, "relax": args.relax}
                 save_state(out_dir, name, state)
             rows.append(state["verified"][key])
             print(rows[-1], flush=True)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -462,6 +462,30 @@ def _local_search(tn: TorchNet, props: Sequence[Property], regions: PaddedRegion
             x = x.copy()
             x[coords[kbest % c]] = vals[kbest // c, kbest % c]
     return iters
+
+
+def descend(net: QNetwork, prop: Property, starts: np.ndarray, settings: AttackSettings | VerifySettings | None = None,
+            deadline: float | None = None, target: int | None = None) -> Counterexample | None:
+    """The local search alone (module docstring) from given grid points of the box, e.g. a relaxation's solution
+    rounded to the grid: each start is checked, then descended twice (clamped and unclamped soft logits) for up to
+    ``settings.local_steps`` moves, on the loss of disjunct ``target`` (``None``: all of them). Returns a
+    counterexample confirmed by replay, or ``None``."""
+    s = _settings(settings)
+    prop.check_network(net)
+    pts = np.clip(np.atleast_2d(np.asarray(starts, dtype=np.int64)), prop.lo, prop.hi)
+    found: list[Counterexample | None] = [None]
+    regions = PaddedRegions.of([prop])
+    one = np.array([0])
+    with limit_threads(s.threads):
+        _check_points(net, [prop], regions, found, one, pts[None], "start", s.max_rows)
+        if found[0] is not None or s.local_steps <= 0 or _expired(deadline):
+            return found[0]
+        starts2 = np.repeat(pts, 2, axis=0)[None]  # restart r: clamped soft logits when r is even
+        R = starts2.shape[1]
+        targets = np.full((1, R), -1 if target is None else int(target), dtype=np.int64)
+        _local_search(TorchNet(net, leak=s.leak), [prop], regions, found, one, prop.lo[None], prop.hi[None],
+                      starts2, targets, np.random.default_rng(s.seed), replace(s, local_starts=R), deadline)
+    return found[0]
 
 
 def attack(net: QNetwork, prop: Property, settings: AttackSettings | VerifySettings | None = None,

@@ -143,7 +143,8 @@ def _verify_settings(args: argparse.Namespace, timeout: float | None = None):
     solver = SolverSettings(backend=args.solver, encoding=args.encoding, threads=args.threads, seed=args.seed,
                             time_limit=timeout or args.timeout)
     return VerifySettings(method=args.method, timeout=timeout or args.timeout, solver=solver, seed=args.seed,
-                          fallback="" if args.fallback == "none" else args.fallback)
+                          fallback="" if args.fallback == "none" else args.fallback,
+                          relax="" if args.relax == "none" else args.relax)
 
 
 def _print_result(prop_name: str, result) -> None:
@@ -428,6 +429,9 @@ def _solver_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--fallback", choices=["highs", "scip", "cbc", "cpsat", "none"], default="highs",
                    help="portfolio only: back end given the rest of the exact stage when the first times out "
                         "(default highs: it proves near-tie robust instances that CP-SAT does not; none: off)")
+    c.add_argument("--relax", choices=["scip", "highs", "cbc", "none"], default="scip",
+                   help="portfolio only: back end of the relaxed-input program tried first in the exact stage "
+                        "(continuous inputs and accumulators: infeasible proves robust; default scip; none: off)")
     c.add_argument("--encoding", choices=["range", "onehot"], default="range",
                    help="encoding of round+clamp (default range)")
     c.add_argument("--threads", type=int, default=0, help="solver threads (0 = all cores)")

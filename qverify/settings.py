@@ -36,3 +36,6 @@ class VerifySettings:
     #                                 ('' or the same back end: none; HiGHS proves near-tie robust instances CP-SAT
     #                                 does not: 6 gained, 2 lost over 21 benchmark rows, RESULTS.md)
     fallback_share: float = 0.7     # the fallback's share of the exact stage's time
+    relax: str = "scip"             # MIP back end of the relaxed-input program tried first in the exact stage
+    #                                 ('' : none; robust near-ties the full programs leave open, RESULTS.md)
+    relax_share: float = 0.3        # the relaxed-input program's share of the exact stage's time

@@ -6,7 +6,9 @@ Stages, in order (``VerifySettings.method = 'portfolio'``)::
     interval QA-IBP interval bounds: every unsafe conjunction infeasible over the box -> robust
     symbolic linear bounds with rounding error: certify, else tighten every neuron's bounds for the encoder
     attack   PGD (straight-through) + random/corner search, every candidate replayed -> counterexample
-    exact    the integer program (CP-SAT by default; ``milp``) or branch-and-bound (``bab``), with what is left
+    exact    the relaxed-input program (SCIP; its infeasibility proves robust, its solutions are repaired by local
+             search and replayed), then the integer program (CP-SAT by default, HiGHS as the fallback; ``milp``)
+             without the disjuncts the relaxation proved, or branch-and-bound (``bab``), with what is left
 
 (symbolic runs before the attack: on robust instances, the majority, it costs a few milliseconds where a failed
 attack costs its whole share.)
@@ -132,15 +134,26 @@ def _exact_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifyS
     else:
         from qverify.exact import verify_milp
 
+        proved: list[int] = []
+        if settings.method == "portfolio" and settings.relax and 0.0 < settings.relax_share <= 1.0:
+            solver = replace(settings.solver, backend=settings.relax,
+                             time_limit=max(0.01, settings.relax_share * clock.left()))
+            r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, relax=True)
+            if r.verdict in (Verdict.ROBUST, Verdict.COUNTEREXAMPLE):
+                clock.stage(r.method, r.verdict.value)
+                return Result(r.verdict, r.method, clock.elapsed(), r.reason, r.counterexample, clock.stages,
+                              r.details)
+            clock.stage(r.method or method, r.reason or r.verdict.value)
+            proved = list(r.details.get("proved_disjuncts", []))
         fallback = _fallback(settings)
         left = clock.left()
         first = (1.0 - settings.fallback_share) * left if fallback else left
         r = verify_milp(net, prop, replace(settings.solver, time_limit=max(0.01, first)), bounds=bounds,
-                        deadline=clock.deadline)
+                        deadline=clock.deadline, exclude=proved)
         if fallback and r.verdict is Verdict.UNKNOWN and r.reason == Reason.TIMEOUT and clock.left() > 0:
             clock.stage(r.method or method, r.reason)
             solver = replace(settings.solver, backend=fallback, time_limit=max(0.01, clock.left()))
-            r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline)
+            r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, exclude=proved)
     clock.stage(method, r.verdict.value if r.verdict is not Verdict.UNKNOWN else r.reason)
     return Result(r.verdict, r.method if r.method else method, clock.elapsed(), r.reason, r.counterexample,
                   clock.stages, r.details)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qverify.attack import AttackSettings, PaddedRegions, attack, attack_batch, attack_result
+from qverify.attack import AttackSettings, PaddedRegions, attack, attack_batch, attack_result, descend
 from qverify.execute import forward, predict
 from qverify.network import Dense, QNetwork, Requantize
 from qverify.property import Conjunction, Property, pixels_to_grid, robustness_property
@@ -157,3 +157,15 @@ def test_p1_6_known_counterexamples() -> None:
     for p, c in zip(props, out, strict=True):
         if c is not None:
             assert replay(net, p, c.x).confirmed
+
+
+def test_descend_reaches_the_interior_counterexample_from_a_start() -> None:
+    """From x = 0 of the tent the local search walks to x = 4 (the only violation); a robust box gives None."""
+    net = _tent_net()
+    prop = robustness_property(net, np.array([0]), 1, radius=7)
+    ce = descend(net, prop, np.array([[0]]), AttackSettings(local_steps=10))
+    assert ce is not None and ce.confirmed and ce.x.tolist() == [4]
+    near = descend(net, prop, np.array([[4]]), AttackSettings(local_steps=0))
+    assert near is not None and "start" in near.note
+    robust = robustness_property(_sum_net(), np.array([1, 1, 1, 1]), 1, radius=2)
+    assert descend(_sum_net(), robust, np.array([[0, 0, 0, 0], [3, 3, 3, 3]]), AttackSettings(local_steps=10)) is None

@@ -272,3 +272,24 @@ def test_golden_lp(case):
     if REGEN:
         path.write_text(text)
     assert path.read_text() == text
+
+
+@given(net=tiny_networks(), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=20, deadline=None)
+def test_relaxable_variables_are_the_inputs_and_accumulators_and_executions_stay_solutions(net, seed):
+    """The relaxed-input program drops the integrality of the inputs and accumulators only, so every execution
+    (the pinned-input solution) still satisfies it."""
+    rng = np.random.default_rng(seed)
+    lo = rng.integers(net.input_lo, net.input_hi + 1, size=net.num_inputs)
+    hi = np.minimum(lo + rng.integers(0, 3, size=net.num_inputs), net.input_hi)
+    enc = encode_network(net, lo, hi)
+    assert {enc.program.vars[k].name[0] for k in enc.relaxable} <= {"x", "a"}
+    assert sum(isinstance(v, LinExpr) for v in enc.inputs) == sum(enc.program.vars[k].name[0] == "x"
+                                                                  for k in enc.relaxable)
+    x = rng.integers(lo, hi + 1)
+    _fix_inputs(enc, x)
+    relaxed = enc.program.relaxed(enc.relaxable)
+    assert relaxed.stats()["continuous"] == len(enc.relaxable)
+    sol = CPSAT.solve(enc.program, ONE, 10)
+    assert sol.status == "feasible" and not relaxed.check(sol.values)
+    assert np.array_equal(enc.decode(sol.values, -1), execute(net, x[None])[-1].ravel())

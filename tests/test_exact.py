@@ -151,3 +151,54 @@ def test_p1_6_known_instances():
     r1 = verify_milp(net, p, SolverSettings(time_limit=30))
     assert r1.verdict is Verdict.COUNTEREXAMPLE and r1.counterexample.confirmed
     assert np.max(np.abs(r1.counterexample.x - xs[115])) <= 2
+
+
+@pytest.mark.parametrize("backend", ["scip", "highs"])
+@given(case=networks_and_properties(), split=st.booleans())
+@settings(max_examples=15, deadline=None)
+def test_relaxed_program_verdicts_are_sound(backend, case, split):
+    """The relaxed-input program: robust only when brute force says so, a counterexample only after replay,
+    otherwise unknown (incomplete)."""
+    net, prop = case
+    robust, _ = brute_force(net, prop)
+    res = verify_milp(net, prop, SolverSettings(backend=backend, threads=1), split=split, relax=True)
+    assert res.verdict in (Verdict.ROBUST, Verdict.COUNTEREXAMPLE, Verdict.UNKNOWN), (res.verdict, res.details)
+    if res.verdict is Verdict.ROBUST:
+        assert robust
+    elif res.verdict is Verdict.COUNTEREXAMPLE:
+        _check(net, prop, res)
+    else:
+        assert res.reason in (Reason.INCOMPLETE, Reason.TIMEOUT)
+    if "proved_disjuncts" in res.details and not robust:  # a proved disjunct holds nowhere on the box
+        _, x = brute_force(net, prop)
+        y = forward(net, x[None, :])[0]
+        for j in res.details["proved_disjuncts"]:
+            conj = prop.unsafe[j]
+            assert not np.all(conj.A @ y <= conj.b)
+
+
+def _odd_net():
+    """One input x in 0..2: h1 = max(0, 2x - 1), h2 = max(0, 1 - 2x), y0 = 11 (h1 + h2) - 5, y1 = 0. On the grid
+    h1 + h2 >= 1, so class 0 always wins; with a continuous x (x = 1/2) h1 = h2 = 0 and class 1 wins."""
+    from qverify.network import Dense, QNetwork, Requantize
+
+    return QNetwork((1,), 0, 2, (Dense([[2], [-2]], [-1, 1]), Requantize.pow2(0, 0, 15),
+                                 Dense([[11, 11], [0, 0]], [-5, 0]), Requantize.pow2(0, -64, 63)))
+
+
+def test_a_feasible_relaxation_is_never_robust_and_the_full_program_decides():
+    net = _odd_net()
+    prop = robustness_property(net, np.array([1]), 0, radius=1)
+    assert brute_force(net, prop)[0]
+    res = verify_milp(net, prop, SolverSettings(backend="scip", threads=1), relax=True)
+    assert res.verdict is Verdict.UNKNOWN and res.reason == Reason.INCOMPLETE
+    assert res.method == "milp-scip-range-relaxed" and res.details["disjunct_status"] == {"0": "relaxation-feasible"}
+    assert verify_milp(net, prop, SolverSettings(threads=1)).verdict is Verdict.ROBUST
+
+
+def test_relaxed_program_with_cpsat_is_an_error_and_excluded_disjuncts_are_skipped():
+    net = _odd_net()
+    prop = robustness_property(net, np.array([1]), 0, radius=1)
+    assert verify_milp(net, prop, SolverSettings(threads=1), relax=True).verdict is Verdict.ERROR
+    res = verify_milp(net, prop, SolverSettings(threads=1), exclude=[0])
+    assert res.verdict is Verdict.ROBUST and res.details["excluded"] == [0] and res.details["live_disjuncts"] == 0

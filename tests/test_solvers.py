@@ -171,3 +171,26 @@ def test_export_is_deterministic_and_names_are_safe():
     assert " row_lo:" in a and " row_hi:" in a  # ranged rows split
     with pytest.raises(ValueError, match="unknown export format"):
         export(p, "model.txt")
+
+
+def test_relaxed_programs_keep_continuous_variables_everywhere():
+    """A relaxation's continuous variables: CP-SAT refuses the program, the MIP back ends and the LP/MPS writers
+    keep them continuous (x, y in [0, 1] with x + y = 1 and x = y: only x = y = 1/2)."""
+    p = Program()
+    x, y = p.add_var("x", 0, 1), p.add_var("y", 0, 1)
+    p.add_con(LinExpr.var(x) + LinExpr.var(y), 1, 1, name="sum")
+    p.add_con(LinExpr.var(x) - LinExpr.var(y), 0, 0, name="equal")
+    r = p.relaxed([x.index, y.index])
+    assert p.vars[0].integer and not r.vars[0].integer and r.stats()["continuous"] == 2 and r.num_binaries == 0
+    assert solve(p, SolverSettings(backend="highs", threads=1)).status is SolveStatus.INFEASIBLE
+    for backend in ("scip", "highs", "cbc"):
+        assert solve(r, SolverSettings(backend=backend, threads=1)).status is SolveStatus.FEASIBLE, backend
+    out = solve(r, SolverSettings(backend="cpsat", threads=1))
+    assert out.status is SolveStatus.ERROR and "continuous" in out.message
+    lp = to_lp_string(r)
+    assert "General" not in lp and "Binary" not in lp
+    mps = to_mps_string(r)
+    assert "INTORG" not in mps and "BV" not in mps
+    model = mb.Model()
+    assert model.import_from_mps_string(mps)
+    assert mb.Solver("SCIP").solve(model) in (mb.SolveStatus.OPTIMAL, mb.SolveStatus.FEASIBLE)

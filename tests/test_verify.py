@@ -87,10 +87,12 @@ def _fake_milp(calls, answers):
     """A stand-in for ``verify_milp`` that records (back end, time limit) and answers from ``answers``."""
     from qverify.result import Result as R
 
-    def fake(net, prop, solver, bounds=None, deadline=None):
-        calls.append((solver.backend, solver.time_limit))
-        verdict, reason = answers[solver.backend]
-        return R(verdict, f"milp-{solver.backend}-{solver.encoding}", 0.0, reason)
+    def fake(net, prop, solver, bounds=None, deadline=None, relax=False, exclude=()):
+        key = solver.backend + ("-relaxed" if relax else "")
+        calls.append((key, solver.time_limit, tuple(exclude)))
+        verdict, reason, *proved = answers[key]
+        return R(verdict, f"milp-{solver.backend}-{solver.encoding}" + ("-relaxed" if relax else ""), 0.0, reason,
+                 details={"proved_disjuncts": proved[0]} if proved else {})
     return fake
 
 
@@ -108,7 +110,8 @@ def test_portfolio_exact_stage_falls_back_only_after_a_timeout(monkeypatch, firs
     calls: list = []
     monkeypatch.setattr(qverify.exact, "verify_milp",
                         _fake_milp(calls, {"cpsat": first, "highs": (Verdict.ROBUST, "")}))
-    res = _exact_stage(net, prop, _Clock(10.0), VerifySettings(timeout=10.0, fallback="highs"), "milp", None)
+    res = _exact_stage(net, prop, _Clock(10.0), VerifySettings(timeout=10.0, fallback="highs", relax=""), "milp",
+                       None)
     assert [c[0] for c in calls] == expect_calls
     if len(calls) == 2:
         assert res.verdict is Verdict.ROBUST and res.method == "milp-highs-range"
@@ -119,8 +122,9 @@ def test_portfolio_exact_stage_falls_back_only_after_a_timeout(monkeypatch, firs
         assert res.verdict is first[0] and calls[0][1] == pytest.approx(3.0, abs=0.2)
 
 
-@pytest.mark.parametrize("settings_", [VerifySettings(method="milp", fallback="highs"), VerifySettings(fallback=""),
-                                       VerifySettings(fallback="cpsat")])
+@pytest.mark.parametrize("settings_", [VerifySettings(method="milp", fallback="highs"),
+                                       VerifySettings(fallback="", relax=""),
+                                       VerifySettings(fallback="cpsat", relax="")])
 def test_no_fallback_for_a_forced_milp_or_when_switched_off(monkeypatch, settings_):
     import qverify.exact
     from qverify.verify import _Clock, _exact_stage
@@ -132,3 +136,24 @@ def test_no_fallback_for_a_forced_milp_or_when_switched_off(monkeypatch, setting
                                                                           "highs": (Verdict.ROBUST, "")}))
     res = _exact_stage(net, prop, _Clock(5.0), settings_, "milp", None)
     assert [c[0] for c in calls] == ["cpsat"] and res.verdict is Verdict.UNKNOWN and res.reason == Reason.TIMEOUT
+
+
+@pytest.mark.parametrize("relaxed, expect", [
+    ((Verdict.ROBUST, ""), ["scip-relaxed"]),                                   # the relaxation proves it
+    ((Verdict.UNKNOWN, Reason.INCOMPLETE, [2]), ["scip-relaxed", "cpsat", "highs"]),  # it proves disjunct 2 only
+    ((Verdict.UNKNOWN, Reason.TIMEOUT), ["scip-relaxed", "cpsat", "highs"]),
+])
+def test_portfolio_tries_the_relaxed_program_first(monkeypatch, relaxed, expect):
+    import qverify.exact
+    from qverify.verify import _Clock, _exact_stage
+
+    net = random_dense_network(np.random.default_rng(0), n_in=3, hidden=(4,))
+    prop = robustness_property(net, np.array([3, 4, 5]), 0, radius=1)
+    calls: list = []
+    monkeypatch.setattr(qverify.exact, "verify_milp", _fake_milp(calls, {
+        "scip-relaxed": relaxed, "cpsat": (Verdict.UNKNOWN, Reason.TIMEOUT), "highs": (Verdict.ROBUST, "")}))
+    res = _exact_stage(net, prop, _Clock(10.0), VerifySettings(timeout=10.0), "milp", None)
+    assert [c[0] for c in calls] == expect and res.verdict is Verdict.ROBUST
+    assert calls[0][1] == pytest.approx(3.0, abs=0.2)  # relax_share of the stage's time
+    proved = tuple(relaxed[2]) if len(relaxed) > 2 else ()
+    assert all(c[2] == proved for c in calls[1:])  # later programs skip what the relaxation proved

@@ -51,6 +51,10 @@ class NetworkEncoding:
     encoding: str
     bounds: Bounds
     stats: dict = field(default_factory=dict)
+    #: the input and accumulator variables: every other variable (a rounded neuron value, a phase or tie binary) is
+    #: an integer function of them, so :meth:`Program.relaxed` on these gives the *relaxed-input program*
+    #: (see :func:`qverify.exact.verify_milp`)
+    relaxable: list[int] = field(default_factory=list)
 
     @property
     def inputs(self) -> list[Value]:
@@ -100,6 +104,7 @@ class NetworkEncoder:
         self.bounds = bounds
         self.encoding = encoding
         self.acc_vars = acc_vars
+        self.relaxable: list[int] = []
         self.stats = {"fixed_neurons": 0, "encoded_neurons": 0, "range_fallback": 0, "tie_binaries": 0,
                       "clamp_binaries": 0, "onehot_binaries": 0}
 
@@ -107,7 +112,12 @@ class NetworkEncoder:
     def inputs(self, lo: np.ndarray, hi: np.ndarray) -> list[Value]:
         out: list[Value] = []
         for j, (l, h) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
-            out.append(int(l) if l == h else LinExpr.var(self.prog.add_var(f"x{j}", l, h)))
+            if l == h:
+                out.append(int(l))
+                continue
+            v = self.prog.add_var(f"x{j}", l, h)
+            self.relaxable.append(v.index)
+            out.append(LinExpr.var(v))
         return out
 
     # ------------------------------------------------------------------ affine
@@ -222,6 +232,7 @@ class NetworkEncoder:
         self.stats["encoded_neurons"] += 1
         if self.acc_vars and not _is_plain_var(acc):
             av = prog.add_var(f"a{tag}", a_lo, a_hi)
+            self.relaxable.append(av.index)
             prog.add_con(acc - LinExpr.var(av), 0, 0, name=f"a{tag}_def")
             acc = LinExpr.var(av)
         y = prog.add_var(f"y{tag}", y_lo, y_hi)
@@ -393,4 +404,4 @@ def encode_network(net: QNetwork, lo: np.ndarray, hi: np.ndarray, bounds: Bounds
     prog = program if program is not None else Program()
     enc = NetworkEncoder(prog, b, encoding, acc_vars)
     layers = enc.network(net, lo, hi)
-    return NetworkEncoding(prog, layers, encoding, b, dict(enc.stats))
+    return NetworkEncoding(prog, layers, encoding, b, dict(enc.stats), list(enc.relaxable))

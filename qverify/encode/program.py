@@ -22,21 +22,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
 class Var:
-    """An integer variable ``lo <= v <= hi`` (``index`` is its position in :attr:`Program.vars`)."""
+    """A variable ``lo <= v <= hi`` (``index`` is its position in :attr:`Program.vars`), integer unless a
+    relaxation (:meth:`Program.relaxed`) dropped its integrality."""
 
     index: int
     name: str
     lo: int
     hi: int
+    integer: bool = True
 
     @property
     def is_binary(self) -> bool:
-        return self.lo >= 0 and self.hi <= 1
+        return self.integer and self.lo >= 0 and self.hi <= 1
 
 
 class LinExpr:
@@ -154,6 +156,19 @@ class Program:
     @property
     def num_binaries(self) -> int:
         return sum(1 for v in self.vars if v.is_binary)
+
+    def relaxed(self, indices: Iterable[int]) -> Program:
+        """A copy in which the variables ``indices`` are continuous (same bounds, rows and objective).
+
+        Every integer solution of this program is a solution of the copy, so the copy's infeasibility proves this
+        program infeasible; a solution of the copy proves nothing (its relaxed variables may be fractional)."""
+        drop = set(indices)
+        vs = [replace(v, integer=False) if v.index in drop else v for v in self.vars]
+        return Program(vs, list(self.cons), self.objective, self.trivially_infeasible, dict(self.meta))
+
+    @property
+    def is_pure_integer(self) -> bool:
+        return all(v.integer for v in self.vars)
 
     # ------------------------------------------------------------------ activity bounds
     def activity(self, terms: Iterable[tuple[int, int]]) -> tuple[int, int]:
@@ -273,8 +288,10 @@ class Program:
         return out
 
     def stats(self) -> dict[str, int]:
+        cont = sum(1 for v in self.vars if not v.integer)
         return {"variables": len(self.vars), "binaries": self.num_binaries,
-                "integers": len(self.vars) - self.num_binaries, "constraints": len(self.cons),
+                "integers": len(self.vars) - self.num_binaries - cont, "continuous": cont,
+                "constraints": len(self.cons),
                 "indicators": sum(1 for c in self.cons if c.enforce is not None),
                 "nonzeros": sum(len(c.terms) for c in self.cons)}
 

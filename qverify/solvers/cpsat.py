@@ -45,6 +45,10 @@ class CpSatBackend:
         if triv is not None:
             return triv
         t0 = time.perf_counter()
+        if not program.is_pure_integer:
+            return SolveOutcome(SolveStatus.ERROR, self.name, 0.0, "build",
+                                message="CP-SAT solves integer programs only: this program has continuous "
+                                        "variables (a relaxation; use scip, highs or cbc)")
         try:
             model, xs = build_cpsat(program)
         except Exception as e:  # coefficient overflow and the like

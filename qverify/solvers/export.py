@@ -1,7 +1,8 @@
 """Writers for the CPLEX LP and free MPS formats (for Gurobi, CPLEX, HiGHS, SCIP, CBC users).
 
 The written program is :meth:`Program.linearized`: indicators become their exact big-M rows, every variable is an
-integer with explicit bounds (binaries in the ``Binary`` section / ``BV`` bounds), ranged rows are split into two
+integer with explicit bounds (binaries in the ``Binary`` section / ``BV`` bounds) unless a relaxation made it
+continuous, ranged rows are split into two
 rows (``NAME_lo``/``NAME_hi``), the objective is the program's (a feasibility program writes ``0``; it is
 infeasible iff the property holds). Coefficients are exact integers written in decimal. Output is deterministic
 (the golden files in ``encodings/golden/`` are compared byte for byte).
@@ -115,7 +116,8 @@ def write_lp(program: Program, out: str | Path | TextIO, comment: str = "") -> N
         if v.is_binary and v.lo == 0 and v.hi == 1:
             continue
         buf.write(f" {n} = {v.lo}\n" if v.lo == v.hi else f" {v.lo} <= {n} <= {v.hi}\n")
-    gens = [n for v, n in zip(prog.vars, names, strict=True) if not (v.is_binary and v.lo == 0 and v.hi == 1)]
+    gens = [n for v, n in zip(prog.vars, names, strict=True)
+            if v.integer and not (v.is_binary and v.lo == 0 and v.hi == 1)]
     bins = [n for v, n in zip(prog.vars, names, strict=True) if v.is_binary and v.lo == 0 and v.hi == 1]
     if gens:
         buf.write("General\n" + _wrap("", gens, "") + "\n")
@@ -146,12 +148,17 @@ def write_mps(program: Program, out: str | Path | TextIO, name: str = "QVERIFY")
             if a:
                 cols[k].append((rname, a))
     buf.write("COLUMNS\n")
-    buf.write(" MARKER 'MARKER' 'INTORG'\n")
-    for k, n in enumerate(names):
-        entries = cols[k] or [("obj", 0)]
-        for rname, a in entries:
-            buf.write(f" {n} {rname} {a}\n")
-    buf.write(" MARKER 'MARKER' 'INTEND'\n")
+    for integer in (False, True):  # continuous columns (a relaxation's) first, then the integer ones
+        ks = [k for k, v in enumerate(prog.vars) if v.integer == integer]
+        if not ks:
+            continue
+        if integer:
+            buf.write(" MARKER 'MARKER' 'INTORG'\n")
+        for k in ks:
+            for rname, a in cols[k] or [("obj", 0)]:
+                buf.write(f" {names[k]} {rname} {a}\n")
+        if integer:
+            buf.write(" MARKER 'MARKER' 'INTEND'\n")
     buf.write("RHS\n")
     for rname, _, _, rhs in rows:
         if rhs:

@@ -27,12 +27,12 @@ _NAMES = {pywraplp.Solver.OPTIMAL: "OPTIMAL", pywraplp.Solver.FEASIBLE: "FEASIBL
 
 def fill_solver(s: pywraplp.Solver, program: Program, integer: bool = True) -> list:
     """Add ``program`` (indicators linearized with exact big-M, :meth:`Program.linearized`) to the empty solver
-    ``s`` as variables, rows and a minimized objective; returns the variables by index. ``integer=False`` gives the
-    LP relaxation (continuous variables), e.g. for GLOP."""
+    ``s`` as variables, rows and a minimized objective; returns the variables by index. Variables a relaxation made
+    continuous (:meth:`Program.relaxed`) stay continuous; ``integer=False`` gives the LP relaxation (every variable
+    continuous), e.g. for GLOP."""
     lin = program.linearized()
     inf = s.infinity()
-    make = s.IntVar if integer else s.NumVar
-    xs = [make(float(v.lo), float(v.hi), v.name) for v in lin.vars]
+    xs = [(s.IntVar if integer and v.integer else s.NumVar)(float(v.lo), float(v.hi), v.name) for v in lin.vars]
     for c in lin.cons:
         row = s.RowConstraint(-inf if c.lo is None else float(c.lo), inf if c.hi is None else float(c.hi), c.name)
         for k, a in c.terms:
