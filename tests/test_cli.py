@@ -126,3 +126,13 @@ def test_certify_and_report_commands(tmp_path, capsys):
     assert (tmp_path / "r" / "report.md").exists()
     with pytest.raises(SystemExit):
         main(["certify", str(model), str(d), "-o", str(out)])  # no --radius
+
+
+@pytest.mark.parametrize("flags, relax, fallback", [([], "scip", "highs"), (["--relax", "none"], "", "highs"),
+                                                    (["--relax", "highs", "--fallback", "none"], "highs", "")])
+def test_exact_stage_flags_map_to_settings(flags, relax, fallback):
+    from qverify.cli import _verify_settings, build_parser
+
+    args = build_parser().parse_args(["verify", "m.qnn", "p.vnnlib", *flags])
+    s = _verify_settings(args)
+    assert (s.relax, s.fallback) == (relax, fallback)
