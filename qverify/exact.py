@@ -65,10 +65,6 @@ REPAIR = AttackSettings(local_steps=200)
 REPAIR_SECONDS = 5.0
 
 
-def _copy_program(p: Program) -> Program:
-    return Program(list(p.vars), list(p.cons), p.objective, p.trivially_infeasible, dict(p.meta))
-
-
 def _live_by_bounds(prop: Property, ylo: np.ndarray, yhi: np.ndarray) -> bool:
     """Whether some unsafe disjunct can hold on the output box: ``min a.y = a+ . ylo + a- . yhi <= b`` for all
     of its rows (exact int64: outputs and coefficients are small)."""
@@ -144,7 +140,7 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
         details["decided_by"] = "no unsafe disjunct can hold on the bounds"
         return Result(Verdict.ROBUST, method, t1 - t0, stages=stages, details=details)
     if not relax and (not split or len(parts) == 1):
-        prog = _copy_program(base)
+        prog = base.copy()
         encode_unsafe(prog, prop, enc.outputs, margin=margin)
         details["program"] = prog.stats()
         stages.append(StageTime("encode", time.perf_counter() - t0, "program built"))
@@ -154,7 +150,7 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
     parts.sort(key=lambda p: (-p[0], p[1]))
     progs = {}
     for _, j, sub in parts:
-        prog = _copy_program(base)
+        prog = base.copy()
         encode_unsafe(prog, sub, enc.outputs, margin=margin)
         progs[j] = prog
     open_ = [j for _, j, _ in parts]

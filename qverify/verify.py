@@ -132,31 +132,39 @@ def _exact_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifyS
 
         r = bab(net, prop, deadline=clock.deadline)
     else:
-        from qverify.exact import verify_milp
-
-        proved: list[int] = []
-        if settings.method == "portfolio" and settings.relax and 0.0 < settings.relax_share <= 1.0:
-            solver = replace(settings.solver, backend=settings.relax,
-                             time_limit=max(0.01, settings.relax_share * clock.left()))
-            r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, relax=True)
-            if r.verdict in (Verdict.ROBUST, Verdict.COUNTEREXAMPLE):
-                clock.stage(r.method, r.verdict.value)
-                return Result(r.verdict, r.method, clock.elapsed(), r.reason, r.counterexample, clock.stages,
-                              r.details)
-            clock.stage(r.method or method, r.reason or r.verdict.value)
-            proved = list(r.details.get("proved_disjuncts", []))
-        fallback = _fallback(settings)
-        left = clock.left()
-        first = (1.0 - settings.fallback_share) * left if fallback else left
-        r = verify_milp(net, prop, replace(settings.solver, time_limit=max(0.01, first)), bounds=bounds,
-                        deadline=clock.deadline, exclude=proved)
-        if fallback and r.verdict is Verdict.UNKNOWN and r.reason == Reason.TIMEOUT and clock.left() > 0:
-            clock.stage(r.method or method, r.reason)
-            solver = replace(settings.solver, backend=fallback, time_limit=max(0.01, clock.left()))
-            r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, exclude=proved)
+        r = _milp_chain(net, prop, clock, settings, method, bounds)
     clock.stage(method, r.verdict.value if r.verdict is not Verdict.UNKNOWN else r.reason)
     return Result(r.verdict, r.method if r.method else method, clock.elapsed(), r.reason, r.counterexample,
                   clock.stages, r.details)
+
+
+def _milp_chain(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, method: str,
+                bounds: list | None) -> Result:
+    """The exact stage's programs in turn, each on what the earlier ones left: the relaxed-input program (portfolio
+    only, ``settings.relax``, ``relax_share`` of the time; it ends the chain when it decides, otherwise the disjuncts
+    it proved are skipped after it), the configured back end, then the fallback when that one times out. Returns
+    the last result; the stages before it are recorded on ``clock``."""
+    from qverify.exact import verify_milp
+
+    proved: list[int] = []
+    if settings.method == "portfolio" and settings.relax and 0.0 < settings.relax_share <= 1.0:
+        solver = replace(settings.solver, backend=settings.relax,
+                         time_limit=max(0.01, settings.relax_share * clock.left()))
+        r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, relax=True)
+        if r.verdict in (Verdict.ROBUST, Verdict.COUNTEREXAMPLE):
+            return r
+        clock.stage(r.method or method, r.reason or r.verdict.value)
+        proved = list(r.details.get("proved_disjuncts", []))
+    fallback = _fallback(settings)
+    left = clock.left()
+    first = (1.0 - settings.fallback_share) * left if fallback else left
+    r = verify_milp(net, prop, replace(settings.solver, time_limit=max(0.01, first)), bounds=bounds,
+                    deadline=clock.deadline, exclude=proved)
+    if fallback and r.verdict is Verdict.UNKNOWN and r.reason == Reason.TIMEOUT and clock.left() > 0:
+        clock.stage(r.method or method, r.reason)
+        solver = replace(settings.solver, backend=fallback, time_limit=max(0.01, clock.left()))
+        r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, exclude=proved)
+    return r
 
 
 def _fallback(settings: VerifySettings) -> str:

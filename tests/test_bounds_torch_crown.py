@@ -13,7 +13,7 @@ from qverify.execute import execute
 from qverify.train.export import export_qnetwork
 from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
 from tests.fixtures import CUDA
-from tests.test_bounds_torch_ibp import quant_models
+from tests.test_bounds_torch_ibp import image_box, quant_models
 
 #: float64 slack of the backward pass (slopes are not integers); the bounds are a training signal, not a verdict
 TOL = 1e-7
@@ -24,7 +24,7 @@ TOL = 1e-7
 def test_margins_below_sampled_points(mx: tuple[QuantNet, np.ndarray], radius: int, seed: int) -> None:
     model, x = mx
     net = export_qnetwork(model)
-    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    lo, hi = image_box(model, x, radius)
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, model.n_classes, size=len(x))
     lb = crown_ibp_margins(model, torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(labels))
@@ -88,7 +88,7 @@ def test_tighter_than_intervals_on_a_trained_style_model() -> None:
 def test_cuda_margins_equal_cpu_margins(mx: tuple[QuantNet, np.ndarray], radius: int) -> None:
     """The backward pass on a GPU gives the CPU's bounds (float64 sums in another order: within TOL)."""
     model, x = mx
-    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    lo, hi = image_box(model, x, radius)
     y = torch.from_numpy(np.arange(len(x)) % model.n_classes)
     cpu = crown_ibp_margins(model, torch.from_numpy(lo), torch.from_numpy(hi), y).detach().numpy()
     model = model.to("cuda")
@@ -103,7 +103,7 @@ def test_float_mode_margins_below_sampled_points(mx: tuple[QuantNet, np.ndarray]
     """In float mode (float-IBP training) the activation is ReLU and the bound classic CROWN-IBP: still sound."""
     model, x = mx
     model.quantized = False
-    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    lo, hi = image_box(model, x, radius)
     y = np.arange(len(x)) % model.n_classes
     lb = crown_ibp_margins(model, torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(y)).detach().numpy()
     rng = np.random.default_rng(seed)

@@ -84,12 +84,17 @@ def quant_models(draw: st.DrawFn) -> tuple[QuantNet, np.ndarray]:
     return m, x
 
 
+def image_box(model: QuantNet, x: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """The L-inf boxes of ``radius`` around the images ``x``, cut to the model's input range."""
+    return np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+
+
 @settings(max_examples=40, deadline=None)
 @given(quant_models(), st.integers(0, 3))
 def test_torch_intervals_equal_exact_integer_intervals(mx: tuple[QuantNet, np.ndarray], radius: int) -> None:
     model, x = mx
     net = export_qnetwork(model)
-    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    lo, hi = image_box(model, x, radius)
     got = interval_bounds(model, torch.from_numpy(lo), torch.from_numpy(hi))
     want = reference_intervals(net, lo, hi)
     assert len(got) == len(want) == len(net.layers) + 1
@@ -116,7 +121,7 @@ def test_cuda_intervals_equal_exact_integer_intervals(mx: tuple[QuantNet, np.nda
     """The training bounds computed on a GPU are the exact integer intervals too, and they stay differentiable."""
     model, x = mx
     net = export_qnetwork(model)
-    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    lo, hi = image_box(model, x, radius)
     model = model.to("cuda")
     got = interval_bounds(model, torch.from_numpy(lo).cuda(), torch.from_numpy(hi).cuda())
     for (gl, gh), (wl, wh) in zip(got, reference_intervals(net, lo, hi), strict=True):
@@ -132,7 +137,7 @@ def test_cuda_intervals_equal_exact_integer_intervals(mx: tuple[QuantNet, np.nda
 def test_intervals_contain_sampled_points(mx: tuple[QuantNet, np.ndarray], radius: int, seed: int) -> None:
     model, x = mx
     net = export_qnetwork(model)
-    lo, hi = np.maximum(x - radius, 0), np.minimum(x + radius, model.input_hi)
+    lo, hi = image_box(model, x, radius)
     bounds = interval_bounds(model, torch.from_numpy(lo), torch.from_numpy(hi))
     rng = np.random.default_rng(seed)
     for _ in range(5):

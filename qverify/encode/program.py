@@ -157,14 +157,20 @@ class Program:
     def num_binaries(self) -> int:
         return sum(1 for v in self.vars if v.is_binary)
 
+    def copy(self) -> Program:
+        """A copy to add rows and variables to without touching this program (variables, rows and expressions
+        are immutable and shared)."""
+        return Program(list(self.vars), list(self.cons), self.objective, self.trivially_infeasible, dict(self.meta))
+
     def relaxed(self, indices: Iterable[int]) -> Program:
         """A copy in which the variables ``indices`` are continuous (same bounds, rows and objective).
 
         Every integer solution of this program is a solution of the copy, so the copy's infeasibility proves this
         program infeasible; a solution of the copy proves nothing (its relaxed variables may be fractional)."""
         drop = set(indices)
-        vs = [replace(v, integer=False) if v.index in drop else v for v in self.vars]
-        return Program(vs, list(self.cons), self.objective, self.trivially_infeasible, dict(self.meta))
+        out = self.copy()
+        out.vars = [replace(v, integer=False) if v.index in drop else v for v in out.vars]
+        return out
 
     @property
     def is_pure_integer(self) -> bool:
