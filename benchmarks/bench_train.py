@@ -46,6 +46,8 @@ MODELS = {
     "mlp-float-ibp-ptq": ("mlp", ["train.method='float-ibp'", "train.eps=3.0", "train.eval_radius=2",
                                   "train.kappa_end=0.5"]),
     "cnn-qaibp-r2": ("cnn", ["train.method='qaibp'", "train.eps=3.0", "train.eval_radius=2"]),
+    # the full QA-IBP objective: the bound-width regularizer on (rho ramped to 1 with epsilon and lambda)
+    "cnn-qaibp-w-r2": ("cnn", ["train.method='qaibp'", "train.eps=3.0", "train.eval_radius=2", "train.rho=1.0"]),
     "cnn-qaibp-r4": ("cnn", ["train.method='qaibp'", "train.eps=5.0", "train.eval_radius=4"]),
     "cnn-qat": ("cnn", ["train.method='qat'", "train.eps=2.0"]),
     # QA-IBP's hinge on CROWN-IBP margin bounds (beta = 1 throughout: the linear bound the symbolic stage uses)

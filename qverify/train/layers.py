@@ -536,14 +536,6 @@ class ModelConfig:
             if len(c) != 4 or min(c[:3]) < 1 or c[3] < 0:
                 raise QuantError(f"model.conv entries are [channels, kernel, stride, padding], got {list(c)}")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        bad = set(d) - known
-        if bad:
-            raise QuantError(f"unknown model settings {sorted(bad)} (known: {sorted(known)})")
-        return cls(**d)
-
 
 def build_model(mc: ModelConfig, qc: QuantConfig, input_shape: tuple[int, ...], input_hi: int, n_classes: int,
                 seed: int = 0) -> QuantNet:
