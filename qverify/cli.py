@@ -315,6 +315,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     except (ConfigError, OSError) as e:
         raise CliError(str(e)) from None
+    for note in cfg.train.schedule_notes():
+        print(f"warning: {note}", file=sys.stderr)
     out = Path(args.out)
     methods = [cfg.train.method] + ([m for m in ("qat", "float-ibp") if m != cfg.train.method]
                                     if args.baselines else [])

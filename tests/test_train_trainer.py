@@ -11,6 +11,7 @@ from qverify.train.schedule import ramp_fraction, schedule_values, step_decay
 from qverify.train.trainer import (
     Config,
     ConfigError,
+    TrainConfig,
     apply_overrides,
     config_to_dict,
     dump_config,
@@ -244,3 +245,14 @@ def test_malformed_yaml_names_the_file_and_the_place(tmp_path, text, where) -> N
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert str(p) in str(e.value) and where in str(e.value)
+
+
+def test_schedule_notes_say_when_the_robust_objective_falls_short() -> None:
+    """Epochs inside the warm-up give plain QAT, epochs inside the ramp never reach eps: both are said, with the
+    fraction of eps reached (f = (epochs - warmup) / ramp); a complete schedule and plain QAT say nothing."""
+    assert "never switches on" in TrainConfig(epochs=2, warmup_epochs=2.0, eps=3.0).schedule_notes()[0]
+    note = TrainConfig(epochs=5, warmup_epochs=1.0, ramp_epochs=8.0, eps=4.0).schedule_notes()
+    assert len(note) == 1 and "reaches only 2 of train.eps = 4" in note[0]
+    assert TrainConfig(epochs=10, warmup_epochs=2.0, ramp_epochs=8.0, eps=4.0).schedule_notes() == []
+    assert TrainConfig(method="qat", epochs=1).schedule_notes() == []
+    assert TrainConfig(epochs=3, warmup_epochs=2.0, ramp_epochs=0.0).schedule_notes() == []
