@@ -256,3 +256,8 @@ def test_schedule_notes_say_when_the_robust_objective_falls_short() -> None:
     assert TrainConfig(epochs=10, warmup_epochs=2.0, ramp_epochs=8.0, eps=4.0).schedule_notes() == []
     assert TrainConfig(method="qat", epochs=1).schedule_notes() == []
     assert TrainConfig(epochs=3, warmup_epochs=2.0, ramp_epochs=0.0).schedule_notes() == []
+    # float pre-training delays the warm-up of the quantized methods, not of float IBP
+    assert "float_epochs" in TrainConfig(epochs=4, float_epochs=3, warmup_epochs=2.0).schedule_notes()[0]
+    assert "plain float" in TrainConfig(method="float-ibp", epochs=2, warmup_epochs=2.0).schedule_notes()[0]
+    assert TrainConfig(method="float-ibp", epochs=10, float_epochs=9, warmup_epochs=1.0,
+                       ramp_epochs=2.0).schedule_notes() == []

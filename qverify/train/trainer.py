@@ -110,19 +110,23 @@ class TrainConfig:
             raise ConfigError(f"train.eps must be >= 0, got {self.eps}")
 
     def schedule_notes(self) -> list[str]:
-        """Ways this schedule leaves the robust objective short of what was asked (empty when it does not): with
-        ``f = clip((epochs - warmup_epochs) / ramp_epochs, 0, 1)`` the last step trains at ``f * eps`` (and
-        ``f * lam``, ``f * rho``), so ``f = 0`` is plain QAT and ``0 < f < 1`` never reaches ``eps``."""
+        """Ways this schedule leaves the robust objective short of what was asked (empty when it does not). The
+        warm-up ends at ``W = warmup_epochs`` (plus ``float_epochs`` of float pre-training, except for
+        ``float-ibp``); with ``f = clip((epochs - W) / ramp_epochs, 0, 1)`` the last step trains at ``f * eps`` (and
+        ``f * lam``, ``f * rho``), so ``f = 0`` is plain (quantization-aware or float) training and ``0 < f < 1``
+        never reaches ``eps``."""
         if self.method == "qat" or self.eps <= 0 or self.epochs <= 0:
             return []
-        if self.epochs <= self.warmup_epochs:
-            return [f"train.epochs ({self.epochs}) <= train.warmup_epochs ({self.warmup_epochs:g}): the robust term "
-                    f"never switches on, so this {self.method} run is plain quantization-aware training"]
-        if self.ramp_epochs > 0 and self.epochs < self.warmup_epochs + self.ramp_epochs:
-            f = (self.epochs - self.warmup_epochs) / self.ramp_epochs
-            return [f"train.epochs ({self.epochs}) < train.warmup_epochs + train.ramp_epochs "
-                    f"({self.warmup_epochs + self.ramp_epochs:g}): epsilon reaches only {f * self.eps:.3g} of "
-                    f"train.eps = {self.eps:g} by the last step"]
+        w = self.warmup_epochs + (0 if self.method == "float-ibp" else self.float_epochs)
+        what = "train.warmup_epochs" + ("" if w == self.warmup_epochs else " + train.float_epochs")
+        if self.epochs <= w:
+            plain = "float" if self.method == "float-ibp" else "quantization-aware"
+            return [f"train.epochs ({self.epochs}) <= {what} ({w:g}): the robust term never switches on, so this "
+                    f"{self.method} run is plain {plain} training"]
+        if self.ramp_epochs > 0 and self.epochs < w + self.ramp_epochs:
+            f = (self.epochs - w) / self.ramp_epochs
+            return [f"train.epochs ({self.epochs}) < {what} + train.ramp_epochs ({w + self.ramp_epochs:g}): epsilon "
+                    f"reaches only {f * self.eps:.3g} of train.eps = {self.eps:g} by the last step"]
         return []
 
     @property
