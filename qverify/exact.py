@@ -137,11 +137,14 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
     t1 = time.perf_counter()
     if not parts:
         stages.append(StageTime("encode", t1 - t0, "robust (decided by the bounds)"))
-        details["decided_by"] = "no unsafe disjunct can hold on the bounds"
+        details["decided_by"] = "no unsafe disjunct can hold on the bounds" + (
+            " (the excluded ones were proved before)" if skip else "")
         return Result(Verdict.ROBUST, method, t1 - t0, stages=stages, details=details)
     if not relax and (not split or len(parts) == 1):
+        # one program for the live disjuncts (the excluded ones were proved infeasible: not encoded again)
+        live = Property(prop.lo, prop.hi, tuple(sub.unsafe[0] for _, _, sub in parts), name=prop.name)
         prog = base.copy()
-        encode_unsafe(prog, prop, enc.outputs, margin=margin)
+        encode_unsafe(prog, live, enc.outputs, margin=margin)
         details["program"] = prog.stats()
         stages.append(StageTime("encode", time.perf_counter() - t0, "program built"))
         out = solve(prog, settings, end)

@@ -202,3 +202,16 @@ def test_relaxed_program_with_cpsat_is_an_error_and_excluded_disjuncts_are_skipp
     assert verify_milp(net, prop, SolverSettings(threads=1), relax=True).verdict is Verdict.ERROR
     res = verify_milp(net, prop, SolverSettings(threads=1), exclude=[0])
     assert res.verdict is Verdict.ROBUST and res.details["excluded"] == [0] and res.details["live_disjuncts"] == 0
+
+
+def test_one_program_for_the_live_disjuncts_leaves_the_excluded_ones_out():
+    """On the single-program path (no split) an excluded disjunct is not encoded again: here disjunct 0 holds at
+    x = 1 (y0 = 6) and disjunct 1 never does (y0 >= 6 > y1 = 0), so with disjunct 0 excluded the program is
+    infeasible, and without the exclusion it is the counterexample."""
+    from qverify.property import Conjunction
+
+    net = _odd_net()
+    prop = Property(np.array([0]), np.array([2]), (Conjunction([[1, 0]], [6]), Conjunction([[1, -1]], [0])))
+    assert verify_milp(net, prop, SolverSettings(threads=1), split=False).verdict is Verdict.COUNTEREXAMPLE
+    res = verify_milp(net, prop, SolverSettings(threads=1), split=False, exclude=[0])
+    assert res.verdict is Verdict.ROBUST and res.details["live_disjuncts"] == 1

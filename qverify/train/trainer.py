@@ -117,8 +117,9 @@ class TrainConfig:
         never reaches ``eps``."""
         if self.method == "qat" or self.eps <= 0 or self.epochs <= 0:
             return []
-        w = self.warmup_epochs + (0 if self.method == "float-ibp" else self.float_epochs)
-        what = "train.warmup_epochs" + ("" if w == self.warmup_epochs else " + train.float_epochs")
+        pre = 0 if self.method == "float-ibp" else self.float_epochs
+        w = self.warmup_epochs + pre
+        what = "train.warmup_epochs" + (" + train.float_epochs" if pre else "")
         if self.epochs <= w:
             plain = "float" if self.method == "float-ibp" else "quantization-aware"
             return [f"train.epochs ({self.epochs}) <= {what} ({w:g}): the robust term never switches on, so this "
