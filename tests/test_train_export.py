@@ -14,7 +14,7 @@ from qverify.network import Requantize
 from qverify.quant import Rounding
 from qverify.train import ModelConfig, QuantConfig, QuantError, build_model, calibrate, export_qnetwork, save_trained
 from qverify.train.trainer import load_config, train
-from tests.fixtures import MNIST1000
+from tests.fixtures import MNIST1000, ort_u8s8_saturates
 
 
 @settings(max_examples=40, deadline=None)
@@ -113,9 +113,11 @@ def test_onnx_export_imports_as_the_same_network(tmp_path, scheme: str, conv: bo
     imported = load_onnx(path)
     assert np.array_equal(forward(imported, x), forward(net, x))
     assert np.array_equal(forward(imported, x), m.forward_int(torch.from_numpy(x)).detach().numpy())
-    # onnxruntime computes in float32: it may part from the integer semantics on rare inputs (reported, not hidden)
+    # onnxruntime computes in float32: it may part from the integer semantics on rare inputs (reported, not hidden);
+    # where its u8 x s8 kernels clip (AVX2 without VNNI, see ort_u8s8_saturates) full-range 8-bit weights part often
     agree = (onnx_integer_outputs(imported, x.reshape(len(x), -1)) == forward(imported, x)).all(axis=1).mean()
-    assert agree >= 0.9
+    if not (ort_u8s8_saturates() and bits == 8):
+        assert agree >= 0.9
 
 
 def test_onnx_export_requires_half_even(tmp_path) -> None:
