@@ -117,18 +117,18 @@ def _lp_min(net, enc, expr, exact: tuple[int, ...] = ()) -> tuple[float, np.ndar
     return obj.Value() + expr.const, np.array([v.solution_value() for v in xs])
 
 
-def slack_by_layer(net, enc, expr) -> tuple[dict[str, float], float | None]:
-    """Per requantization layer (by name), the rise of the LP minimum of ``expr`` when that layer's rounding error
-    is taken out (:func:`_lp_min`), and the LP minimum with every layer's taken out."""
+def slack_by_layer(net, enc, expr, base: float) -> tuple[dict[str, float], float | None]:
+    """Per requantization layer (by name), the rise of the LP minimum of ``expr`` above ``base`` (its plain LP
+    minimum, :func:`_lp_min` with nothing exact) when that layer's rounding error is taken out, and the LP minimum
+    with every layer's taken out."""
     from qverify.network import Requantize
 
-    base = _lp_min(net, enc, expr)
     layers = tuple(i for i, layer in enumerate(net.layers) if isinstance(layer, Requantize))
     out: dict[str, float] = {}
     for li in layers:
         one = _lp_min(net, enc, expr, (li,))
-        if base is not None and one is not None:
-            out[net.layers[li].name or f"layer{li}"] = round(one[0] - base[0], 3)
+        if one is not None:
+            out[net.layers[li].name or f"layer{li}"] = round(one[0] - base, 3)
     full = _lp_min(net, enc, expr, layers)
     return out, None if full is None else round(full[0], 3)
 
@@ -157,7 +157,7 @@ def diagnose(net, image: np.ndarray, label: int, radius: int) -> list[dict]:
         lp, sol = solved
         xr = np.clip(np.rint([_value(e, sol) for e in enc.inputs]), lo, hi).astype(np.int64)
         out = forward(net, xr.reshape((1, *net.input_shape)))[0]
-        slack, exact = slack_by_layer(net, enc, expr)
+        slack, exact = slack_by_layer(net, enc, expr, lp)
         rows.append({"class": j, "need": need, "lp": round(lp, 3), "lp_round": int(out[label] - out[j]),
                      "local": _local_search(net, lo, hi, xr, label, j, need),
                      "slack": " ".join(f"{k}={v:g}" for k, v in slack.items()), "lp_exact": exact})
