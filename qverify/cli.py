@@ -317,6 +317,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     for note in cfg.train.schedule_notes():
         print(f"warning: {note}", file=sys.stderr)
+    data = None
+    if args.onnx:  # refuse before training what cannot be exported, not after it
+        from qverify.quant import Rounding
+        from qverify.train.export import onnx_export_problem
+        from qverify.train.trainer import prepare_data
+
+        if cfg.quant.rounding is None and cfg.quant.mode is not Rounding.HALF_EVEN:
+            cfg = replace(cfg, quant=replace(cfg.quant, rounding=Rounding.HALF_EVEN.value))
+            print("note: --onnx: quant.rounding = 'half_even' (ONNX QuantizeLinear rounds half to even)",
+                  file=sys.stderr)
+        data = prepare_data(cfg)
+        problem = onnx_export_problem(cfg.quant, data[0].input_hi)
+        if problem:
+            raise CliError(f"--onnx: {problem}")
     out = Path(args.out)
     methods = [cfg.train.method] + ([m for m in ("qat", "float-ibp") if m != cfg.train.method]
                                     if args.baselines else [])
@@ -327,13 +341,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         mcfg = replace(cfg, out_dir=str(mdir), train=replace(cfg.train, method=method),
                        progress=not args.no_progress)
         (mdir / "config.toml").write_text(dump_config(mcfg, f"qverify train ({method})"))
-        res = train(mcfg, resume=args.resume)
+        res = train(mcfg, resume=args.resume, data=data)
         res.save(mdir / "model.qnn", name=f"{cfg.name}-{method}")
         (mdir / "history.json").write_text(json.dumps(res.history, indent=1, default=str))
         if args.onnx:
+            from qverify.io.onnx import U8S8_CLIP_NOTE, ort_may_clip
             from qverify.train.export import export_onnx
 
-            export_onnx(res.model, mdir / "model.onnx")
+            onet = export_onnx(res.model, mdir / "model.onnx")
+            if ort_may_clip(onet):
+                print(f"warning: {mdir / 'model.onnx'}: onnxruntime here may differ from the integer semantics on "
+                      f"some inputs: {U8S8_CLIP_NOTE} (quant.weight_bits = 7)", file=sys.stderr)
         ev = res.eval
         rows.append((method, ev.natural_acc if ev else float("nan"), ev.certified_acc if ev else float("nan"),
                      ev.radius if ev else "-", res.seconds, mdir / "model.qnn"))

@@ -5,7 +5,6 @@ Every network here is small enough that brute-force enumeration of an input box 
 
 from __future__ import annotations
 
-import functools
 import itertools
 from fractions import Fraction
 from pathlib import Path
@@ -153,28 +152,3 @@ def tiny_fixed_point_mlp() -> QNetwork:
     ), name="hand-2-2-2")
 
 
-@functools.cache
-def ort_u8s8_saturates() -> bool:
-    """Whether onnxruntime's u8 x s8 integer kernels on this CPU clip: x86-64 CPUs with AVX2 but no VNNI sum each
-    pair of adjacent u8 * s8 products in a saturating 16-bit lane (``vpmaddubsw``), so a pair above 32767 (``255 *
-    127 * 2 = 64770``) comes out as 32767 and onnxruntime parts from the integer semantics. Probed with one
-    ``QLinearMatMul``: ``[255, 255] @ [[127], [127]]`` with unit input scales and output scale 256 is
-    ``round(64770 / 256) = 253`` exactly, 128 when clipped. Tests that compare onnxruntime with the executor use
-    7-bit weights there (``quantize_static(reduce_range=True)``, which onnxruntime recommends for such CPUs)."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return False
-    inits = {"sa": np.float32(1.0), "za": np.uint8(0), "w": np.full((2, 1), 127, dtype=np.int8),
-             "sb": np.float32(1.0), "zb": np.int8(0), "sy": np.float32(256.0), "zy": np.uint8(0)}
-    node = helper.make_node("QLinearMatMul", ["x", "sa", "za", "w", "sb", "zb", "sy", "zy"], ["y"])
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1])],
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    onnx.checker.check_model(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y = int(sess.run(None, {"x": np.full((1, 2), 255, dtype=np.uint8)})[0][0, 0])
-    return y != 253

@@ -105,6 +105,44 @@ def test_train_command_writes_model_and_resumes(tmp_path, capsys):
     assert main(["train", "--set", "train.nonsense=1", "-o", str(tmp_path / "x")]) == 3
 
 
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_train_onnx_export_warns_where_onnxruntime_clips(tmp_path, capsys, monkeypatch, bits):
+    """On a CPU whose onnxruntime clips u8 x s8 pairs (stood in for here), exporting 8-bit weights warns and names
+    the 7-bit way out; 7-bit weights cannot clip, so they do not warn."""
+    pytest.importorskip("onnxruntime")
+    import qverify.io.onnx as qonnx
+
+    monkeypatch.setattr(qonnx, "ort_u8s8_saturates", lambda: True)
+    out = tmp_path / f"run{bits}"
+    assert main(["train", "--data", "mnist-5k", "--epochs", "1", "--method", "qat", "--set", "data.train_limit=200",
+                 "--set", "data.eval_limit=50", "--set", f"quant.weight_bits={bits}", "--set",
+                 "quant.weight_int_bits=-3", "--set", "quant.calibrate=false", "--onnx", "--no-progress",
+                 "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    # the pow2 scheme rounds half up unless told otherwise; --onnx asks for ONNX's half-to-even and says so
+    assert "quant.rounding = 'half_even'" in err and 'rounding = "half_even"' in (out / "config.toml").read_text()
+    w_qnn, w_onnx = ([layer.weight for layer in load_model(out / f).layers if hasattr(layer, "weight")]
+                     for f in ("model.qnn", "model.onnx"))
+    assert len(w_qnn) == len(w_onnx) and all(np.array_equal(a, b) for a, b in zip(w_qnn, w_onnx, strict=True))
+    wmax = max(int(np.abs(w).max()) for w in w_qnn)
+    assert wmax > 64 if bits == 8 else wmax <= 64  # weights on [-1/8, 1/8): 8 bits reach past 64, 7 cannot
+    assert (qonnx.U8S8_CLIP_NOTE in err) == (bits == 8)
+    if bits == 8:
+        assert "model.onnx" in err and "quant.weight_bits = 7" in err
+
+
+
+def test_train_onnx_refuses_before_training_what_it_cannot_export(tmp_path, capsys):
+    out = tmp_path / "digits"
+    # scikit-learn's digits are on [0, 16]: the ONNX export needs 8-bit pixels, known before a single epoch
+    assert main(["train", "--data", "digits", "--epochs", "1", "--onnx", "--no-progress", "-o", str(out)]) == 3
+    assert "--onnx: the input grid must be the 8-bit [0, 255], the data's is [0, 16]" in capsys.readouterr().err
+    assert not (out / "model.qnn").exists()
+    assert main(["train", "--data", "mnist-5k", "--set", "quant.rounding='half_up'", "--onnx", "-o", str(out)]) == 3
+    assert "train with quant.rounding = 'half_even'" in capsys.readouterr().err
+
+
 def test_certify_and_report_commands(tmp_path, capsys):
     from tests.fixtures import random_dense_network
 

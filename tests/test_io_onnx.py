@@ -13,6 +13,7 @@ import json
 import logging
 import warnings
 import zlib
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -31,10 +32,10 @@ from qverify.io.onnx import (  # noqa: E402
     onnx_integer_outputs,
     onnx_layer_outputs,
     onnx_real_inputs,
+    ort_u8s8_saturates,
 )
 from qverify.network import Clamp, Conv2d, Dense, Flatten, ModelError, Requantize  # noqa: E402
 from qverify.quant import Rounding  # noqa: E402
-from tests.fixtures import ort_u8s8_saturates  # noqa: E402
 
 F32 = np.float32
 #: measured differences, printed by test_report (run with -s to see them)
@@ -570,6 +571,66 @@ def test_replay_confirms_on_onnxruntime(models):
     prop = robustness_property(net, x, (label + 1) % net.num_outputs, radius=0)
     cex = replay(net, prop, x)
     assert cex.confirmed and cex.onnx_confirmed is True and "differ" not in cex.note
+
+
+
+def _qlinear_matmul(w: np.ndarray, sy: float):
+    """One ``QLinearMatMul`` ``u8 [1, K] @ s8 [K, N]`` at unit input scales, output scale ``sy`` (uint8)."""
+    inits = {"sa": F32(1.0), "za": np.uint8(0), "w": w.astype(np.int8), "sb": F32(1.0), "zb": np.int8(0),
+             "sy": F32(sy), "zy": np.uint8(0)}
+    node = helper.make_node("QLinearMatMul", ["x", "sa", "za", "w", "sb", "zb", "sy", "zy"], ["y"])
+    k, n = w.shape
+    graph = helper.make_graph([node], "mm", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, n])],
+                              [numpy_helper.from_array(np.asarray(v), name) for name, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("wmax", [64, 127])
+def test_u8s8_probe_predicts_onnxruntime_exactness(wmax):
+    """Weights ``|w| <= 64`` run exactly on every CPU; full-range 8-bit weights run exactly unless the probe says the
+    kernels clip, and then a pair of large products does clip (the probe's own case, on a wider matrix)."""
+    rng = np.random.default_rng(wmax)
+    k, n, sy = 64, 16, 512.0
+    w = rng.integers(-min(wmax, 128), wmax + 1, size=(k, n))
+    x = rng.integers(0, 256, size=(200, k))
+    sess = _qlinear_matmul(w, sy)
+    got = np.stack([sess.run(None, {"x": xi[None].astype(np.uint8)})[0][0] for xi in x]).astype(np.int64)
+    want = np.clip(np.rint((x @ w) / sy), 0, 255).astype(np.int64)  # |x @ w| < 2^22: float64 division is exact
+    if wmax <= 64 or not ort_u8s8_saturates():
+        assert np.array_equal(got, want)
+    else:
+        big = np.full((k, n), 127)
+        y = _qlinear_matmul(big, 256.0 * 64).run(None, {"x": np.full((1, k), 255, dtype=np.uint8)})[0]
+        assert int(y[0, 0]) < round(255 * 127 * k / (256 * 64))
+
+
+def test_replay_names_onnxruntime_clipping(monkeypatch):
+    """A disagreement of onnxruntime with the executor is reported; the note names the 16-bit clipping when the CPU
+    clips and the network has a weight above 64, and only then."""
+    import qverify.io.onnx as qonnx
+    from qverify.property import robustness_property
+    from qverify.replay import replay
+    from tests.fixtures import tiny_fixed_point_mlp
+
+    base = tiny_fixed_point_mlp()
+    x = np.array([1, 2])
+    wrong = lambda net, xs: forward(net, xs) + 1  # noqa: E731 - an onnxruntime stand-in that is off by one
+    monkeypatch.setattr(qonnx, "onnx_integer_outputs", wrong)
+    notes = {}
+    for big in (False, True):
+        first = Dense([[100, -1], [1, 1]], [1, 0], name="fc0") if big else base.layers[0]
+        net = replace(base, layers=(first, *base.layers[1:]),
+                      metadata={"format": "onnx", "onnx_path": "stand-in.onnx"})
+        label = int(np.argmax(forward(net, x[None])[0]))
+        prop = robustness_property(net, x, 1 - label, radius=0)  # x itself violates it
+        for clips in (False, True):
+            monkeypatch.setattr(qonnx, "ort_u8s8_saturates", lambda clips=clips: clips)
+            cex = replay(net, prop, x)
+            assert cex.confirmed and cex.onnx_confirmed is not None and "differ from the executor's" in cex.note
+            notes[big, clips] = qonnx.U8S8_CLIP_NOTE in cex.note
+    assert notes == {(False, False): False, (False, True): False, (True, False): False, (True, True): True}
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from qverify.execute import execute, predict
 from qverify.io import load_model
+from qverify.io.onnx import ort_u8s8_saturates
 from qverify.network import Requantize
 from qverify.quant import Rounding
 from qverify.train import ModelConfig, QuantConfig, QuantError, build_model, calibrate, export_qnetwork, save_trained
 from qverify.train.trainer import load_config, train
-from tests.fixtures import MNIST1000, ort_u8s8_saturates
+from tests.fixtures import MNIST1000
 
 
 @settings(max_examples=40, deadline=None)

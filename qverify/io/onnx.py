@@ -45,6 +45,7 @@ Anything else (an unknown operator, a pooling layer, a residual ``Add`` of two a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -1074,6 +1075,47 @@ def onnx_real_inputs(net: QNetwork, x_int: np.ndarray) -> np.ndarray:
     return xr
 
 
+@functools.cache
+def ort_u8s8_saturates() -> bool:
+    """Whether onnxruntime's u8 x s8 integer kernels clip on this CPU (``False`` without onnxruntime).
+
+    x86-64 CPUs with AVX2 but no VNNI sum each pair of adjacent ``u8 * s8`` products in a saturating 16-bit lane
+    (``vpmaddubsw``): a pair ``a_1 w_1 + a_2 w_2`` above ``32767`` comes out as ``32767`` (``255 * 127 * 2 = 64770``
+    does not fit), so onnxruntime parts from the integer semantics on models with 8-bit weights. With 7-bit weights
+    (``|w| <= 64``) no pair can clip: ``255 * 64 * 2 = 32640``. Probed once with one ``QLinearMatMul``:
+    ``[255, 255] @ [[127], [127]]`` at unit input scales and output scale 256 is ``R(64770 / 256) = 253`` exactly and
+    ``128`` when clipped.
+    """
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return False
+    inits = {"sa": np.float32(1.0), "za": np.uint8(0), "w": np.full((2, 1), 127, dtype=np.int8),
+             "sb": np.float32(1.0), "zb": np.int8(0), "sy": np.float32(256.0), "zy": np.uint8(0)}
+    node = helper.make_node("QLinearMatMul", ["x", "sa", "za", "w", "sb", "zb", "sy", "zy"], ["y"])
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    sess = ort.InferenceSession(model.SerializeToString(), _session_options("all"),
+                                providers=["CPUExecutionProvider"])
+    y = int(sess.run(None, {"x": np.full((1, 2), 255, dtype=np.uint8)})[0][0, 0])
+    return y != 253
+
+
+def ort_may_clip(net: QNetwork) -> bool:
+    """Whether onnxruntime on this CPU can part from the integer semantics of ``net`` by 16-bit clipping: the CPU
+    clips (:func:`ort_u8s8_saturates`) and some dense or convolution weight has ``|w| > 64``."""
+    big = any(isinstance(layer, (Dense, Conv2d)) and layer.weight.size and int(np.abs(layer.weight).max()) > 64
+              for layer in net.layers)
+    return big and ort_u8s8_saturates()
+
+
+U8S8_CLIP_NOTE = ("onnxruntime's u8 x s8 kernels clip pairs of products to 16 bits on this CPU (AVX2 without VNNI); "
+                  "weights of at most 7 bits replay exactly here")
+
+
 def onnx_integer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "all") -> np.ndarray:
     """Run the original ONNX file (``net.metadata['onnx_path']``) in onnxruntime on integer inputs; return the integer
     outputs ``[B, num_outputs]`` that correspond to the executor's.
@@ -1166,4 +1208,5 @@ def onnx_layer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "al
             for j, k in enumerate(tensors)}
 
 
-__all__ = ["load_onnx", "onnx_integer_outputs", "onnx_layer_outputs", "onnx_real_inputs", "onnx_session"]
+__all__ = ["U8S8_CLIP_NOTE", "load_onnx", "onnx_integer_outputs", "onnx_layer_outputs", "onnx_real_inputs",
+           "onnx_session", "ort_may_clip", "ort_u8s8_saturates"]

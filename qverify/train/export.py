@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from qverify.network import Conv2d, Dense, Flatten, Layer, QNetwork, Requantize
-from qverify.train.layers import QAffine, QConv2d, QuantError, QuantNet
+from qverify.quant import Rounding
+from qverify.train.layers import QAffine, QConv2d, QuantConfig, QuantError, QuantNet
 
 _EXACT = 2**53
 
@@ -85,6 +86,19 @@ def _f32_exact(v: float, what: str, zero: bool = False) -> np.float32:
     return f
 
 
+def onnx_export_problem(qc: QuantConfig, input_hi: int) -> str | None:
+    """Why a model quantized per ``qc`` on the input grid ``[0, input_hi]`` cannot be exported to ONNX exactly
+    (:func:`export_onnx`), or ``None`` when it can: known before training, so a run can refuse up front."""
+    if qc.mode is not Rounding.HALF_EVEN:
+        return (f"QuantizeLinear rounds half to even, the model rounds {qc.mode.value}; "
+                f"train with quant.rounding = 'half_even'")
+    if max(qc.weight_bits, qc.act_bits, qc.out_bits) > 8:
+        return "weight, activation and output bits must be <= 8"
+    if input_hi != 255:
+        return f"the input grid must be the 8-bit [0, 255], the data's is [0, {input_hi}]"
+    return None
+
+
 def export_onnx(model: QuantNet, path: str | Path, opset: int = 13) -> QNetwork:
     """Write ``model`` as a QDQ ONNX graph that :func:`qverify.io.onnx.load_onnx` imports as exactly the integer
     network of :func:`export_qnetwork` (same weights, biases, multipliers, clamps); returns that network.
@@ -104,16 +118,10 @@ def export_onnx(model: QuantNet, path: str | Path, opset: int = 13) -> QNetwork:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from qverify.quant import Rounding
-
     qc = model.qc
-    if qc.mode is not Rounding.HALF_EVEN:
-        raise QuantError(f"ONNX export: QuantizeLinear rounds half to even, the model rounds {qc.mode.value}; "
-                         f"train with quant.rounding = 'half_even'")
-    if max(qc.weight_bits, qc.act_bits, qc.out_bits) > 8:
-        raise QuantError("ONNX export supports weight, activation and output bits <= 8")
-    if model.input_hi != 255:
-        raise QuantError(f"ONNX export needs the 8-bit input grid [0, 255], the model's is [0, {model.input_hi}]")
+    problem = onnx_export_problem(qc, model.input_hi)
+    if problem:
+        raise QuantError(f"ONNX export: {problem}")
     net = export_qnetwork(model)
     with torch.no_grad():
         params = model.block_params()
