@@ -341,7 +341,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         mcfg = replace(cfg, out_dir=str(mdir), train=replace(cfg.train, method=method),
                        progress=not args.no_progress)
         (mdir / "config.toml").write_text(dump_config(mcfg, f"qverify train ({method})"))
-        res = train(mcfg, resume=args.resume, data=data)
+        try:
+            res = train(mcfg, resume=args.resume, data=data)
+        except KeyboardInterrupt:
+            _say_where_training_stopped(mdir / "checkpoint.pt", mcfg.train.epochs, args.resume)
+            raise
         res.save(mdir / "model.qnn", name=f"{cfg.name}-{method}")
         (mdir / "history.json").write_text(json.dumps(res.history, indent=1, default=str))
         if args.onnx:
@@ -359,6 +363,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     for m, a, c, r, t, path in rows:
         print(f"{m:<10} {a:>9.4f} {c:>13.4f} {r!s:>6} {t:>8.1f}  {path}")
     return EXIT_OK
+
+
+def _say_where_training_stopped(ckpt: Path, epochs: int, resumed: bool) -> None:
+    """After an interruption: which epoch the checkpoint holds and how to continue (stderr)."""
+    import torch
+
+    if not ckpt.exists():
+        print(f"qverify train: interrupted in the first epoch: no checkpoint in {ckpt.parent} yet", file=sys.stderr)
+        return
+    done = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]) + 1
+    how = "run the same command again" if resumed else "run the same command with --resume"
+    print(f"qverify train: {ckpt} holds epoch {done} of {epochs}; {how} to continue from it", file=sys.stderr)
 
 
 def _certify(net, images, labels, args: argparse.Namespace, out: Path, model_path: str | None,

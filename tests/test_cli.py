@@ -106,6 +106,28 @@ def test_train_command_writes_model_and_resumes(tmp_path, capsys):
 
 
 
+
+def test_interrupted_train_says_which_epoch_the_checkpoint_holds(tmp_path, capsys, monkeypatch):
+    import qverify.train as qtrain
+
+    real = qtrain.train
+
+    def interrupted(cfg, resume=False, data=None):  # Ctrl-C during the third epoch
+        real(cfg, resume=resume, data=data, stop_after_epoch=1)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--epochs", "3", "--set", "data.train_limit=200", "--set",
+            "data.eval_limit=50", "--no-progress", "-o", str(out)]
+    monkeypatch.setattr(qtrain, "train", interrupted)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoint.pt'} holds epoch 2 of 3; run the same command with --resume" in err
+    assert "interrupted" in err and not (out / "model.qnn").exists()
+    monkeypatch.setattr(qtrain, "train", real)
+    assert main([*args, "--resume"]) == 0 and (out / "model.qnn").exists()
+
+
 @pytest.mark.parametrize("bits", [8, 7])
 def test_train_onnx_export_warns_where_onnxruntime_clips(tmp_path, capsys, monkeypatch, bits):
     """On a CPU whose onnxruntime clips u8 x s8 pairs (stood in for here), exporting 8-bit weights warns and names

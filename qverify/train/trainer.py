@@ -533,8 +533,8 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = (tqdm(total=tc.epochs, initial=start_epoch, desc=cfg.name, unit="epoch", disable=not cfg.progress)
-           if tqdm is not None else None)
+    bar = (tqdm(total=tc.epochs, initial=start_epoch, desc=f"{cfg.name} ({tc.method})", unit="epoch",
+                disable=not cfg.progress) if tqdm is not None else None)
     last_eval: EvalResult | None = None
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.perf_counter()
