@@ -303,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from qverify.train import load_config, train
-    from qverify.train.trainer import ConfigError, dump_config
+    from qverify.train.trainer import ConfigError, dump_config, select_device
 
     overrides = list(args.set or [])
     for key, flag in (("train.method", args.method), ("train.epochs", args.epochs), ("train.eps", args.eps),
@@ -313,6 +313,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={flag}" if not isinstance(flag, str) else f'{key}="{flag}"')
     try:
         cfg = load_config(args.config, overrides)
+        select_device(cfg.device)
     except (ConfigError, OSError) as e:
         raise CliError(str(e)) from None
     for note in cfg.train.schedule_notes():

@@ -103,6 +103,8 @@ def test_train_command_writes_model_and_resumes(tmp_path, capsys):
     assert all(np.array_equal(a.weight, b.weight) for a, b in zip(net.layers, again.layers, strict=True)
                if hasattr(a, "weight"))
     assert main(["train", "--set", "train.nonsense=1", "-o", str(tmp_path / "x")]) == 3
+    assert main(["train", "--device", "tpu", "-o", str(tmp_path / "x")]) == 3  # before any data is read
+    assert "device must be cpu, cuda, cuda:N or auto, got 'tpu'" in capsys.readouterr().err
 
 
 

@@ -213,8 +213,14 @@ def test_device_selection() -> None:
     assert select_device("cpu").type == "cpu"
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             select_device("cuda")
+    else:
+        with pytest.raises(ConfigError, match="CUDA device"):
+            select_device(f"cuda:{torch.cuda.device_count()}")
+    for bad in ("tpu", "cpu:1", "cuda:x", "gpu"):
+        with pytest.raises(ConfigError, match="device must be cpu, cuda, cuda:N or auto"):
+            select_device(bad)
 
 
 def test_yaml_config_reads_like_toml(tmp_path) -> None:
