@@ -335,15 +335,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     methods = [cfg.train.method] + ([m for m in ("qat", "float-ibp") if m != cfg.train.method]
                                     if args.baselines else [])
+    dirs = [out if len(methods) == 1 else out / m for m in methods]
+    held = [d / "checkpoint.pt" for d in dirs if (d / "checkpoint.pt").exists()]
+    if held and not (args.resume or args.overwrite):  # a finished or interrupted run is not overwritten unasked
+        raise CliError(f"{held[0]} exists: add --resume to continue that run, or --overwrite to train anew")
     rows = []
-    for method in methods:
-        mdir = out if len(methods) == 1 else out / method
+    for method, mdir in zip(methods, dirs, strict=True):
         mdir.mkdir(parents=True, exist_ok=True)
         mcfg = replace(cfg, out_dir=str(mdir), train=replace(cfg.train, method=method),
                        progress=not args.no_progress)
         (mdir / "config.toml").write_text(dump_config(mcfg, f"qverify train ({method})"))
         try:
             res = train(mcfg, resume=args.resume, data=data)
+        except ConfigError as e:
+            raise CliError(str(e)) from None
         except KeyboardInterrupt:
             _say_where_training_stopped(mdir / "checkpoint.pt", mcfg.train.epochs, args.resume)
             raise
@@ -373,7 +378,7 @@ def _say_where_training_stopped(ckpt: Path, epochs: int, resumed: bool) -> None:
     if not ckpt.exists():
         print(f"qverify train: interrupted in the first epoch: no checkpoint in {ckpt.parent} yet", file=sys.stderr)
         return
-    done = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]) + 1
+    done = int(torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]) + 1
     how = "run the same command again" if resumed else "run the same command with --resume"
     print(f"qverify train: {ckpt} holds epoch {done} of {epochs}; {how} to continue from it", file=sys.stderr)
 
@@ -575,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the baselines (plain QAT; float IBP + post-training quantization) in OUT/<method>")
     c.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx (QDQ)")
     c.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    c.add_argument("--overwrite", action="store_true",
+                   help="train anew into an OUT that holds a checkpoint (without it, such an OUT is refused)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("-o", "--out", required=True, help="output directory")
     c.set_defaults(func=cmd_train)

@@ -99,9 +99,14 @@ def test_train_command_writes_model_and_resumes(tmp_path, capsys):
     net = load_model(out / "model.qnn")
     assert net.num_outputs == 10 and (out / "config.toml").exists() and (out / "checkpoint.pt").exists()
     assert main([*args, "--resume"]) == 0  # finished run: resume reloads and re-exports the same model
+    assert main(args) == 3  # a checkpoint is never overwritten unasked
+    assert "checkpoint.pt exists: add --resume to continue that run, or --overwrite" in capsys.readouterr().err
     again = load_model(out / "model.qnn")
     assert all(np.array_equal(a.weight, b.weight) for a, b in zip(net.layers, again.layers, strict=True)
                if hasattr(a, "weight"))
+    assert main([*args, "--set", "train.lr=0.01", "--resume"]) == 3
+    assert "(train.lr: checkpoint 0.001, this run 0.01)" in capsys.readouterr().err
+    assert main([*args, "--set", "train.lr=0.01", "--overwrite"]) == 0
     assert main(["train", "--set", "train.nonsense=1", "-o", str(tmp_path / "x")]) == 3
     assert main(["train", "--device", "tpu", "-o", str(tmp_path / "x")]) == 3  # before any data is read
     assert "device must be cpu, cuda, cuda:N or auto, got 'tpu'" in capsys.readouterr().err

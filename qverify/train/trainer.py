@@ -449,6 +449,19 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``section.key: checkpoint A, this run B`` for each setting that differs between two resume keys."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{kk}: checkpoint {a.get(kk)!r}, this run {b.get(kk)!r}"
+                    for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+        elif a != b:
+            out.append(f"{k}: checkpoint {a!r}, this run {b!r}")
+    return out
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -514,8 +527,11 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
     ckpt_path = Path(cfg.out_dir) / CHECKPOINT if cfg.out_dir else None
     if resume and ckpt_path is not None and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain values only
-        if _with_defaults(state.get("config") or {}) != _resume_key(cfg):
-            raise ConfigError(f"{ckpt_path}: checkpoint was written with a different configuration")
+        diff = _config_diff(_with_defaults(state.get("config") or {}), _resume_key(cfg))
+        if diff:
+            raise ConfigError(f"{ckpt_path}: checkpoint was written with a different configuration "
+                              f"({'; '.join(diff)}); resume with the checkpoint's settings or train into a new "
+                              f"directory")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history = list(state["history"])
