@@ -368,6 +368,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{'method':<10} {'clean acc':>9} {'cert (bounds)':>13} {'radius':>6} {'train s':>8}  model")
     for m, a, c, r, t, path in rows:
         print(f"{m:<10} {a:>9.4f} {c:>13.4f} {r!s:>6} {t:>8.1f}  {path}")
+    if res.eval is not None:
+        seen = "" if cfg.data.eval or cfg.data.holdout else " (images it trained on: set data.eval or data.holdout)"
+        print(f"evaluated on: {res.eval_data}, {res.eval.n} images{seen}")
     return EXIT_OK
 
 

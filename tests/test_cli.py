@@ -95,7 +95,9 @@ def test_train_command_writes_model_and_resumes(tmp_path, capsys):
             "data.eval_limit=100", "--set", "train.eval_radius=1", "--no-progress", "-o", str(out)]
     assert main(args) == 0
     # one epoch is inside the default 2-epoch QAT warm-up: the user is told the robust term never switched on
-    assert "never switches on" in capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert "never switches on" in cap.err
+    assert "evaluated on: training images (first 100), 100 images (images it trained on" in cap.out
     net = load_model(out / "model.qnn")
     assert net.num_outputs == 10 and (out / "config.toml").exists() and (out / "checkpoint.pt").exists()
     assert main([*args, "--resume"]) == 0  # finished run: resume reloads and re-exports the same model

@@ -197,6 +197,21 @@ def test_config_roundtrip_and_overrides(tmp_path) -> None:
         load_config(bad)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lr=-1", r"train.lr must be in \(0, inf\), got -1.0"),
+    ("train.lr=nan", r"train.lr must be in \(0, inf\), got nan"),
+    ("train.lr_gamma=0", r"train.lr_gamma must be in \(0, 1\]"),
+    ("train.kappa_end=1.5", r"train.kappa_end must be in \[0, 1\]"),
+    ("train.lam=-0.1", r"train.lam must be in \[0, inf\)"),
+    ("train.eval_radius=-2", r"train.eval_radius must be in \[-1, inf\)"),
+    ("train.lr_milestones=[3, -1]", r"train.lr_milestones must be epochs >= 0"),
+    ("data.eval_limit=-1", r"data.eval_limit must be >= 0, got -1"),
+])
+def test_out_of_range_settings_are_refused_by_name(override, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
 def test_schedule() -> None:
     assert ramp_fraction(0, 10, 20) == 0.0 and ramp_fraction(20, 10, 20) == 0.5 and ramp_fraction(99, 10, 20) == 1
     assert ramp_fraction(10, 10, 0) == 1.0

@@ -69,6 +69,11 @@ class DataConfig:
     holdout: int = 0
     shuffle_seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("train_limit", "eval_limit", "holdout", "shuffle_seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -108,6 +113,20 @@ class TrainConfig:
             raise ConfigError("train.epochs must be >= 0 and train.batch_size >= 1")
         if self.eps < 0:
             raise ConfigError(f"train.eps must be >= 0, got {self.eps}")
+        # the other numbers: (name, lowest allowed, whether the lowest is excluded, highest allowed); NaN fails all
+        for name, lo, open_lo, hi in (("lr", 0.0, True, math.inf), ("weight_decay", 0.0, False, math.inf),
+                                      ("lr_gamma", 0.0, True, 1.0), ("float_epochs", 0, False, math.inf),
+                                      ("warmup_epochs", 0.0, False, math.inf), ("ramp_epochs", 0.0, False, math.inf),
+                                      ("lam", 0.0, False, math.inf), ("rho", 0.0, False, math.inf),
+                                      ("kappa_end", 0.0, False, 1.0), ("margin", 0.0, False, math.inf),
+                                      ("grad_clip", 0.0, False, math.inf), ("calib_images", 0, False, math.inf),
+                                      ("eval_radius", -1, False, math.inf)):
+            v = getattr(self, name)
+            if not ((v > lo if open_lo else v >= lo) and v <= hi):
+                where = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{']' if hi < math.inf else ')'}"
+                raise ConfigError(f"train.{name} must be in {where}, got {v}")
+        if any(m < 0 for m in self.lr_milestones):
+            raise ConfigError(f"train.lr_milestones must be epochs >= 0, got {list(self.lr_milestones)}")
 
     def schedule_notes(self) -> list[str]:
         """Ways this schedule leaves the robust objective short of what was asked (empty when it does not). The
@@ -355,6 +374,13 @@ class TrainResult:
     eval: EvalResult | None = None
     seconds: float = 0.0
 
+    @property
+    def eval_data(self) -> str:
+        """What the evaluation figures were measured on: the eval spec, held-out or (by default) training images."""
+        dc = self.config.data
+        where = dc.eval or (f"{dc.holdout} held-out training images" if dc.holdout else "training images")
+        return where + (f" (first {dc.eval_limit})" if dc.eval_limit else "")
+
     def network(self, name: str | None = None):
         """The exported :class:`~qverify.network.QNetwork` (metadata: method, radius, seed, eval figures)."""
         from qverify.train.export import export_qnetwork
@@ -375,12 +401,9 @@ def _metadata(res: TrainResult) -> dict[str, str]:
     md = {"train_method": cfg.train.method, "train_eps": str(cfg.train.eps), "train_seed": str(cfg.seed),
           "train_data": cfg.data.train, "train_epochs": str(cfg.train.epochs)}
     if res.eval is not None:
-        dc = cfg.data
-        where = dc.eval or (f"{dc.holdout} held-out training images" if dc.holdout else "training images")
-        if dc.eval_limit:
-            where += f" (first {dc.eval_limit})"
-        md.update(eval_data=where, eval_radius=str(res.eval.radius), eval_natural_acc=f"{res.eval.natural_acc:.4f}",
-                  eval_certified_acc=f"{res.eval.certified_acc:.4f}", eval_n=str(res.eval.n))
+        md.update(eval_data=res.eval_data, eval_radius=str(res.eval.radius),
+                  eval_natural_acc=f"{res.eval.natural_acc:.4f}", eval_certified_acc=f"{res.eval.certified_acc:.4f}",
+                  eval_n=str(res.eval.n))
     return md
 
 
