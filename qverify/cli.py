@@ -303,6 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from qverify.train import load_config, train
+    from qverify.train.layers import QuantError
     from qverify.train.trainer import ConfigError, dump_config, select_device
 
     overrides = list(args.set or [])
@@ -347,7 +348,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         (mdir / "config.toml").write_text(dump_config(mcfg, f"qverify train ({method})"))
         try:
             res = train(mcfg, resume=args.resume, data=data)
-        except ConfigError as e:
+        except (ConfigError, QuantError) as e:  # settings that only the data's shape shows to be wrong
             raise CliError(str(e)) from None
         except KeyboardInterrupt:
             _say_where_training_stopped(mdir / "checkpoint.pt", mcfg.train.epochs, args.resume)

@@ -184,3 +184,11 @@ def test_cuda_requant_is_the_executor_rounding(mode: Rounding) -> None:
     assert got.device.type == "cuda"
     want = multiply_round(acc.astype(np.int64), num[None, :], den[None, :], mode)
     assert np.array_equal(got.cpu().numpy(), want.astype(np.float64))
+
+
+def test_model_shapes_that_cannot_be_built_are_named() -> None:
+    with pytest.raises(QuantError, match=r"model.hidden widths must be >= 1, got \[8, 0\]"):
+        ModelConfig(hidden=(8, 0))
+    mc = ModelConfig(arch="cnn", conv=((4, 3, 1, 0), (4, 5, 1, 0)), hidden=(5,))
+    with pytest.raises(QuantError, match=r"model.conv\[1\] = \[4, 5, 1, 0\] leaves no output pixels of its 3x3"):
+        build_model(mc, QuantConfig(), (1, 5, 5), 255, 3)

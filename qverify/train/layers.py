@@ -535,6 +535,8 @@ class ModelConfig:
         for c in self.conv:
             if len(c) != 4 or min(c[:3]) < 1 or c[3] < 0:
                 raise QuantError(f"model.conv entries are [channels, kernel, stride, padding], got {list(c)}")
+        if any(h < 1 for h in self.hidden):
+            raise QuantError(f"model.hidden widths must be >= 1, got {list(self.hidden)}")
 
 
 def build_model(mc: ModelConfig, qc: QuantConfig, input_shape: tuple[int, ...], input_hi: int, n_classes: int,
@@ -548,12 +550,14 @@ def build_model(mc: ModelConfig, qc: QuantConfig, input_shape: tuple[int, ...], 
         if len(shape) != 3:
             raise QuantError(f"a cnn needs [C, H, W] inputs, got {shape}")
         c, h, w = shape
-        for ch, k, s, pad in mc.conv:
+        for i, (ch, k, s, pad) in enumerate(mc.conv):
             blocks.append(QConv2d(c, ch, k, s, pad, qc, generator=g))
+            h_in, w_in = h, w
             h = (h + 2 * pad - k) // s + 1
             w = (w + 2 * pad - k) // s + 1
             if h < 1 or w < 1:
-                raise QuantError(f"conv layer {(ch, k, s, pad)} leaves no output pixels")
+                raise QuantError(f"model.conv[{i}] = {[ch, k, s, pad]} leaves no output pixels of its "
+                                 f"{h_in}x{w_in} input (kernel {k} > {h_in}+2*{pad} or {w_in}+2*{pad})")
             c = ch
         n = c * h * w
         blocks.append(QFlatten())
