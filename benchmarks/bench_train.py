@@ -8,7 +8,10 @@ and the QA-IBP CNN with the bound-width regularizer on (``cnn-qaibp-w-r2``) or w
 twice as fine (``cnn-qaibp-a1-r2``), then verifies every model on the 1000
 test images of ``../shared/data/mnist_test_first1000.npz`` at r = 1, 2, 4 pixels with qverify's portfolio (complete
 methods; ``--timeout`` seconds per instance) and prints a table: clean accuracy, PGD accuracy, interval-certified
-and complete certified accuracy, unknown count, training time and verification time. Results
+and complete certified accuracy, unknown count, training time and verification time, and for each unknown instance
+``near_ties`` ``id [L, U]``: the bracket of its least slack over the box (``Result.details['slack']``; a violation is
+slack <= 0: ``[-3, 2]`` says the nearest input found is 2 output steps from a violation and the bounds do not rule
+out one 3 steps past it). Results
 go to ``benchmarks/out/bench_train.json`` and ``.md``.
 
     python benchmarks/bench_train.py                 # the full run (each training well under 15 min on 2 cores)
@@ -157,8 +160,16 @@ def verify_one(net, images: np.ndarray, labels: np.ndarray, radius: int, timeout
             "counterexample": verdicts.count("counterexample"), "unknown": verdicts.count("unknown"),
             "error": verdicts.count("error"), "attack_seconds": t_attack, "interval_seconds": t_interval,
             "verify_seconds": t_verify, "unknown_ids": [i for i, v in enumerate(verdicts) if v == "unknown"],
+            "near_ties": " ".join(f"{i} [{_end(r, 'lower')}, {_end(r, 'upper')}]" for i, r in enumerate(results)
+                                  if r.verdict.value == "unknown"),
             "methods": {m: [r.method for r in results].count(m) for m in sorted({r.method for r in results})}}
 
+
+
+def _end(r, which: str) -> str:
+    """One end of an unknown result's bracket of the least slack over the box (``Result.details['slack']``)."""
+    v = (r.details.get("slack") or {}).get(which)
+    return "?" if v is None else str(v)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                     "counterexample": v["counterexample"], "unknown": v["unknown"], "error": v["error"],
                     "train_s": round(state["train_seconds"], 1), "verify_s": round(v["verify_seconds"], 1),
                     "pgd_s": round(v["attack_seconds"], 1), "methods": json.dumps(v["methods"]),
-                    "unknown_ids": v["unknown_ids"], "fallback": args.fallback, "relax": args.relax}
+                    "unknown_ids": v["unknown_ids"], "near_ties": v["near_ties"], "fallback": args.fallback,
+                    "relax": args.relax}
                 save_state(out_dir, name, state)
             rows.append(state["verified"][key])
             print(rows[-1], flush=True)
-    cols = ["model", "r", "clean", "pgd", "interval", "certified", "unknown", "error", "train_s", "verify_s"]
+    cols = ["model", "r", "clean", "pgd", "interval", "certified", "unknown", "error", "train_s", "verify_s",
+            "near_ties"]
     print_table(rows, cols)
     name = "bench_train_quick" if args.quick else "bench_train"
     write_json(name, {"args": vars(args), "rows": rows})

@@ -171,6 +171,38 @@ class PaddedRegions:
         return out
 
 
+class _Nearest:
+    """Per property, the evaluated grid point of least exact slack (``Property.slack``) and that slack."""
+
+    def __init__(self, starts: np.ndarray) -> None:
+        self.x = np.array(starts, dtype=np.int64, copy=True)  # [P, n]
+        self.slack = np.full(len(starts), np.iinfo(np.int64).max, dtype=np.int64)
+
+    def note(self, pids: np.ndarray, pts: np.ndarray, margins: np.ndarray) -> None:
+        """Points ``pts [P_act, R, n]`` of properties ``pids`` with exact per-disjunct margins ``[P_act, R, D]``."""
+        if not margins.size:
+            return
+        s = margins.min(axis=2)  # [P_act, R]: the slack of each point
+        r = np.argmin(s, axis=1)
+        val = s[np.arange(len(s)), r]
+        better = val < self.slack[pids]
+        if better.any():
+            self.slack[pids[better]] = val[better]
+            self.x[pids[better]] = pts[np.nonzero(better)[0], r[better]]
+
+
+@dataclass
+class AttackReport:
+    """What a batched attack found, per property: ``found`` (a counterexample confirmed by replay, or ``None``)
+    and the *nearest miss*, the evaluated grid point ``x [P, n]`` of least exact slack ``slack [P]`` (int64;
+    ``Property.slack``: ``<= 0`` exactly for the found ones). The nearest miss bounds the property's least slack
+    from above; it proves nothing about robustness."""
+
+    found: list[Counterexample | None]
+    slack: np.ndarray
+    x: np.ndarray
+
+
 def _confirm(net: QNetwork, prop: Property, x: np.ndarray, how: str) -> Counterexample | None:
     ce = replay(net, prop, x)
     if not ce.confirmed:
@@ -189,7 +221,7 @@ def _record(net: QNetwork, props: Sequence[Property], found: list, pids: np.ndar
 
 
 def _check_points(net: QNetwork, props: Sequence[Property], regions: PaddedRegions, found: list,
-                  active: np.ndarray, pts: np.ndarray, how: str, max_rows: int) -> np.ndarray:
+                  nearest: _Nearest, active: np.ndarray, pts: np.ndarray, how: str, max_rows: int) -> np.ndarray:
     """Evaluate ``pts [P_act, R, n]`` (one group per active property) exactly; replay and record hits.
 
     Returns the exact per-disjunct margins ``[P_act, R, D]``."""
@@ -201,6 +233,7 @@ def _check_points(net: QNetwork, props: Sequence[Property], regions: PaddedRegio
         y = forward(net, pts[sl].reshape(-1, n)).reshape(-1, R, net.num_outputs)
         m = regions.take(active[sl]).margins(y)
         _record(net, props, found, active[sl], pts[sl], np.any(m <= 0, axis=2), how)
+        nearest.note(active[sl], pts[sl], m)
         out.append(m)
     return np.concatenate(out) if out else np.zeros((0, R, regions.b.shape[1]), dtype=np.int64)
 
@@ -213,18 +246,25 @@ def attack_batch(net: QNetwork, props: Sequence[Property], settings: AttackSetti
     Returns, per property, a counterexample confirmed by :func:`qverify.replay.replay` or ``None`` (nothing found,
     which proves nothing). ``stats`` (optional) receives the phase that found each witness and the time spent.
     """
+    return attack_report(net, props, settings, deadline, torch_net, stats).found
+
+
+def attack_report(net: QNetwork, props: Sequence[Property], settings: AttackSettings | VerifySettings | None = None,
+                  deadline: float | None = None, torch_net: TorchNet | None = None,
+                  stats: dict | None = None) -> AttackReport:
+    """:func:`attack_batch` with each property's nearest miss (:class:`AttackReport`)."""
     s = _settings(settings)
     with limit_threads(s.threads):
         return _attack_batch(net, props, s, deadline, torch_net, stats)
 
 
 def _attack_batch(net: QNetwork, props: Sequence[Property], s: AttackSettings, deadline: float | None,
-                  torch_net: TorchNet | None, stats: dict | None) -> list[Counterexample | None]:
+                  torch_net: TorchNet | None, stats: dict | None) -> AttackReport:
     t0 = time.monotonic()
     props = list(props)
     found: list[Counterexample | None] = [None] * len(props)
     if not props:
-        return found
+        return AttackReport(found, np.zeros(0, dtype=np.int64), np.zeros((0, net.num_inputs), dtype=np.int64))
     for p in props:
         p.check_network(net)
     rng = np.random.default_rng(s.seed)
@@ -238,8 +278,9 @@ def _attack_batch(net: QNetwork, props: Sequence[Property], s: AttackSettings, d
 
     # 1. centre of every box (its margins rank the disjuncts for the targeted restarts)
     centers = np.stack([center_of(p) for p in props])
-    center_margins = _check_points(net, props, regions, found, np.arange(len(props)), centers[:, None], "centre",
-                                   s.max_rows)[:, 0]
+    nearest = _Nearest(centers)
+    center_margins = _check_points(net, props, regions, found, nearest, np.arange(len(props)), centers[:, None],
+                                   "centre", s.max_rows)[:, 0]
     # 2. random grid points and random vertices
     act = active_ids()
     if len(act) and (s.random_points or s.random_vertices) and not _expired(deadline):
@@ -247,8 +288,8 @@ def _attack_batch(net: QNetwork, props: Sequence[Property], s: AttackSettings, d
         u = rng.random((len(act), s.random_points, n))
         pts = np.minimum(lo + np.floor(u * (hi - lo + 1)).astype(np.int64), hi)
         vert = np.where(rng.random((len(act), s.random_vertices, n)) < 0.5, lo, hi)
-        _check_points(net, props, regions, found, act, np.concatenate([pts, vert], axis=1), "random search",
-                      s.max_rows)
+        _check_points(net, props, regions, found, nearest, act, np.concatenate([pts, vert], axis=1),
+                      "random search", s.max_rows)
     # 3. PGD, chunks of properties so that a chunk's restarts fit in max_rows
     tn = torch_net if torch_net is not None else TorchNet(net, leak=s.leak)
     R = max(1, s.restarts)
@@ -261,20 +302,20 @@ def _attack_batch(net: QNetwork, props: Sequence[Property], s: AttackSettings, d
     for c0 in range(0, len(act), chunk):
         if _expired(deadline) or s.steps <= 0:
             break
-        steps_done += _pgd_chunk(tn, props, regions, found, act[c0:c0 + chunk], lo_all, hi_all, centers, targets,
-                                 rng, s, deadline, best_x, best_loss)
+        steps_done += _pgd_chunk(tn, props, regions, found, nearest, act[c0:c0 + chunk], lo_all, hi_all, centers,
+                                 targets, rng, s, deadline, best_x, best_loss)
     # 4. local search from the best restarts of the properties still open, most promising first
     act = active_ids()
     local_iters = 0
     if len(act) and s.local_steps > 0 and s.local_starts > 0 and not _expired(deadline):
-        local_iters = _local_search(tn, props, regions, found, act, lo_all, hi_all, best_x, targets, rng, s,
-                                    deadline)
+        local_iters = _local_search(tn, props, regions, found, nearest, act, lo_all, hi_all, best_x, targets, rng,
+                                    s, deadline)
     if stats is not None:
         stats.update({"seconds": time.monotonic() - t0, "pgd_steps": steps_done, "local_iterations": local_iters,
                       "found": sum(f is not None for f in found),
                       "phases": [f.note.split(";")[0].removeprefix("attack: ") if f is not None else None
                                  for f in found]})
-    return found
+    return AttackReport(found, nearest.slack, nearest.x)
 
 
 def _targets(center_margins: np.ndarray, R: int) -> np.ndarray:
@@ -299,7 +340,7 @@ def _evaluate(tn: TorchNet, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, t
         return y.numpy().astype(np.int64), tn.soft_logits(vals), tn.soft_logits(vals, clamp=False)
 
 
-def _pgd_chunk(tn: TorchNet, props: Sequence[Property], regions: PaddedRegions, found: list,
+def _pgd_chunk(tn: TorchNet, props: Sequence[Property], regions: PaddedRegions, found: list, nearest: _Nearest,
                ids: np.ndarray, lo_all: np.ndarray, hi_all: np.ndarray, centers: np.ndarray, targets: np.ndarray,
                rng: np.random.Generator, s: AttackSettings, deadline: float | None,
                best_x: np.ndarray, best_loss: np.ndarray) -> int:
@@ -343,10 +384,12 @@ def _pgd_chunk(tn: TorchNet, props: Sequence[Property], regions: PaddedRegions, 
         with torch.no_grad():
             uc = torch.where(clamped, uc.reshape(len(sel), R, -1), ucu.reshape(len(sel), R, -1))
             loss_c = sub.loss(uc, s.temperature, tg).numpy()
-        hit = sub.violated(y.detach().numpy().astype(np.int64))
-        hit_c = sub.violated(yc.reshape(len(sel), R, -1))
-        _record(net, props, found, pids, x_int, hit, f"pgd step {t}")
-        _record(net, props, found, pids, corner, hit_c, f"pgd sign-gradient vertex, step {t}")
+        m = sub.margins(y.detach().numpy().astype(np.int64))
+        m_c = sub.margins(yc.reshape(len(sel), R, -1))
+        _record(net, props, found, pids, x_int, np.any(m <= 0, axis=2), f"pgd step {t}")
+        _record(net, props, found, pids, corner, np.any(m_c <= 0, axis=2), f"pgd sign-gradient vertex, step {t}")
+        nearest.note(pids, x_int, m)
+        nearest.note(pids, corner, m_c)
         lx = loss.detach().numpy()
         lbest = np.minimum(lx, loss_c)  # [sel, R]
         pts = np.where((lx <= loss_c)[..., None], x_int, corner)
@@ -404,7 +447,7 @@ def _neighbours(tn: TorchNet, x: np.ndarray, coords: np.ndarray, vals: np.ndarra
         return y.numpy().astype(np.int64), tn.soft_logits(vals_all, clamp=clamp)
 
 
-def _local_search(tn: TorchNet, props: Sequence[Property], regions: PaddedRegions, found: list,
+def _local_search(tn: TorchNet, props: Sequence[Property], regions: PaddedRegions, found: list, nearest: _Nearest,
                   act: np.ndarray, lo_all: np.ndarray, hi_all: np.ndarray, best_x: np.ndarray,
                   targets: np.ndarray, rng: np.random.Generator, s: AttackSettings, deadline: float | None) -> int:
     """Greedy coordinate descent (module docstring) from the ``s.local_starts`` best restarts of every open
@@ -445,7 +488,12 @@ def _local_search(tn: TorchNet, props: Sequence[Property], regions: PaddedRegion
             vals = np.clip(vals, ls, hs)  # [V, c]
             V, c = vals.shape
             y, u = _neighbours(tn, x, coords, vals, clamp, s.max_rows)
-            hit = sub.violated(y[None])
+            m = sub.margins(y[None])  # [1, V * c, D]; row v * c + i sets coordinate coords[i] to vals[v, i]
+            hit = np.any(m <= 0, axis=2)
+            k = int(np.argmin(m.min(axis=2)[0]))
+            near = x.copy()
+            near[coords[k % c]] = vals[k // c, k % c]
+            nearest.note(np.array([p]), near[None, None], m[:, k:k + 1])
             if hit.any():
                 cand = np.repeat(x[None], V * c, axis=0)
                 cand[np.arange(V * c), np.tile(coords, V)] = vals.ravel()
@@ -476,15 +524,17 @@ def descend(net: QNetwork, prop: Property, starts: np.ndarray, settings: AttackS
     found: list[Counterexample | None] = [None]
     regions = PaddedRegions.of([prop])
     one = np.array([0])
+    nearest = _Nearest(pts[:1])
     with limit_threads(s.threads):
-        _check_points(net, [prop], regions, found, one, pts[None], "start", s.max_rows)
+        _check_points(net, [prop], regions, found, nearest, one, pts[None], "start", s.max_rows)
         if found[0] is not None or s.local_steps <= 0 or _expired(deadline):
             return found[0]
         starts2 = np.repeat(pts, 2, axis=0)[None]  # restart r: clamped soft logits when r is even
         R = starts2.shape[1]
         targets = np.full((1, R), -1 if target is None else int(target), dtype=np.int64)
-        _local_search(TorchNet(net, leak=s.leak), [prop], regions, found, one, prop.lo[None], prop.hi[None],
-                      starts2, targets, np.random.default_rng(s.seed), replace(s, local_starts=R), deadline)
+        _local_search(TorchNet(net, leak=s.leak), [prop], regions, found, nearest, one, prop.lo[None],
+                      prop.hi[None], starts2, targets, np.random.default_rng(s.seed), replace(s, local_starts=R),
+                      deadline)
     return found[0]
 
 

@@ -153,6 +153,12 @@ def _print_result(prop_name: str, result) -> None:
         line += f" ({result.reason})"
     line += f"  method={result.method}  time={result.seconds:.3f}s"
     print(line)
+    slack = result.details.get("slack") if result.details else None
+    if slack:
+        lo, up = ("?" if slack.get(k) is None else slack[k] for k in ("lower", "upper"))
+        print(f"  least slack over the box in [{lo}, {up}] (a violation is slack <= 0; "
+              f"{up} is attained by the nearest miss the attack found)" if up != "?" else
+              f"  least slack over the box >= {lo} (a violation is slack <= 0)")
     if result.counterexample is not None and result.counterexample.note:
         print(f"  note: {result.counterexample.note}")
 

@@ -108,6 +108,19 @@ class Property:
             out |= c.holds(y)
         return out
 
+    def slack(self, y: np.ndarray) -> np.ndarray:
+        """Exact int64 ``[B]``: how far each output row is from the unsafe region,
+
+            slack(y) = min_d max_k (A_d y - b_d)_k,
+
+        so ``y`` is unsafe iff ``slack(y) <= 0``. For a robustness property of label ``c`` (first-index tie rule) it
+        is ``min_j (y_c - y_j + [j > c])``: a margin of ``y_c - y_j = 1`` over a class ``j > c`` leaves a slack of 2
+        output steps. The minimum of the slack over the box decides the property (robust iff it is ``>= 1``); an
+        ``unknown`` verdict brackets it (``Result.details['slack']``)."""
+        y = np.atleast_2d(np.asarray(y, dtype=np.int64))
+        per = [np.max(y @ c.A.T - c.b[None, :], axis=1) for c in self.unsafe]
+        return np.min(np.stack(per, axis=1), axis=1)
+
     def check_network(self, net: QNetwork) -> None:
         """Raise :class:`PropertyError` unless the property fits the network's input and output sizes and grid."""
         if self.num_inputs != net.num_inputs:

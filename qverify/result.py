@@ -3,6 +3,11 @@
 ``robust`` is a proof (VNN-COMP ``unsat``); ``counterexample`` carries a witness that replayed on the integer
 executor (VNN-COMP ``sat``); ``unknown`` carries its reason (``timeout``, ``memory``, ``incomplete-method``, or a
 ``replay-failed`` bug report); ``error`` carries a message naming the bad input. A timeout is never robust.
+
+An ``unknown`` from the portfolio (or a forced incomplete method) also brackets the property's least slack over the
+box (:meth:`qverify.property.Property.slack`; a violation is slack ``<= 0``): ``details['slack'] = {'lower': L,
+'upper': U, 'nearest': {'x', 'y'}}`` with ``L <= min_box slack <= U``, ``L`` from the symbolic bounds and ``U`` the
+exact slack of the attack's nearest miss ``x`` (``None`` for an end whose stage did not run).
 """
 
 from __future__ import annotations

@@ -95,31 +95,62 @@ def _interval_stage(net: QNetwork, prop: Property, clock: _Clock) -> Result | No
     return _done(clock, Verdict.ROBUST, "interval") if ok else None
 
 
-def _attack_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, share: float
-                  ) -> Result | None:
-    from qverify.attack import attack
+#: the nearest miss of an attack: (its exact slack, the grid point)
+Near = tuple[int, np.ndarray]
 
-    cex = attack(net, prop, settings, deadline=time.monotonic() + max(0.0, share))
+
+def _attack_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, share: float
+                  ) -> tuple[Result | None, Near | None]:
+    from qverify.attack import attack_report
+
+    rep = attack_report(net, [prop], settings, deadline=time.monotonic() + max(0.0, share))
+    cex = rep.found[0]
     clock.stage("attack", "counterexample" if cex is not None else "undecided")
     if cex is not None:
-        return _done(clock, Verdict.COUNTEREXAMPLE, "attack", cex=cex)
-    return None
+        return _done(clock, Verdict.COUNTEREXAMPLE, "attack", cex=cex), None
+    return None, (int(rep.slack[0]), rep.x[0])
 
 
 def symbolic_check(net: QNetwork, prop: Property) -> tuple[bool, list]:
     """One symbolic analysis of the property's box: whether the margin bounds refute every unsafe conjunction
     (some row's lower bound above its right-hand side), and the tightened per-layer bounds for the encoder."""
+    ok, bounds, _ = _symbolic(net, prop)
+    return ok, bounds
+
+
+def _symbolic(net: QNetwork, prop: Property) -> tuple[bool, list, int]:
+    """:func:`symbolic_check` and the lower bound of the least slack over the box that the same bounds give."""
     from qverify.bounds.symbolic import symbolic_analysis
 
     ana = symbolic_analysis(net, prop.lo[None, :], prop.hi[None, :])
     bounds = [(lo[0], hi[0]) for lo, hi in ana.bounds]
-    return bool(ana.refutes(prop)[0]), bounds
+    lower = int(ana.slack_lower_bounds(prop)[0])
+    return lower > 0, bounds, lower
 
 
-def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Result | None, list | None]:
-    ok, bounds = symbolic_check(net, prop)
+def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Result | None, list | None, int]:
+    ok, bounds, lower = _symbolic(net, prop)
     clock.stage("symbolic", "robust" if ok else "undecided")
-    return (_done(clock, Verdict.ROBUST, "symbolic") if ok else None), bounds
+    return (_done(clock, Verdict.ROBUST, "symbolic") if ok else None), bounds, lower
+
+
+def _bracket(net: QNetwork, r: Result, lower: int | None = None, near: Near | None = None) -> Result:
+    """An ``unknown`` result with what is known of the property's least slack ``s* = min_box slack``
+    (:meth:`~qverify.property.Property.slack`): ``details['slack'] = {'lower': L, 'upper': U, 'nearest': {'x', 'y'}}``
+    with ``L <= s* <= U``: ``L`` from the symbolic bounds, ``U`` the exact slack of the attack's nearest miss
+    ``nearest.x`` (outputs ``nearest.y``), ``None`` where that stage did not run. Other verdicts pass unchanged."""
+    if r.verdict is not Verdict.UNKNOWN:
+        return r
+    old = r.details.get("slack") or {}
+    info = {"lower": old.get("lower") if lower is None else int(lower), "upper": old.get("upper"),
+            "nearest": old.get("nearest")}
+    if near is not None and (info["upper"] is None or near[0] < info["upper"]):
+        x = np.asarray(near[1], dtype=np.int64)
+        info["upper"] = int(near[0])
+        info["nearest"] = {"x": [int(v) for v in x], "y": [int(v) for v in forward(net, x[None])[0]]}
+    if info["lower"] is None and info["upper"] is None:
+        return r
+    return replace(r, details={**r.details, "slack": info})
 
 
 def _exact_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, method: str,
@@ -200,21 +231,23 @@ def verify(net: QNetwork, prop: Property, settings: VerifySettings | None = None
             return r
         if m == "interval":
             return _done(clock, Verdict.UNKNOWN, m, Reason.INCOMPLETE)
-    bounds = None
+    bounds, lower, near = None, None, None
     if m in ("portfolio", "symbolic"):
-        r, bounds = _symbolic_stage(net, prop, clock)
+        r, bounds, lower = _symbolic_stage(net, prop, clock)
         if r:
             return r
         if m == "symbolic":
-            return _done(clock, Verdict.UNKNOWN, m, Reason.INCOMPLETE)
+            return _bracket(net, _done(clock, Verdict.UNKNOWN, m, Reason.INCOMPLETE), lower)
     if m in ("portfolio", "attack"):
         share = clock.left() if m == "attack" else min(clock.left(), ATTACK_SHARE * settings.timeout)
-        r = _attack_stage(net, prop, clock, settings, share)
+        r, near = _attack_stage(net, prop, clock, settings, share)
         if r:
             return r
         if m == "attack":
-            return _done(clock, Verdict.UNKNOWN, m, Reason.TIMEOUT if clock.left() <= 0 else Reason.INCOMPLETE)
-    return _exact_stage(net, prop, clock, settings, "milp" if m == "portfolio" else m, bounds)
+            return _bracket(net, _done(clock, Verdict.UNKNOWN, m, Reason.TIMEOUT if clock.left() <= 0
+                                       else Reason.INCOMPLETE), lower, near)
+    r = _exact_stage(net, prop, clock, settings, "milp" if m == "portfolio" else m, bounds)
+    return _bracket(net, r, lower, near)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -258,18 +291,20 @@ def verify_batch(net: QNetwork, props: Sequence[Property], settings: VerifySetti
             finish(i, Result(Verdict.ERROR, settings.method, 0.0, str(e)))
     todo = [i for i in range(n) if results[i] is None]
     shared: dict[int, list[StageTime]] = {i: [] for i in todo}
+    nears: dict[int, Near] = {}  # the shared attack's nearest miss of each property it left open
     if settings.method == "portfolio" and todo:
-        todo = _shared_stages(net, props, todo, settings, shared, finish)
+        todo = _shared_stages(net, props, todo, settings, shared, finish, nears)
     if not todo:
         return [r for r in results if r is not None]
     for i, r in _run_pool(net, props, todo, settings, shared, workers):
-        finish(i, r)
+        finish(i, _bracket(net, r, near=nears.get(i)))
     return results  # type: ignore[return-value]
 
 
 def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], settings: VerifySettings,
-                   shared: dict[int, list[StageTime]], finish: Callable[[int, Result], None]) -> list[int]:
-    from qverify.attack import attack_batch
+                   shared: dict[int, list[StageTime]], finish: Callable[[int, Result], None],
+                   nears: dict[int, Near]) -> list[int]:
+    from qverify.attack import attack_report
     from qverify.bounds.interval import certified_by_interval
     from qverify.bounds.symbolic import certified_by_symbolic
 
@@ -313,15 +348,15 @@ def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], se
             return todo
     # attack: a share of each property's budget, all at once
     t = time.monotonic()
-    found = attack_batch(net, [props[i] for i in todo], settings,
-                         deadline=t + ATTACK_SHARE * settings.timeout)
+    rep = attack_report(net, [props[i] for i in todo], settings, deadline=t + ATTACK_SHARE * settings.timeout)
     dt = (time.monotonic() - t) / len(todo)
     rest = []
-    for i, cex in zip(todo, found, strict=True):
+    for k, (i, cex) in enumerate(zip(todo, rep.found, strict=True)):
         shared[i].append(StageTime("attack", dt, "counterexample" if cex is not None else "undecided"))
         if cex is not None:
             close(i, Verdict.COUNTEREXAMPLE, "attack", cex)
         else:
+            nears[i] = (int(rep.slack[k]), rep.x[k])
             rest.append(i)
     return rest
 
@@ -381,9 +416,9 @@ def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings) -> Res
         return verify(net, prop, settings)
     settings = replace(settings, method="portfolio")
     clock = _Clock(settings.timeout)
-    _, bounds = symbolic_check(net, prop)
+    _, bounds, lower = _symbolic(net, prop)
     clock.stage("bounds", "tightened")
-    return _exact_stage(net, prop, clock, settings, "milp", bounds)
+    return _bracket(net, _exact_stage(net, prop, clock, settings, "milp", bounds), lower)
 
 
 def _verify_rest_in_worker(prop: Property, settings: VerifySettings) -> Result:

@@ -90,6 +90,15 @@ def brute_force(net: QNetwork, prop: Property, limit: int = 200_000) -> tuple[bo
     return True, None
 
 
+def least_slack(net: QNetwork, prop: Property, limit: int = 200_000) -> int:
+    """``min`` over the integer box of ``prop.slack`` (enumerated): the oracle of every slack bracket."""
+    from qverify.execute import forward
+
+    if prop.box_size() > limit:
+        raise ValueError(f"box has {prop.box_size()} points, more than the brute-force limit {limit}")
+    return int(prop.slack(forward(net, all_box_points(prop))).min())
+
+
 def assert_exact_on_points(bounds_fn, net: QNetwork, seed: int, n: int) -> None:
     """On ``n`` one-point boxes every per-layer bound of ``bounds_fn(net, lo, hi)`` must collapse to the value the
     executor computes (no slack anywhere)."""

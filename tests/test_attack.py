@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qverify.attack import AttackSettings, PaddedRegions, attack, attack_batch, attack_result, descend
+from qverify.attack import (
+    AttackSettings,
+    PaddedRegions,
+    attack,
+    attack_batch,
+    attack_report,
+    attack_result,
+    descend,
+)
 from qverify.execute import forward, predict
 from qverify.network import Dense, QNetwork, Requantize
 from qverify.property import Conjunction, Property, pixels_to_grid, robustness_property
 from qverify.replay import replay
 from qverify.result import Verdict
 from qverify.settings import VerifySettings
-from tests.fixtures import MNIST1000, P1_6, brute_force, networks_and_properties
+from tests.fixtures import MNIST1000, P1_6, brute_force, least_slack, networks_and_properties
 
 FAST = AttackSettings(restarts=4, steps=10, random_points=4, random_vertices=4, local_steps=2, local_starts=1)
 
@@ -52,6 +61,25 @@ def test_padded_regions_exact(np_: tuple[QNetwork, Property], seed: int) -> None
     got = regions.violated(y)
     for i, p in enumerate(props):
         assert np.array_equal(got[i], p.is_violated(y[i]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(networks_and_properties(), st.integers(0, 3))
+def test_nearest_miss_is_an_exact_upper_bound_of_the_least_slack(np_: tuple[QNetwork, Property], seed: int) -> None:
+    """Per property, the nearest miss lies in the box, its slack is the executor's, and it bounds the enumerated
+    least slack from above; it is a violation exactly when a witness was found."""
+    net, prop = np_
+    other = robustness_property(net, prop.center, (int(prop.label) + 1) % net.num_outputs, radius=0)
+    props = [prop, other]
+    rep = attack_report(net, props, replace(FAST, seed=seed))
+    assert rep.x.shape == (2, net.num_inputs) and rep.slack.dtype == np.int64
+    for p, x, sl, ce in zip(props, rep.x, rep.slack, rep.found, strict=True):
+        assert p.contains(x)[0]
+        assert int(p.slack(forward(net, x[None]))[0]) == sl >= least_slack(net, p)
+        if ce is not None:
+            assert sl <= 0
+        elif least_slack(net, p) == sl:
+            assert sl > 0  # the least slack reached and no witness: there is none
 
 
 def _sum_net() -> QNetwork:

@@ -31,6 +31,7 @@ from tests.fixtures import (
     P1_6,
     assert_exact_on_points,
     brute_force,
+    least_slack,
     networks_and_properties,
     roundings,
     tiny_networks,
@@ -237,6 +238,19 @@ def test_certified_properties_are_robust(case: tuple) -> None:
     assert cert[0] or not certified_by_interval(net, prop)[0]  # row bounds take the better of the two
     if prop.box_size() == 1:
         assert bool(cert[0]) == robust
+
+
+@settings(max_examples=80, deadline=None)
+@given(networks_and_properties())
+def test_slack_lower_bound_is_sound_and_exact_on_one_point(case: tuple) -> None:
+    """The bound of the least slack never exceeds the enumerated least slack; on a one-point box it is that
+    point's slack (no relaxation left)."""
+    net, prop = case
+    ana = symbolic_analysis(net, np.stack([prop.lo, prop.center]), np.stack([prop.hi, prop.center]))
+    low = ana.slack_lower_bounds(prop)
+    assert low.shape == (2,) and int(low[0]) <= least_slack(net, prop)
+    assert int(low[1]) == int(prop.slack(execute(net, prop.center[None])[-1].reshape(1, -1))[0])
+    np.testing.assert_array_equal(ana.refutes(prop), low > 0)
 
 
 @settings(max_examples=20, deadline=None)

@@ -207,3 +207,17 @@ def test_exact_stage_flags_map_to_settings(flags, relax, fallback):
     args = build_parser().parse_args(["verify", "m.qnn", "p.vnnlib", *flags])
     s = _verify_settings(args)
     assert (s.relax, s.fallback) == (relax, fallback)
+
+
+def test_verify_prints_the_slack_bracket_of_an_unknown(capsys):
+    from qverify.cli import _print_result
+    from qverify.result import Result
+
+    near = {"x": [0, 1], "y": [3, 1]}
+    _print_result("p", Result("unknown", "milp", 1.0, "timeout", details={"slack": {"lower": -3, "upper": 2,
+                                                                                        "nearest": near}}))
+    _print_result("q", Result("unknown", "symbolic", 0.1, "incomplete-method",
+                              details={"slack": {"lower": -1, "upper": None, "nearest": None}}))
+    out = capsys.readouterr().out
+    assert "p: unknown (timeout)" in out and "least slack over the box in [-3, 2] (a violation is slack <= 0" in out
+    assert "least slack over the box >= -1 (a violation is slack <= 0)" in out

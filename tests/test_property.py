@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qverify.execute import forward, predict
-from qverify.network import QNetwork
+from qverify.network import Dense, QNetwork
 from qverify.property import (
     Conjunction,
     Property,
@@ -85,3 +85,22 @@ def test_pixels_to_grid_saturate_and_hwc():
     assert pixels_to_grid(net, np.array([[3, 200]], dtype=np.uint8)).tolist() == [[3, 15]]
     with pytest.raises(PropertyError, match="leave the network's input grid"):
         pixels_to_grid(tiny_fixed_point_mlp(), np.array([[3, 200]]))
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(2, 5))
+def test_slack_is_nonpositive_exactly_on_the_unsafe_region(seed, n_dis, k, n_out) -> None:
+    rng = np.random.default_rng(seed)
+    unsafe = [Conjunction(rng.integers(-3, 4, size=(k, n_out)), rng.integers(-5, 6, size=k)) for _ in range(n_dis)]
+    prop = Property(np.zeros(1), np.ones(1), tuple(unsafe))
+    y = rng.integers(-6, 7, size=(300, n_out))
+    np.testing.assert_array_equal(prop.slack(y) <= 0, prop.is_violated(y))
+    want = [min(max(int(v) for v in c.A @ row - c.b) for c in unsafe) for row in y]
+    np.testing.assert_array_equal(prop.slack(y), want)
+
+
+def test_robustness_slack_counts_the_tie_rule() -> None:
+    # label 1 of 3 outputs, first-index tie rule: class 0 wins a tie, class 2 does not
+    prop = robustness_property(QNetwork((1,), 0, 3, (Dense([[1], [1], [1]], [0, 0, 0]),)), np.array([1]), 1,
+                               radius=0)
+    y = np.array([[5, 7, 7], [7, 7, 5], [5, 7, 6], [8, 7, 5]])
+    np.testing.assert_array_equal(prop.slack(y), [1, 0, 2, -1])  # min_j (y_1 - y_j + [j > 1])

@@ -298,3 +298,30 @@ def test_truncated_results_file_renders_with_a_note(runs, tmp_path):
     assert summary["runs"][0]["instances"] == len(records(a))
     assert "incomplete" in summary["runs"][0]["truncated_last_line"]
     assert "incomplete" in paths["html"].read_text()
+
+
+def test_undecided_instances_show_their_slack_bracket(tmp_path):
+    """Unknown instances are listed with the bracket of their least slack, as the results file records it."""
+    from tests.test_verify import _stuck_exact
+
+    rng = np.random.default_rng(1)
+    net = random_dense_network(rng, n_in=4, hidden=(6, 5))
+    images = rng.integers(0, net.input_hi + 1, size=(30, 4)).astype(np.uint8)
+    labels = predict(net, images.reshape(30, -1)).astype(np.int64)
+    path = tmp_path / "u.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        _stuck_exact(mp)
+        certify(net, images, labels, [2], results_path=path, settings=VerifySettings(timeout=5), workers=1,
+                progress=False, model_name="near ties")
+    unk = [r for r in records(path) if r["verdict"] == "unknown"]
+    assert unk, "the stubbed exact stage leaves some instance undecided"
+    paths = render_report([path], tmp_path / "out")
+    html, text = paths["html"].read_text(), paths["markdown"].read_text()
+    table = html[html.index('<table class="unknowns"'):].split("</table>")[0]
+    assert table.count("<tr>") == len(unk) + 1
+    for r in unk:
+        sl = r["details"]["slack"]
+        assert sl["lower"] <= 0 < sl["upper"]
+        assert (f"<tr><td>{r['id']}</td><td>2</td><td>{r['label']}</td><td class=\"l\">timeout</td>" in table)
+        assert f"<td>{sl['lower']}</td><td>{sl['upper']}</td>" in table
+        assert f"{r['id']}@r2 [{sl['lower']}, {sl['upper']}]" in text

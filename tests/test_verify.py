@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from qverify.execute import forward, predict
 from qverify.property import robustness_property
 from qverify.result import Reason, Verdict
 from qverify.settings import VerifySettings
 from qverify.verify import METHODS, verify, verify_batch
-from tests.fixtures import brute_force, networks_and_properties, random_dense_network
+from tests.fixtures import brute_force, least_slack, networks_and_properties, random_dense_network
 
 
 def _check(net, prop, res, robust):
@@ -157,3 +158,84 @@ def test_portfolio_tries_the_relaxed_program_first(monkeypatch, relaxed, expect)
     assert calls[0][1] == pytest.approx(3.0, abs=0.2)  # relax_share of the stage's time
     proved = tuple(relaxed[2]) if len(relaxed) > 2 else ()
     assert all(c[2] == proved for c in calls[1:])  # later programs skip what the relaxation proved
+
+
+
+def _stuck_exact(mp: pytest.MonkeyPatch) -> None:
+    """Make the exact stage give up (timeout), as it does on a hard near-tie, so the result stays unknown."""
+    import qverify.verify as qv
+    from qverify.result import Result
+
+    mp.setattr(qv, "_exact_stage", lambda net, prop, clock, settings, method, bounds: Result(
+        Verdict.UNKNOWN, method, clock.elapsed(), Reason.TIMEOUT, None, list(clock.stages), {"kept": 1}))
+
+
+@settings(max_examples=25, deadline=None)
+@given(networks_and_properties())
+def test_unknown_results_bracket_the_least_slack(pair):
+    """An undecided instance says what is known of ``s* = min_box slack``: ``lower <= s* <= upper``, with ``upper``
+    the exact slack of the nearest miss it reports; the same from one property and from a batch."""
+    net, prop = pair
+    s_star = least_slack(net, prop)
+    fast = VerifySettings(timeout=5)
+    with pytest.MonkeyPatch.context() as mp:
+        _stuck_exact(mp)
+        results = [verify(net, prop, fast), verify_batch(net, [prop], fast, workers=1)[0]]
+    for res in results:
+        if res.verdict is not Verdict.UNKNOWN:
+            assert "slack" not in res.details and (res.verdict is Verdict.ROBUST) == (s_star > 0)
+            continue
+        sl = res.details["slack"]
+        assert res.details["kept"] == 1  # the exact stage's own details are kept
+        assert sl["lower"] <= s_star <= sl["upper"] and sl["upper"] >= 1
+        x = np.array(sl["nearest"]["x"])
+        assert prop.contains(x)[0] and sl["nearest"]["y"] == forward(net, x[None])[0].tolist()
+        assert int(prop.slack(np.array([sl["nearest"]["y"]]))[0]) == sl["upper"]
+
+
+def test_incomplete_methods_give_the_end_of_the_bracket_they_know():
+    net = random_dense_network(np.random.default_rng(5), n_in=6, hidden=(8, 6))
+    for seed in range(200):  # a property that the bounds do not prove
+        x = np.random.default_rng(seed).integers(net.input_lo, net.input_hi + 1, net.num_inputs)
+        prop = robustness_property(net, x, int(predict(net, x[None])[0]), radius=3)
+        sym = verify(net, prop, VerifySettings(method="symbolic"))
+        if sym.verdict is Verdict.UNKNOWN:
+            break
+    else:
+        pytest.skip("no undecided property found")
+    assert sym.details["slack"]["upper"] is None and sym.details["slack"]["lower"] <= 0
+    att = verify(net, prop, VerifySettings(method="attack", timeout=2))
+    if att.verdict is Verdict.UNKNOWN:
+        assert att.details["slack"]["lower"] is None and att.details["slack"]["upper"] >= 1
+
+
+def test_near_ties_of_random_networks_are_bracketed_alone_and_in_a_batch():
+    """Properties the bounds leave open and the exact stage (stubbed to time out) does not decide: every one is
+    bracketed soundly, by :func:`verify` and by :func:`verify_batch` alike."""
+    props, nets = [], []
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        net = random_dense_network(rng, n_in=4, hidden=(6, 5))
+        x = rng.integers(net.input_lo, net.input_hi + 1, net.num_inputs)
+        prop = robustness_property(net, x, int(predict(net, x[None])[0]), radius=2)
+        if prop.box_size() <= 5000:
+            nets.append(net)
+            props.append(prop)
+    fast = VerifySettings(timeout=5)
+    checked = 0
+    with pytest.MonkeyPatch.context() as mp:
+        _stuck_exact(mp)
+        for net, prop in zip(nets, props, strict=True):
+            res = verify(net, prop, fast)
+            if res.verdict is not Verdict.UNKNOWN:
+                continue
+            batch = verify_batch(net, [prop, prop], fast, workers=1)
+            s_star = least_slack(net, prop)
+            for r in (res, *batch):
+                sl = r.details["slack"]
+                assert sl["lower"] <= s_star <= sl["upper"]
+                assert int(prop.slack(forward(net, np.array(sl["nearest"]["x"])[None]))[0]) == sl["upper"]
+            checked += 1
+            if checked == 8:
+                break
+    assert checked == 8

@@ -571,16 +571,24 @@ class SymbolicAnalysis:
 
     def refutes(self, prop: Property) -> np.ndarray:
         """Boolean ``[B]``: whether each box's margin bounds refute every unsafe disjunct of ``prop`` (some row's
-        lower bound above its right-hand side); all rows in one batched back-substitution."""
+        lower bound above its right-hand side), i.e. :meth:`slack_lower_bounds` ``>= 1``."""
+        return self.slack_lower_bounds(prop) > 0
+
+    def slack_lower_bounds(self, prop: Property) -> np.ndarray:
+        """Integer lower bounds ``[B]`` of the least :meth:`~qverify.property.Property.slack` over each box,
+
+            min_d max_k (L_dk - b_dk)  <=  min_{x in box} min_d max_k (A_d y(x) - b_d)_k,
+
+        with ``L_dk`` the lower bound of the row ``A_dk . y`` (:meth:`row_lower_bounds`; all rows in one batched
+        back-substitution): a lower bound of a maximum is the maximum of the lower bounds."""
         rows = np.concatenate([c.A for c in prop.unsafe])
         low = self.row_lower_bounds(rows)
-        ok = np.ones(self.num_boxes, dtype=bool)
-        start = 0
+        per, start = [], 0
         for conj in prop.unsafe:
             k = conj.A.shape[0]
-            ok &= np.any(low[:, start:start + k] > conj.b[None, :], axis=1)
+            per.append(np.max(low[:, start:start + k] - conj.b[None, :], axis=1))
             start += k
-        return ok
+        return np.min(np.stack(per, axis=1), axis=1)
 
     def fixed_counts(self, which: str = "bounds") -> dict[int, np.ndarray]:
         """Per activation layer index: the number of fixed neurons (``lo == hi``) of each box, ``[B]``;

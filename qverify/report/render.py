@@ -300,6 +300,43 @@ def _cex_figures(run: Run, max_pictures: int) -> str:
     return "\n".join(out)
 
 
+def _slack_of(rec: dict) -> dict | None:
+    """The ``unknown`` record's bracket of its least slack (``details.slack``), or ``None``."""
+    sl = (rec.get("details") or {}).get("slack")
+    return sl if isinstance(sl, dict) and (sl.get("lower") is not None or sl.get("upper") is not None) else None
+
+
+def _bracket_text(sl: dict) -> str:
+    lo, up = sl.get("lower"), sl.get("upper")
+    return f"[{'?' if lo is None else lo}, {'?' if up is None else up}]"
+
+
+def _unknowns(run: Run) -> list[dict]:
+    return sorted((x for x in run.records if x["verdict"] == "unknown"), key=lambda x: (x["radius"], x["id"]))
+
+
+def _unknown_table(run: Run) -> str:
+    """The undecided instances: reason and the bracket ``[L, U]`` of the least slack over the box (a violation is
+    slack <= 0; ``U`` is attained by the attack's nearest miss, ``L`` is the symbolic bounds' lower bound)."""
+    unk = _unknowns(run)
+    if not unk:
+        return "<p>None: every instance was decided.</p>"
+    rows = []
+    for x in unk:
+        sl = _slack_of(x) or {}
+        near = sl.get("nearest") or {}
+        ys = near.get("y")
+        rows.append(f"<tr><td>{x['id']}</td><td>{x['radius']}</td><td>{x['label']}</td>"
+                    f"<td class=\"l\">{esc(x.get('reason') or '-')}</td><td>{sec(x.get('seconds'))}</td>"
+                    f"<td>{'-' if sl.get('lower') is None else sl['lower']}</td>"
+                    f"<td>{'-' if sl.get('upper') is None else sl['upper']}</td>"
+                    f"<td class=\"l\">{esc(' '.join(str(v) for v in ys)) if ys else '-'}</td></tr>")
+    return (f'<table class="unknowns" id="unknowns-{esc(run.label)}"><thead><tr><th>id</th><th>radius</th>'
+            "<th>label</th><th class=\"l\">reason</th><th>s</th><th>slack &ge;</th><th>slack &le;</th>"
+            "<th class=\"l\">outputs at the nearest miss</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
+
+
 def _per_sample_table(run: Run) -> str:
     radii = sorted({r["radius"] for r in run.records})
     by: dict[int, dict[int, dict]] = {}
@@ -320,6 +357,8 @@ def _per_sample_table(run: Run) -> str:
             tip = f"{r['verdict']} by {r.get('method')} in {sec(r.get('seconds'))} s"
             if r.get("reason"):
                 tip += f" ({r['reason']})"
+            if _slack_of(r):
+                tip += f"; least slack in {_bracket_text(_slack_of(r))}"  # type: ignore[arg-type]
             cells.append(f'<td class="l v-{esc(r["verdict"])}" title="{esc(tip)}">'
                          f"{esc(VERDICT_SHORT.get(r['verdict'], r['verdict']))}</td>")
         rows.append(f'<tr><td>{i}</td><td>{any_rec["label"]}</td><td>{any_rec["prediction"]}</td>{"".join(cells)}</tr>')
@@ -400,6 +439,17 @@ def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100
         if len(runs) > 1:
             parts.append(f"<h3>{esc(r.label)}: {esc(r.header['model'].get('name'))}</h3>")
         parts.append(_cex_figures(r, max_pictures))
+    parts.append('<h2 id="unknown">Undecided instances</h2>'
+                 "<p>Each <b>unknown</b> instance with what is known of its least <i>slack</i> over the input box, "
+                 "<code>min_d max_k (A_d y - b_d)_k</code> of the property's unsafe region <code>OR_d A_d y &le; "
+                 "b_d</code>: a violation is slack &le; 0, robustness is slack &ge; 1 everywhere. The lower end is "
+                 "proved by the symbolic bounds; the upper end is the exact slack of the nearest miss the attack "
+                 "evaluated (for a robustness property, <code>y_c - y_j</code> plus 1 when the tie goes to the "
+                 "label).</p>")
+    for r in runs:
+        if len(runs) > 1:
+            parts.append(f"<h3>{esc(r.label)}: {esc(r.header['model'].get('name'))}</h3>")
+        parts.append(_unknown_table(r))
     parts.append('<h2 id="per-sample">Per-sample verdicts</h2>')
     for r in runs:
         parts.append(f"<details{' open' if len(r.records) <= 400 else ''}><summary>{esc(r.label)}: "
@@ -436,6 +486,11 @@ def markdown_report(runs: list[Run], title: str | None = None) -> str:
             out += [f"Counterexamples ({len(cex)}): "
                     + ", ".join(f"{x['id']}@r{x['radius']}" for x in cex[:200])
                     + (" ..." if len(cex) > 200 else ""), ""]
+        unk = _unknowns(r)
+        if unk:
+            out += [f"Undecided ({len(unk)}; least slack over the box, a violation is <= 0): "
+                    + ", ".join(f"{x['id']}@r{x['radius']} {_bracket_text(_slack_of(x) or {})}" for x in unk[:200])
+                    + (" ..." if len(unk) > 200 else ""), ""]
         out += [f"Command: `{md(h.get('command') or '(not recorded)')}`", "",
                 "Versions: " + ", ".join(f"{md(k)} {md(v)}" for k, v in (h.get("versions") or {}).items()), "",
                 f"Settings: {md(json.dumps(h.get('settings')))}", ""]
