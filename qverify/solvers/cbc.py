@@ -35,7 +35,9 @@ class CbcBackend:
         t0 = time.perf_counter()
         lin = program.linearized()
         prob = pulp.LpProblem("qverify", pulp.LpMinimize)
-        xs = [pulp.LpVariable(f"v{v.index}", v.lo, v.hi, cat=pulp.LpInteger if v.integer else pulp.LpContinuous)
+        # PuLP >= 3.3 attaches variables to the problem (constructing LpVariable directly is deprecated there)
+        make = getattr(prob, "add_variable", None) or pulp.LpVariable
+        xs = [make(f"v{v.index}", v.lo, v.hi, cat=pulp.LpInteger if v.integer else pulp.LpContinuous)
               for v in lin.vars]
         if lin.objective is not None:
             prob += pulp.lpSum(a * xs[k] for k, a in lin.objective.terms.items()) + lin.objective.const
