@@ -153,12 +153,14 @@ def _print_result(prop_name: str, result) -> None:
         line += f" ({result.reason})"
     line += f"  method={result.method}  time={result.seconds:.3f}s"
     print(line)
-    slack = result.details.get("slack") if result.details else None
+    slack = (result.details or {}).get("slack")
     if slack:
-        lo, up = ("?" if slack.get(k) is None else slack[k] for k in ("lower", "upper"))
-        print(f"  least slack over the box in [{lo}, {up}] (a violation is slack <= 0; "
-              f"{up} is attained by the nearest miss the attack found)" if up != "?" else
-              f"  least slack over the box >= {lo} (a violation is slack <= 0)")
+        lo, up = slack.get("lower"), slack.get("upper")
+        if up is None:
+            print(f"  least slack over the box >= {lo} (a violation is slack <= 0)")
+        else:
+            print(f"  least slack over the box in [{'?' if lo is None else lo}, {up}] (a violation is slack <= 0; "
+                  f"{up} is attained by the nearest miss the attack found)")
     if result.counterexample is not None and result.counterexample.note:
         print(f"  note: {result.counterexample.note}")
 
@@ -376,7 +378,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for m, a, c, r, t, path in rows:
         print(f"{m:<10} {a:>9.4f} {c:>13.4f} {r!s:>6} {t:>8.1f}  {path}")
     if res.eval is not None:
-        seen = "" if cfg.data.eval or cfg.data.holdout else " (images it trained on: set data.eval or data.holdout)"
+        seen = " (images it trained on: set data.eval or data.holdout)" if res.eval_on_training_images else ""
         print(f"evaluated on: {res.eval_data}, {res.eval.n} images{seen}")
     return EXIT_OK
 

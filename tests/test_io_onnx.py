@@ -33,6 +33,7 @@ from qverify.io.onnx import (  # noqa: E402
     onnx_layer_outputs,
     onnx_real_inputs,
     ort_u8s8_saturates,
+    qlinear_matmul_session,
 )
 from qverify.network import Clamp, Conv2d, Dense, Flatten, ModelError, Requantize  # noqa: E402
 from qverify.quant import Rounding  # noqa: E402
@@ -574,19 +575,6 @@ def test_replay_confirms_on_onnxruntime(models):
 
 
 
-def _qlinear_matmul(w: np.ndarray, sy: float):
-    """One ``QLinearMatMul`` ``u8 [1, K] @ s8 [K, N]`` at unit input scales, output scale ``sy`` (uint8)."""
-    inits = {"sa": F32(1.0), "za": np.uint8(0), "w": w.astype(np.int8), "sb": F32(1.0), "zb": np.int8(0),
-             "sy": F32(sy), "zy": np.uint8(0)}
-    node = helper.make_node("QLinearMatMul", ["x", "sa", "za", "w", "sb", "zb", "sy", "zy"], ["y"])
-    k, n = w.shape
-    graph = helper.make_graph([node], "mm", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, n])],
-                              [numpy_helper.from_array(np.asarray(v), name) for name, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("wmax", [64, 127])
 def test_u8s8_probe_predicts_onnxruntime_exactness(wmax):
     """Weights ``|w| <= 64`` run exactly on every CPU; full-range 8-bit weights run exactly unless the probe says the
@@ -595,14 +583,14 @@ def test_u8s8_probe_predicts_onnxruntime_exactness(wmax):
     k, n, sy = 64, 16, 512.0
     w = rng.integers(-min(wmax, 128), wmax + 1, size=(k, n))
     x = rng.integers(0, 256, size=(200, k))
-    sess = _qlinear_matmul(w, sy)
+    sess = qlinear_matmul_session(w, sy)
     got = np.stack([sess.run(None, {"x": xi[None].astype(np.uint8)})[0][0] for xi in x]).astype(np.int64)
     want = np.clip(np.rint((x @ w) / sy), 0, 255).astype(np.int64)  # |x @ w| < 2^22: float64 division is exact
     if wmax <= 64 or not ort_u8s8_saturates():
         assert np.array_equal(got, want)
     else:
         big = np.full((k, n), 127)
-        y = _qlinear_matmul(big, 256.0 * 64).run(None, {"x": np.full((1, k), 255, dtype=np.uint8)})[0]
+        y = qlinear_matmul_session(big, 256.0 * 64).run(None, {"x": np.full((1, k), 255, dtype=np.uint8)})[0]
         assert int(y[0, 0]) < round(255 * 127 * k / (256 * 64))
 
 

@@ -1075,6 +1075,26 @@ def onnx_real_inputs(net: QNetwork, x_int: np.ndarray) -> np.ndarray:
     return xr
 
 
+def qlinear_matmul_session(w: np.ndarray, sy: float) -> Any:
+    """A session of one ``QLinearMatMul``, ``u8 [1, K] @ s8 [K, N]`` (``w``) at unit input scales and zero points,
+    output scale ``sy`` (uint8): ``y = clip(R(x @ w / sy), 0, 255)`` when onnxruntime computes exactly."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.asarray(w)
+    inits = {"sa": np.float32(1.0), "za": np.uint8(0), "w": w.astype(np.int8), "sb": np.float32(1.0),
+             "zb": np.int8(0), "sy": np.float32(sy), "zy": np.uint8(0)}
+    node = helper.make_node("QLinearMatMul", ["x", "sa", "za", "w", "sb", "zb", "sy", "zy"], ["y"])
+    k, n = w.shape
+    graph = helper.make_graph([node], "qlinear_matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, n])],
+                              [numpy_helper.from_array(np.asarray(v), name) for name, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    return ort.InferenceSession(model.SerializeToString(), _session_options("all"),
+                                providers=["CPUExecutionProvider"])
+
+
 @functools.cache
 def ort_u8s8_saturates() -> bool:
     """Whether onnxruntime's u8 x s8 integer kernels clip on this CPU (``False`` without onnxruntime).
@@ -1082,24 +1102,14 @@ def ort_u8s8_saturates() -> bool:
     x86-64 CPUs with AVX2 but no VNNI sum each pair of adjacent ``u8 * s8`` products in a saturating 16-bit lane
     (``vpmaddubsw``): a pair ``a_1 w_1 + a_2 w_2`` above ``32767`` comes out as ``32767`` (``255 * 127 * 2 = 64770``
     does not fit), so onnxruntime parts from the integer semantics on models with 8-bit weights. With 7-bit weights
-    (``|w| <= 64``) no pair can clip: ``255 * 64 * 2 = 32640``. Probed once with one ``QLinearMatMul``:
-    ``[255, 255] @ [[127], [127]]`` at unit input scales and output scale 256 is ``R(64770 / 256) = 253`` exactly and
-    ``128`` when clipped.
+    (``|w| <= 64``) no pair can clip: ``255 * 64 * 2 = 32640``. Probed once with one ``QLinearMatMul``
+    (:func:`qlinear_matmul_session`): ``[255, 255] @ [[127], [127]]`` at output scale 256 is ``R(64770 / 256) =
+    253`` exactly and ``128`` when clipped.
     """
     try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
+        sess = qlinear_matmul_session(np.full((2, 1), 127), 256.0)
     except ImportError:
         return False
-    inits = {"sa": np.float32(1.0), "za": np.uint8(0), "w": np.full((2, 1), 127, dtype=np.int8),
-             "sb": np.float32(1.0), "zb": np.int8(0), "sy": np.float32(256.0), "zy": np.uint8(0)}
-    node = helper.make_node("QLinearMatMul", ["x", "sa", "za", "w", "sb", "zb", "sy", "zy"], ["y"])
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1])],
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    sess = ort.InferenceSession(model.SerializeToString(), _session_options("all"),
-                                providers=["CPUExecutionProvider"])
     y = int(sess.run(None, {"x": np.full((1, 2), 255, dtype=np.uint8)})[0][0, 0])
     return y != 253
 
@@ -1209,4 +1219,4 @@ def onnx_layer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "al
 
 
 __all__ = ["U8S8_CLIP_NOTE", "load_onnx", "onnx_integer_outputs", "onnx_layer_outputs", "onnx_real_inputs",
-           "onnx_session", "ort_may_clip", "ort_u8s8_saturates"]
+           "onnx_session", "ort_may_clip", "ort_u8s8_saturates", "qlinear_matmul_session"]

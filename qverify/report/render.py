@@ -357,8 +357,9 @@ def _per_sample_table(run: Run) -> str:
             tip = f"{r['verdict']} by {r.get('method')} in {sec(r.get('seconds'))} s"
             if r.get("reason"):
                 tip += f" ({r['reason']})"
-            if _slack_of(r):
-                tip += f"; least slack in {_bracket_text(_slack_of(r))}"  # type: ignore[arg-type]
+            sl = _slack_of(r)
+            if sl:
+                tip += f"; least slack in {_bracket_text(sl)}"
             cells.append(f'<td class="l v-{esc(r["verdict"])}" title="{esc(tip)}">'
                          f"{esc(VERDICT_SHORT.get(r['verdict'], r['verdict']))}</td>")
         rows.append(f'<tr><td>{i}</td><td>{any_rec["label"]}</td><td>{any_rec["prediction"]}</td>{"".join(cells)}</tr>')

@@ -381,6 +381,11 @@ class TrainResult:
         where = dc.eval or (f"{dc.holdout} held-out training images" if dc.holdout else "training images")
         return where + (f" (first {dc.eval_limit})" if dc.eval_limit else "")
 
+    @property
+    def eval_on_training_images(self) -> bool:
+        """Whether :attr:`eval_data` is images the model trained on (no ``data.eval``, no ``data.holdout``)."""
+        return not (self.config.data.eval or self.config.data.holdout)
+
     def network(self, name: str | None = None):
         """The exported :class:`~qverify.network.QNetwork` (metadata: method, radius, seed, eval figures)."""
         from qverify.train.export import export_qnetwork
