@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qverify.divergence import Divergence, annotate, check_properties, semantics_of, unavailable
 from qverify.execute import forward, predict
 from qverify.network import QNetwork
 from qverify.property import Property, PropertyError, pixels_to_grid, robustness_property
@@ -327,7 +328,9 @@ def summarize(records: Sequence[dict], radii: Sequence[int] | None = None) -> li
 
     ``n`` instances (samples) at the radius; counts of every verdict; ``clean_accuracy = (n - misclassified) / n``;
     ``certified_accuracy = robust / n``; ``falsified = counterexample``; time figures over the verified instances
-    (misclassified ones are not verified): total, mean, median, max seconds, and the number of timeouts.
+    (misclassified ones are not verified): total, mean, median, max seconds, and the number of timeouts;
+    ``runtime_differs`` (``robust_runtime_differs``): instances (robust ones) whose box holds a point where onnxruntime
+    and the executor differ (:mod:`qverify.divergence`).
     """
     by_r: dict[int, list[dict]] = {}
     for rec in records:
@@ -344,7 +347,10 @@ def summarize(records: Sequence[dict], radii: Sequence[int] | None = None) -> li
                "certified_accuracy": c.get("robust", 0) / n if n else None,
                "time_total": sum(times), "time_mean": sum(times) / len(times) if times else None,
                "time_median": (times[(len(times) - 1) // 2] + times[len(times) // 2]) / 2 if times else None,
-               "time_max": times[-1] if times else None}
+               "time_max": times[-1] if times else None,
+               "runtime_differs": sum(1 for rec in recs if (rec.get("details") or {}).get("warning")),
+               "robust_runtime_differs": sum(1 for rec in recs if rec["verdict"] == "robust"
+                                             and (rec.get("details") or {}).get("warning"))}
         rows.append(row)
     return rows
 
@@ -506,7 +512,7 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
             ray_address: str | None = None, ray_chunk: int | None = None, model_path: str | Path | None = None,
             model_name: str | None = None, data_path: str | Path | None = None, command: str | None = None,
             overwrite: bool = False, on_record: Callable[[dict], None] | None = None,
-            log: Callable[[str], None] | None = None) -> CertifySummary:
+            log: Callable[[str], None] | None = None, divergence_points: int = 256) -> CertifySummary:
     """Verify every ``(sample, radius)`` instance and append each decided one to ``results_path`` (JSON lines).
 
     ``images`` are raw data (e.g. uint8 pixels, mapped to the network's grid by
@@ -517,6 +523,11 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
     an already initialized Ray is used as it is); the driver writes the file either way. ``on_record(record)`` is
     called after each record is written (an exception from it stops the run, the file keeps what was written).
     ``log`` receives notes (resume, repair); default: stderr when ``progress`` else nothing.
+
+    ``divergence_points`` (0: off): for a model imported from ONNX, that many points of each instance's box (center,
+    corners, random grid points; :mod:`qverify.divergence`) are run on onnxruntime and the executor before the
+    verification, and each record's ``details`` get ``semantics``, ``divergence`` and, where some integer output
+    differs, ``warning`` (a ``robust`` verdict then holds for the executor's function, not for onnxruntime's).
 
     Resuming: an existing file with the same network, data and settings is continued (finished pairs are skipped,
     a truncated last line is dropped and the file repaired); another network, data set or settings raises
@@ -552,7 +563,10 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
         "selection": {"ids": sel if ids is not None else None, "sample": sample, "seed": seed,
                       "n": len(sel)},
         "settings": _settings_json(settings), "seed": settings.seed, "versions": versions(),
-        "command": command,
+        "command": command, "semantics": semantics_of(net),
+        "divergence_check": {"points": int(divergence_points), "runtime": "onnxruntime"
+                             if divergence_points and not unavailable(net) else None,
+                             "skipped": unavailable(net) if divergence_points else "switched off"},
     }
 
     # ---- open (and lock) the file, then resume, repair or start over
@@ -599,9 +613,14 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
                         verify_list.append((k, r))
                 props = [robustness_property(net, x[k], int(labels[sel[k]]), radius=r, name=f"sample{sel[k]}_r{r}")
                          for k, r in verify_list]
+                divs = _divergences(net, props, divergence_points, settings.seed)
 
                 def on_result(j: int, res: Result) -> None:
                     k, r = verify_list[j]
+                    if divs is not None:
+                        annotate(res, divs[j])
+                    else:
+                        res.details["semantics"] = semantics_of(net)
                     emit(_instance_record(sel[k], r, labels[sel[k]], preds[k], scores[k], x[k], props[j], res))
 
                 if props:
@@ -620,6 +639,19 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
         writer.close()
     return CertifySummary(path, header, old_records + new_records, len(new_records), len(old_records), repaired,
                           time.monotonic() - t_start)
+
+
+def _divergences(net: QNetwork, props: list[Property], points: int, seed: int,
+                 batch_points: int = 8192) -> list[Divergence] | None:
+    """The runtime divergence check of every instance's box (``None``: off, or not an ONNX model), in batched
+    onnxruntime runs of at most ``batch_points`` points."""
+    if points <= 0 or unavailable(net).startswith("not an ONNX"):
+        return None
+    out: list[Divergence] = []
+    step = max(1, batch_points // points)
+    for i in range(0, len(props), step):
+        out += check_properties(net, props[i:i + step], points, seed)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ ray

@@ -70,14 +70,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _divergence(net, x: np.ndarray | None, where: str, args: argparse.Namespace):
+    """The runtime divergence check of an ONNX model (``None`` when it does not apply or is switched off)."""
+    from qverify import divergence
+
+    if getattr(args, "no_divergence_check", False) or divergence.unavailable(net).startswith("not an ONNX"):
+        return None
+    pts = divergence.grid_points(net, args.divergence_points, args.seed if "seed" in args else 0) if x is None else x
+    return divergence.check_points(net, pts, where)
+
+
+def _say_divergence(div, out=None, quiet: bool = False) -> None:
+    """Print a divergence check: a warning (stderr unless ``out``) when the runtime differs, else one note line
+    (stdout; not when ``quiet``)."""
+    if div is None:
+        return
+    if div.differs:
+        print(f"warning: {div.message()}", file=out or sys.stderr)
+    elif not quiet:
+        print(f"runtime check: {div.message()}", file=out or sys.stdout)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     net = _load(args)
     rows = net.describe()
+    div = _divergence(net, None, "grid", args)
     if args.json:
         print(json.dumps({"name": net.name, "input_shape": net.input_shape, "input_grid": [net.input_lo, net.input_hi],
                           "input_scale": str(net.input_scale), "output_scale": str(net.output_scale),
                           "parameters": net.parameter_count(), "fixed_point": net.is_fixed_point(),
-                          "metadata": net.metadata, "layers": rows}, default=str))
+                          "metadata": net.metadata, "layers": rows,
+                          "divergence": div.to_json() if div is not None else None}, default=str))
         return EXIT_OK
     print(f"{net.name}: input {net.input_shape} on the integer grid [{net.input_lo}, {net.input_hi}] "
           f"(real = {net.input_scale} * (x - {net.input_zero_point})), {net.num_outputs} outputs "
@@ -94,6 +117,7 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{r['bits'] + f' [{lo}, {hi}]':<22} {r.get('params', ''):>8}  {', '.join(det)}")
     kind = "fixed point (power-of-two scales)" if net.is_fixed_point() else "affine scales"
     print(f"parameters: {net.parameter_count()}; requantization: {kind}")
+    _say_divergence(div, sys.stdout)
     return EXIT_OK
 
 
@@ -107,11 +131,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     x = pixels_to_grid(net, images[ids])
     pred = predict(net, x)
     acc = float(np.mean(pred == labels[ids])) if len(ids) else 0.0
+    div = _divergence(net, x, "data", args)
     if args.json:
         print(json.dumps({"model": net.name, "data": args.data, "n": len(ids), "accuracy": acc,
-                          "predictions": [int(p) for p in pred]}))
+                          "predictions": [int(p) for p in pred],
+                          "divergence": div.to_json() if div is not None else None}))
     else:
         print(f"{net.name} on {args.data}: accuracy {acc:.4f} ({int(np.sum(pred == labels[ids]))}/{len(ids)})")
+    _say_divergence(div, quiet=args.json)
     return EXIT_OK
 
 
@@ -141,7 +168,7 @@ def _verify_settings(args: argparse.Namespace, timeout: float | None = None):
     from qverify.settings import SolverSettings, VerifySettings
 
     solver = SolverSettings(backend=args.solver, encoding=args.encoding, threads=args.threads, seed=args.seed,
-                            time_limit=timeout or args.timeout)
+                            time_limit=timeout or args.timeout, confirm=args.confirm)
     return VerifySettings(method=args.method, timeout=timeout or args.timeout, solver=solver, seed=args.seed,
                           fallback="" if args.fallback == "none" else args.fallback,
                           relax="" if args.relax == "none" else args.relax)
@@ -163,6 +190,9 @@ def _print_result(prop_name: str, result) -> None:
                   f"{up} is attained by the nearest miss the attack found)")
     if result.counterexample is not None and result.counterexample.note:
         print(f"  note: {result.counterexample.note}")
+    warning = (result.details or {}).get("warning")
+    if warning:
+        print(f"  warning: {warning}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -191,6 +221,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from qverify.verify import verify
 
     result = verify(net, prop, _verify_settings(args))
+    _check_runtime(net, [prop], [result], args)
     _print_result(Path(args.property).name, result)
     if args.result_file:
         write_result_file(net, result, args.result_file)
@@ -198,6 +229,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         write_json_result(result, args.json, {"model": args.model, "property": args.property})
     return {Verdict.ROBUST: EXIT_OK, Verdict.COUNTEREXAMPLE: EXIT_COUNTEREXAMPLE,
             Verdict.UNKNOWN: EXIT_UNKNOWN, Verdict.ERROR: EXIT_BAD_INPUT}[result.verdict]
+
+
+def _check_runtime(net, props: list, results: list, args: argparse.Namespace) -> None:
+    """Annotate results with the runtime divergence check over their properties' boxes (and the semantics)."""
+    from qverify import divergence
+
+    if getattr(args, "no_divergence_check", False):
+        for r in results:
+            r.details["semantics"] = divergence.semantics_of(net)
+        return
+    for r, d in zip(results, divergence.check_properties(net, props, args.divergence_points, args.seed),
+                    strict=True):
+        divergence.annotate(r, d)
 
 
 def _verify_instances(args: argparse.Namespace) -> int:
@@ -256,12 +300,16 @@ def _verify_instances(args: argparse.Namespace) -> int:
                 summary.append({"line": lineno, "property": str(prop), "status": "error", "message": str(e)})
                 print(f"{prop.name}: error ({e})")
 
-        def done(i: int, r: Result, keep=keep, net=net, model=model) -> None:
+        def done(i: int, r: Result, keep=keep, net=net, model=model, props=props) -> None:
             lineno, prop, target = keep[i]
+            _check_runtime(net, [props[i]], [r], args)
             write_result_file(net, r, target)
             write_json_result(r, target.with_suffix(".json"), {"model": model, "property": str(prop)})
-            summary.append({"line": lineno, "property": str(prop), "status": r.vnncomp_status(),
-                            "verdict": r.verdict.value, "method": r.method, "seconds": round(r.seconds, 4)})
+            row = {"line": lineno, "property": str(prop), "status": r.vnncomp_status(), "verdict": r.verdict.value,
+                   "method": r.method, "seconds": round(r.seconds, 4)}
+            if r.details.get("warning"):
+                row["warning"] = r.details["warning"]
+            summary.append(row)
             _print_result(prop.name, r)
 
         verify_batch(net, props, _verify_settings(args, timeout), workers=args.workers, on_result=done)
@@ -407,10 +455,18 @@ def _certify(net, images, labels, args: argparse.Namespace, out: Path, model_pat
                           seed=args.seed, settings=_verify_settings(args), workers=args.workers,
                           progress=not args.no_progress, ray_address=args.ray, model_path=model_path,
                           data_path=data_path, command=" ".join(["qverify", *sys.argv[1:]]),
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite,
+                          divergence_points=0 if args.no_divergence_check else args.divergence_points)
     except ResultsFileError as e:
         raise CliError(str(e)) from None
     print(summary.format_table())
+    warned = [r for r in summary.records if (r.get("details") or {}).get("warning")]
+    if warned:
+        robust = sum(r["verdict"] == "robust" for r in warned)
+        print(f"warning: onnxruntime differs from the executor inside the box of {len(warned)} instances "
+              f"({robust} of them robust: those verdicts hold for the executor's function, not for onnxruntime's); "
+              f"e.g. sample {warned[0]['id']} at r = {warned[0]['radius']}: {warned[0]['details']['warning']}",
+              file=sys.stderr)
     print(f"results: {results} ({summary.new} new, {summary.resumed} resumed; wall {summary.wall_seconds:.1f}s)")
     return results
 
@@ -474,12 +530,36 @@ def _certify_args(c: argparse.ArgumentParser, radius_default: list[int] | None =
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not positive")
+    return v
+
+
+def _divergence_args(c: argparse.ArgumentParser, what: str) -> None:
+    c.add_argument("--no-divergence-check", action="store_true",
+                   help=f"ONNX models: do not run onnxruntime on {what} to compare its integer outputs with the "
+                        "executor's (default: compare, and warn where they differ)")
+    c.add_argument("--divergence-points", type=_positive_int, default=256, metavar="N",
+                   help="points per check (default 256; for a property: its center, corners and random points of "
+                        "its box)")
+
+
 def _solver_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--timeout", type=float, default=60.0, help="seconds per property (default 60)")
     c.add_argument("--method", choices=["portfolio", "attack", "interval", "symbolic", "milp", "bab"],
                    default="portfolio", help="force one method (default: the portfolio)")
-    c.add_argument("--solver", choices=["cpsat", "scip", "highs", "cbc"], default="cpsat",
-                   help="back end of the exact stage (default cpsat)")
+    c.add_argument("--solver", choices=["cpsat", "scip", "highs", "cbc", "checked"], default="cpsat",
+                   help="back end of the exact stage (default cpsat; checked: branch and bound with exactly "
+                        "checked LP certificates)")
+    c.add_argument("--confirm", choices=["auto", "checked", "cpsat", "none"], default="auto",
+                   help="exact back ends that must confirm an 'infeasible' of scip, highs or cbc before it counts as "
+                        "robust (default auto: cpsat for a third of the time, then checked; none: such claims stay "
+                        "unknown/unconfirmed)")
     c.add_argument("--fallback", choices=["highs", "scip", "cbc", "cpsat", "none"], default="highs",
                    help="portfolio only: back end given the rest of the exact stage when the first times out "
                         "(default highs: it proves near-tie robust instances that CP-SAT does not; none: off)")
@@ -510,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Describe a model: layers, value ranges and bit widths, parameters.")
     _model_args(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    _divergence_args(c, "seeded random points of the input grid")
+    c.add_argument("--seed", type=int, default=0, help="seed of the divergence check's points")
     c.set_defaults(func=cmd_info)
 
     c = sub.add_parser("run", help="run the exact integer executor on a data file and print accuracy",
@@ -518,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data", help=".npz with 'images' (raw pixels) and 'labels'")
     c.add_argument("--ids", default=None, help="samples to run, e.g. 0:100 (default: all)")
     c.add_argument("--json", action="store_true", help="print {'predictions': [...], 'accuracy': ...}")
+    _divergence_args(c, "the data's samples")
     c.set_defaults(func=cmd_run)
 
     c = sub.add_parser("property", help="write VNN-LIB robustness properties for samples of a data file",
@@ -556,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--results-dir", default=None, help="directory for the per-row result files and summary.json")
     c.add_argument("--workers", type=int, default=0, help="worker processes for --instances (0 = one per core)")
     c.add_argument("--force", action="store_true", help="with --instances, redo rows that already have a result")
+    _divergence_args(c, "points of the property's box")
     c.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("radius", help="largest robust radius of samples, with the counterexample just above it",
@@ -608,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     _solver_args(c)
     c.add_argument("-o", "--output", required=True, help="output directory (results.jsonl, report/)")
     c.add_argument("--no-report", action="store_true", help="do not render the report")
+    _divergence_args(c, "points of each instance's box")
     c.set_defaults(func=cmd_certify)
 
     c = sub.add_parser("report", help="render certification results as HTML + Markdown (one run, or compare runs)",
@@ -628,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     _solver_args(c)
     c.set_defaults(ids="0:200", timeout=10.0)
     c.add_argument("-o", "--output", default="qverify-demo", help="output directory (default qverify-demo)")
+    _divergence_args(c, "points of each instance's box")
     c.set_defaults(func=cmd_demo)
     return p
 

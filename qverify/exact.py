@@ -2,12 +2,16 @@
 
 ``verify_milp`` answers
 
-* ``robust`` only when the solver proves the program infeasible (or the encoder does: no unsafe disjunct can hold
-  on the bounds); with ``split``, when every disjunct's program is proved infeasible;
+* ``robust`` only when an exact back end proves the program infeasible (CP-SAT, or the checked branch and bound;
+  a floating-point back end's "infeasible" counts only once :func:`qverify.solvers.base.solve` has had it confirmed
+  by ``settings.confirm``), or the encoder does (no unsafe disjunct can hold on the bounds); with ``split``, when
+  every disjunct's program is proved infeasible;
 * ``counterexample`` only when the decoded input, replayed on the integer executor
   (:func:`qverify.replay.replay`), lands in the unsafe region;
 * ``unknown`` otherwise: ``timeout`` (the time limit or the deadline), ``replay-failed`` (the solver's solution does
-  not replay: a bug report with the solver's and the executor's values in ``details``), ``solver-status``
+  not replay: a bug report with the solver's and the executor's values in ``details``), ``unconfirmed`` (a
+  floating-point solver called a disjunct infeasible and the exact confirmer neither proved it nor found a
+  solution in time: a claimed disjunct gets the next rounds' slices for its confirmation), ``solver-status``
   (another solver status);
 * ``error`` for a model the solver rejects, or a property that does not fit the network.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
+from dataclasses import replace
 
 import numpy as np
 
@@ -54,7 +59,7 @@ from qverify.property import Property, PropertyError
 from qverify.replay import replay
 from qverify.result import Counterexample, Reason, Result, StageTime, Verdict
 from qverify.settings import SolverSettings
-from qverify.solvers.base import SolveOutcome, SolveStatus, solve
+from qverify.solvers.base import SolveOutcome, SolveStatus, confirmers, solve
 
 #: first time slice of a split search, as a fraction of the limit per open disjunct, and its floor in seconds
 SPLIT_FIRST_SHARE = 0.125
@@ -147,7 +152,7 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
         encode_unsafe(prog, live, enc.outputs, margin=margin)
         details["program"] = prog.stats()
         stages.append(StageTime("encode", time.perf_counter() - t0, "program built"))
-        out = solve(prog, settings, end)
+        out = solve(prog, settings, end, confirm_deadline=end)
         return _conclude(net, prop, enc, prog, out, settings, method, t0, stages, details)
     stages.append(StageTime("encode", t1 - t0, f"network encoded; {len(parts)} disjuncts"))
     parts.sort(key=lambda p: (-p[0], p[1]))
@@ -157,6 +162,7 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
         encode_unsafe(prog, sub, enc.outputs, margin=margin)
         progs[j] = prog
     open_ = [j for _, j, _ in parts]
+    claimed: set[int] = set()  # disjuncts a floating-point solver called infeasible, not yet confirmed exactly
     status: dict[int, str] = {}
     per: list[dict] = []
     slice_s = max(SPLIT_MIN_SLICE, SPLIT_FIRST_SHARE * settings.time_limit / len(open_))
@@ -170,9 +176,11 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
                 still.append(j)
                 continue
             ts = time.perf_counter()
-            out = solve(progs[j], settings, min(end, time.monotonic() + slice_s))
+            # a claimed disjunct goes straight to the exact confirmer (the float solver already had its say)
+            out = solve(progs[j], _confirmer(settings, progs[j]) if j in claimed else settings,
+                        min(end, time.monotonic() + slice_s), confirm_deadline=end)
             per.append({"disjunct": j, "slice": round(slice_s, 3), "status": out.status.value,
-                        "seconds": round(out.seconds, 4)})
+                        "seconds": round(out.seconds, 4), "solver": out.solver})
             stages.append(StageTime(f"solve-{settings.backend}-d{j}", time.perf_counter() - ts, out.status.value))
             if out.status is SolveStatus.INFEASIBLE:
                 status[j] = "infeasible"
@@ -196,6 +204,9 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
                 failure = (out, cex, j)
                 status[j] = "replay-failed"
                 continue
+            if out.status is SolveStatus.ERROR and j in claimed:
+                status[j] = "unconfirmed"  # the confirmer cannot take this program: the claim stays a claim
+                continue
             if out.status is SolveStatus.ERROR:
                 last_error = out
                 status[j] = "error"
@@ -203,6 +214,11 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
             if out.status is SolveStatus.UNKNOWN:
                 status[j] = "unknown"
                 continue
+            if out.status is SolveStatus.UNCONFIRMED:
+                if not confirmers(progs[j], settings.confirm):
+                    status[j] = "unconfirmed"  # no exact confirmer configured: the claim stays a claim
+                    continue
+                claimed.add(j)  # the next round confirms it with a longer slice
             still.append(j)  # timeout: another round with a longer slice
         if not still or time.monotonic() >= end:
             open_ = still
@@ -210,7 +226,8 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
         open_ = still
         slice_s *= SPLIT_GROWTH
     details["split"] = per
-    details["disjunct_status"] = {str(k): v for k, v in status.items()} | {str(k): "timeout" for k in open_}
+    details["disjunct_status"] = {str(k): v for k, v in status.items()} | {
+        str(k): "unconfirmed" if k in claimed else "timeout" for k in open_}
     details["proved_disjuncts"] = sorted(k for k, v in status.items() if v == "infeasible")
     secs = time.perf_counter() - t0
     if not open_ and all(v == "infeasible" for v in status.values()):
@@ -227,8 +244,19 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
         return Result(Verdict.UNKNOWN, method, secs, reason=Reason.REPLAY_FAILED, counterexample=cex,
                       stages=stages, details=details)
     if open_:
-        return Result(Verdict.UNKNOWN, method, secs, reason=Reason.TIMEOUT, stages=stages, details=details)
+        reason = Reason.UNCONFIRMED if all(k in claimed for k in open_) else Reason.TIMEOUT
+        return Result(Verdict.UNKNOWN, method, secs, reason=reason, stages=stages, details=details)
+    if "unconfirmed" in status.values():
+        return Result(Verdict.UNKNOWN, method, secs, reason=Reason.UNCONFIRMED, stages=stages, details=details)
     return Result(Verdict.UNKNOWN, method, secs, reason=Reason.SOLVER, stages=stages, details=details)
+
+
+def _confirmer(settings: SolverSettings, prog: Program) -> SolverSettings:
+    """The settings that solve a claimed disjunct's ``prog`` with the exact confirmer in a later round: the last of
+    :func:`qverify.solvers.base.confirmers` (the checked branch and bound under ``auto``; CP-SAT takes no continuous
+    variables)."""
+    chain = confirmers(prog, settings.confirm) or ["checked"]
+    return replace(settings, backend=chain[-1])
 
 
 def _conclude(net: QNetwork, prop: Property, enc: NetworkEncoding, prog: Program, out: SolveOutcome,
@@ -241,6 +269,8 @@ def _conclude(net: QNetwork, prop: Property, enc: NetworkEncoding, prog: Program
     stages.append(StageTime(f"solve-{settings.backend}", out.seconds, out.status.value))
     if out.status is SolveStatus.INFEASIBLE:
         return Result(Verdict.ROBUST, method, t1 - t0, stages=stages, details=details)
+    if out.status is SolveStatus.UNCONFIRMED:
+        return Result(Verdict.UNKNOWN, method, t1 - t0, reason=Reason.UNCONFIRMED, stages=stages, details=details)
     if out.status is SolveStatus.TIMEOUT:
         return Result(Verdict.UNKNOWN, method, t1 - t0, reason=Reason.TIMEOUT, stages=stages, details=details)
     if out.status is SolveStatus.ERROR:

@@ -4,7 +4,9 @@ This module *is* the semantics. Bounds, encodings, attacks and the trainer's exp
 
 Affine layers are computed in float64 BLAS: network validation proved every accumulator (and so every partial sum,
 whatever the summation order) stays below ``2^53`` in magnitude for any input of the grid, so the float64 results
-are the exact integers. Requantization is :func:`qverify.quant.multiply_round` (exact integer arithmetic).
+are the exact integers. Requantization is :func:`qverify.quant.multiply_round` (exact integer arithmetic), or, for a
+float32 requantization (``Requantize.float32_scale``, onnxruntime's semantics), :func:`qverify.quant.f32_round`: the
+bit-exact emulation of MLAS ``MlasRequantizeOutput``, ``clamp(rne(fl32(fl32(acc) m_c)) + z_c, lo, hi)``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import weakref
 import numpy as np
 
 from qverify.network import Clamp, Conv2d, Dense, Flatten, Layer, QNetwork, Requantize
-from qverify.quant import multiply_round, thresholds
+from qverify.quant import f32_round, f32_thresholds, multiply_round, thresholds
 
 
 class InputError(ValueError):
@@ -66,7 +68,7 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def step_tables(layer: Requantize) -> list[np.ndarray] | None:
     """Per channel, the sorted cut points ``T_t = threshold(t - z)`` for ``t = lo+1 .. hi``, so that
     ``clamp(R(acc m) + z, lo, hi) = lo + #{t : T_t <= acc}`` exactly; ``None`` when the range is too wide or a cut
-    leaves int64. Cached per layer."""
+    leaves int64 (float32 requantizations: ``T_t = f32_thresholds(t - z, m_c)``). Cached per layer."""
     if layer in _STEPS:
         return _STEPS[layer]
     tables = None
@@ -76,6 +78,10 @@ def step_tables(layer: Requantize) -> list[np.ndarray] | None:
         for ch in range(c):
             n, d = layer.num[ch if len(layer.num) > 1 else 0], layer.den[ch if len(layer.den) > 1 else 0]
             z = int(layer.zero_point[ch if layer.zero_point.size > 1 else 0])
+            if layer.float32_scale is not None:
+                m = layer.float32_scale[ch if len(layer.float32_scale) > 1 else 0]
+                tables.append(f32_thresholds(np.arange(layer.lo + 1 - z, layer.hi + 1 - z), np.float32(m)))
+                continue
             t = thresholds(range(layer.lo + 1 - z, layer.hi + 1 - z), n, d, layer.rounding)
             if t.dtype == object:
                 tables = None
@@ -86,7 +92,14 @@ def step_tables(layer: Requantize) -> list[np.ndarray] | None:
 
 
 def requantize(layer: Requantize, acc: np.ndarray) -> np.ndarray:
-    """``clamp(R(acc * num_c / den_c) + z_c, lo, hi)`` with channels on axis 1."""
+    """``clamp(R(acc * num_c / den_c) + z_c, lo, hi)`` with channels on axis 1 (float32 requantizations:
+    ``clamp(rne(fl32(fl32(acc) m_c)) + z_c, lo, hi)``)."""
+    if layer.float32_scale is not None:
+        shape = (1, -1) + (1,) * (acc.ndim - 2)
+        ms = np.asarray(layer.float32_scale, dtype=np.float32)
+        m = ms.reshape(shape) if ms.size > 1 else ms[0]
+        zp = layer.zero_point.reshape(shape) if layer.zero_point.size > 1 else layer.zero_point[0]
+        return np.clip(f32_round(acc, m) + zp, layer.lo, layer.hi).astype(np.int64, copy=False)
     if layer.shift is None:
         tables = step_tables(layer)
         if tables is not None:

@@ -7,7 +7,8 @@ A :class:`QNetwork` is a sequence of integer layers applied to a batch of intege
 * :class:`Conv2d`     ``acc[o,i,j] = sum_{c,u,v} W[o,c,u,v] xpad[c, i*sh + u*dh, j*sw + v*dw] + b[o]``,
   where ``xpad`` is ``x`` padded with ``pad_value`` (the input zero point, so padding means real zero)
 * :class:`Flatten`    ``[C, H, W] -> [C*H*W]`` in C order
-* :class:`Requantize` ``y = clamp(R(acc * p_c / q_c) + z_c, lo, hi)`` per output channel ``c`` (axis 1 of the batch)
+* :class:`Requantize` ``y = clamp(R(acc * p_c / q_c) + z_c, lo, hi)`` per output channel ``c`` (axis 1 of the batch),
+  or, with ``float32_scale`` (onnxruntime's semantics), ``y = clamp(rne(fl32(fl32(acc) * m_c)) + z_c, lo, hi)``
 * :class:`Clamp`      ``y = clamp(x, lo, hi)`` (an integer ReLU is ``clamp(x, z, hi)``)
 
 Zero points of weights and of layer inputs are folded into ``W`` and ``b`` by the importers (exact integer
@@ -29,7 +30,15 @@ from fractions import Fraction
 
 import numpy as np
 
-from qverify.quant import FLOAT64_EXACT, Rounding, as_fraction, is_power_of_two
+from qverify.quant import (
+    F32_SCALE_MAX,
+    F32_SCALE_MIN,
+    FLOAT64_EXACT,
+    Rounding,
+    as_fraction,
+    is_float32,
+    is_power_of_two,
+)
 
 
 class ModelError(ValueError):
@@ -141,6 +150,11 @@ class Requantize:
 
     ``num``, ``den`` are positive Python ints (one per channel, or one for the tensor); the exact multiplier is the
     rational ``num / den``. Power-of-two fixed point is ``num = 1, den = 2^k``.
+
+    ``float32_scale`` (one float32 value per channel, or one): the requantization is onnxruntime's float32 one,
+    ``y = clamp(rne(fl32(fl32(acc) * m_c)) + zero_point_c, lo, hi)`` (:func:`qverify.quant.f32_round`), which
+    then *defines* the function; ``num / den`` hold the exact rational value of each ``m_c`` (the slope that
+    linear relaxations and heuristics use) and ``rounding`` is ``half_even``. Build it with :meth:`float32`.
     """
 
     num: tuple[int, ...]
@@ -150,6 +164,7 @@ class Requantize:
     hi: int
     rounding: Rounding = Rounding.HALF_UP
     name: str = ""
+    float32_scale: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         num = tuple(int(v) for v in np.atleast_1d(np.asarray(self.num, dtype=object)))
@@ -173,6 +188,41 @@ class Requantize:
                              f"(known: {', '.join(r.value for r in Rounding)})") from None
         if self.lo > self.hi:
             raise ModelError(f"Requantize {self.name!r}: empty clamp range [{self.lo}, {self.hi}]")
+        if self.float32_scale is not None:
+            self._check_float32()
+
+    def _check_float32(self) -> None:
+        where = f"Requantize {self.name!r}"
+        try:
+            ms = tuple(float(v) for v in np.atleast_1d(np.asarray(self.float32_scale, dtype=object)))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ModelError(f"{where}: float32_scale must be floats ({e})") from None
+        for m in ms:
+            if not is_float32(m) or not F32_SCALE_MIN <= m <= F32_SCALE_MAX:
+                raise ModelError(f"{where}: float32_scale {m!r} is not a float32 in [2^-126, 2^24]")
+        if len(ms) != len(self.num) or [Fraction(m) for m in ms] != self.multipliers():
+            raise ModelError(f"{where}: num/den must be the exact values of float32_scale (use Requantize.float32)")
+        if self.rounding is not Rounding.HALF_EVEN:
+            raise ModelError(f"{where}: a float32 requantization rounds half to even, not {self.rounding.value}")
+        object.__setattr__(self, "float32_scale", ms)
+
+    @classmethod
+    def float32(cls, multiplier: Sequence[float] | float, zero_point: object, lo: int, hi: int,
+                name: str = "") -> Requantize:
+        """onnxruntime's float32 requantization ``clamp(rne(fl32(fl32(acc) m_c)) + z_c, lo, hi)`` with the float32
+        multipliers ``m_c`` (per tensor or per channel)."""
+        ms = [float(m) for m in np.atleast_1d(np.asarray(multiplier, dtype=np.float64))]
+        for m in ms:
+            if not is_float32(m):
+                raise ModelError(f"Requantize {name!r}: multiplier {m!r} is not a float32 value")
+        fr = [Fraction(m) for m in ms]
+        return cls(tuple(f.numerator for f in fr), tuple(f.denominator for f in fr), np.asarray(zero_point), lo,
+                   hi, Rounding.HALF_EVEN, name, tuple(ms))
+
+    @property
+    def semantics(self) -> str:
+        """``"float32"`` for onnxruntime's float32 requantization, ``"exact"`` for the rational one."""
+        return "exact" if self.float32_scale is None else "float32"
 
     @classmethod
     def pow2(cls, shift: int, lo: int, hi: int, rounding: Rounding | str = Rounding.HALF_UP,
@@ -195,7 +245,10 @@ class Requantize:
 
     @property
     def shift(self) -> int | None:
-        """``k`` when every channel is ``acc / 2^k`` (power-of-two fixed point), else ``None``."""
+        """``k`` when every channel is ``acc / 2^k`` (power-of-two fixed point), else ``None`` (also for float32
+        requantizations: ``fl32(acc)`` rounds when ``|acc| > 2^24``, so they are not shifts)."""
+        if self.float32_scale is not None:
+            return None
         if len(set(self.num)) == 1 and len(set(self.den)) == 1 and self.num[0] == 1 and is_power_of_two(self.den[0]):
             return self.den[0].bit_length() - 1
         return None
@@ -317,6 +370,9 @@ class QNetwork:
         if len(shapes[-1]) != 1:
             raise ModelError(f"network {self.name!r}: output must be a vector, got shape {shapes[-1]} "
                              f"(add a Flatten)")
+        if self.metadata.get("semantics") == "exact" and self._has_float32():
+            raise ModelError(f"network {self.name!r}: metadata says semantics 'exact' but some requantization is "
+                             f"float32 (onnxruntime's)")
         object.__setattr__(self, "_shapes", tuple(shapes))
         object.__setattr__(self, "_ranges", tuple(ranges))
 
@@ -350,6 +406,19 @@ class QNetwork:
                 n += layer.weight.size + layer.bias.size
         return n
 
+    @property
+    def semantics(self) -> str:
+        """The arithmetic the network's requantizations follow: ``"onnxruntime"`` when some requantization is
+        float32, else ``metadata["semantics"]`` where an importer recorded it (``"exact"`` or ``"onnxruntime"``: an
+        ONNX model imported under onnxruntime's semantics whose layers need no float32 requantization), else
+        ``"exact"``."""
+        if self._has_float32():
+            return "onnxruntime"
+        return str(self.metadata.get("semantics", "exact"))
+
+    def _has_float32(self) -> bool:
+        return any(isinstance(layer, Requantize) and layer.float32_scale is not None for layer in self.layers)
+
     def is_fixed_point(self) -> bool:
         """True when every requantization is a power-of-two shift (the QVIP family)."""
         return all(layer.shift is not None for layer in self.layers if isinstance(layer, Requantize))
@@ -366,9 +435,11 @@ class QNetwork:
                 row["weight_bits"] = value_bits(int(layer.weight.min()), int(layer.weight.max()))
             if isinstance(layer, Requantize):
                 k = layer.shift
+                kind = "float32" if layer.float32_scale is not None else "affine"
                 row["requant"] = (f"/2^{k}" if k is not None else
-                                  ("affine" if len(layer.num) == 1 else f"affine per-channel ({len(layer.num)})"))
+                                  (kind if len(layer.num) == 1 else f"{kind} per-channel ({len(layer.num)})"))
                 row["rounding"] = layer.rounding.value
+                row["semantics"] = layer.semantics
             rows.append(row)
         return rows
 

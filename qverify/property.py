@@ -195,24 +195,25 @@ def box_to_grid(net: QNetwork, real_lo: Sequence[Fraction], real_hi: Sequence[Fr
     * Quantizing input (``x = R(x_real / s) + z``): the image of the box, ``[R(l / s) + z, R(u / s) + z]``
       (every real input of the box quantizes into it, and the quantizer is monotone).
 
-    Both are intersected with ``[input_lo, input_hi]``.
+    Both are intersected with ``[input_lo, input_hi]``, in exact integers before anything becomes int64: a bound
+    beyond the grid (``1e260`` on pixels ``[0, 255]``) is the grid's end, exactly, since no grid point lies
+    beyond it. A native-grid lower end above ``input_hi`` becomes ``input_hi + 1`` (an upper end below ``input_lo``
+    becomes ``input_lo - 1``), which keeps the box empty; a quantizing input saturates, so its ends are clipped to
+    the grid.
     """
     s, z = net.input_scale, net.input_zero_point
+    glo, ghi = net.input_lo, net.input_hi
     lo, hi = [], []
     for l, u in zip(real_lo, real_hi, strict=True):
         lq, uq = as_fraction(l) / s, as_fraction(u) / s
-        if net.input_rounding is None:
-            lo.append(math.ceil(lq) + z)
-            hi.append(math.floor(uq) + z)
-        else:
-            lo.append(round_fraction(lq, net.input_rounding) + z)
-            hi.append(round_fraction(uq, net.input_rounding) + z)
+        if net.input_rounding is None:  # points of the grid inside the box (may be empty: Property says where)
+            lo.append(min(max(math.ceil(lq) + z, glo), ghi + 1))
+            hi.append(max(min(math.floor(uq) + z, ghi), glo - 1))
+        else:  # the quantizer saturates
+            lo.append(min(max(round_fraction(lq, net.input_rounding) + z, glo), ghi))
+            hi.append(min(max(round_fraction(uq, net.input_rounding) + z, glo), ghi))
     lo_a = np.array(lo, dtype=np.int64)
     hi_a = np.array(hi, dtype=np.int64)
-    if net.input_rounding is None:  # points of the grid inside the box (may be empty: Property says where)
-        lo_a, hi_a = np.maximum(lo_a, net.input_lo), np.minimum(hi_a, net.input_hi)
-    else:  # the quantizer saturates
-        lo_a, hi_a = np.clip(lo_a, net.input_lo, net.input_hi), np.clip(hi_a, net.input_lo, net.input_hi)
     if net.input_rounding is None:
         how = (f"the real box is mapped to the integer grid points it contains (real = {s} * (x - {z}), "
                f"x in [{net.input_lo}, {net.input_hi}])")

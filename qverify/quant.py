@@ -17,6 +17,26 @@ Rounding of a rational ``n / q`` (``q > 0``), all integer arithmetic:
 * ``half_even``:  nearest integer, ties to the even one (ONNX ``QuantizeLinear``, numpy ``rint``)
 
 All four are monotone non-decreasing in ``n``, which is what makes interval propagation through them sound.
+
+**Float32 requantization** (onnxruntime's semantics, ``Requantize.float32_scale``). onnxruntime's fused integer
+kernels (``QLinearMatMul``, ``QLinearConv``, ``QGemm`` and the QDQ groups it fuses into them) do not use the exact
+fraction: the kernel computes a float32 multiplier once, ``m = fl32(fl32(s_x s_w) / s_y)`` per tensor or per output
+channel (``onnxruntime/core/providers/cpu/quantization/quantize_linear_matmul.cc``, ``qlinearconv.cc``;
+``QGemm``: ``fl32(fl32(fl32(alpha s_x) s_w) / s_y)``, ``contrib_ops/cpu/quantization/quant_gemm.cc``), adds the
+int32 bias to the int32 accumulator and requantizes with MLAS ``MlasRequantizeOutput``
+(``onnxruntime/core/mlas/lib/quantize.cpp``): ``_mm_cvtepi32_ps`` (int32 to float32, round to nearest even),
+``_mm_mul_ps`` by ``m``, a clamp to ``[qmin - z, qmax - z]`` in float, ``_mm_cvtps_epi32`` (round half to even
+under the default MXCSR), ``+ z``, a saturating pack. As a function of the integer accumulator::
+
+    y = clamp(rne(fl32(fl32(acc) * m)) + z, lo, hi)
+
+(the float clamp to integer bounds commutes with the rounding). :func:`f32_round` evaluates it exactly with numpy:
+``acc -> float64`` is exact for ``|acc| < 2^53`` and ``float64 -> float32`` is one IEEE rounding to nearest even
+(so ``fl32(acc)`` is right also for ``|acc| > 2^24``, where it rounds), the float32 product is one IEEE
+multiplication (no FMA: nothing is added), and ``np.rint`` rounds half to even. Every step is monotone
+non-decreasing, so the function is a non-decreasing step function of ``acc`` and has exact cut points
+``C(t) = min{acc : rne(fl32(fl32(acc) m)) >= t}`` (:func:`f32_thresholds`, a bisection over the integers on the
+exact emulation), used as the rational thresholds are.
 """
 
 from __future__ import annotations
@@ -152,6 +172,85 @@ def thresholds(ts: range | list[int], num: int, den: int, mode: Rounding | str) 
     if vals and max(abs(v) for v in vals) < INT64_SAFE:
         return np.array(vals, dtype=np.int64)
     return np.array(vals, dtype=object)
+
+
+#: float32 requantizations are evaluated (and their cut points searched) on accumulators of magnitude <= this;
+#: network validation keeps every accumulator below it
+F32_ACC_LIMIT = 2**53
+#: float32 multipliers must lie in ``[F32_SCALE_MIN, F32_SCALE_MAX]`` (normal floats; products stay finite)
+F32_SCALE_MIN = 2.0**-126
+F32_SCALE_MAX = 2.0**24
+
+
+def is_float32(x: float) -> bool:
+    """Whether the float ``x`` is exactly a (finite) float32 value."""
+    x = float(x)
+    return bool(np.isfinite(x)) and float(np.float32(x)) == x
+
+
+def f32_round(acc: np.ndarray, m32: np.ndarray | float) -> np.ndarray:
+    """``rne(fl32(fl32(acc) * m32))`` elementwise (int64), bit for bit what MLAS ``MlasRequantizeOutput`` computes
+    before the zero point and the clamp; ``m32`` float32 multipliers broadcast against ``acc``.
+
+    Exact for ``|acc| <= 2^53`` (see the module docstring); the result saturates at ``+-2^62`` (callers clamp).
+    """
+    a = np.asarray(acc)
+    if a.dtype == object:
+        a = a.astype(np.int64)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"integer accumulators expected, got dtype {a.dtype}")
+    if a.size and int(np.max(np.abs(a))) > F32_ACC_LIMIT:
+        raise ValueError(f"float32 requantization of an accumulator beyond 2^53 ({int(np.max(np.abs(a)))})")
+    af = a.astype(np.float64).astype(np.float32)  # exact, then one rounding to nearest even
+    prod = af * np.asarray(m32, dtype=np.float32)  # one IEEE float32 multiplication
+    r = np.clip(np.rint(prod), np.float32(-(2.0**62)), np.float32(2.0**62))
+    return r.astype(np.int64)
+
+
+def f32_thresholds(t: np.ndarray | int, m32: np.ndarray | float) -> np.ndarray:
+    """``C(t) = min{a : rne(fl32(fl32(a) m32)) >= t}`` elementwise (int64; ``t`` and ``m32`` broadcast), exact on
+    the domain ``|a| <= 2^53``: ``f(a) >= t`` iff ``a >= C(t)`` for every such ``a``. ``C(t) = 2^53 + 1`` when no
+    ``a`` of the domain reaches ``t``, ``-2^53`` when all do.
+
+    A vectorised bisection on the exact emulation :func:`f32_round` (monotone, so the invariant ``f(lo) < t <=
+    f(hi)`` with virtual end points ``-2^53 - 1``, ``2^53 + 1`` gives the least ``a`` in at most 55 steps).
+    """
+    t_arr, m_arr = np.broadcast_arrays(np.asarray(t, dtype=np.int64), np.asarray(m32, dtype=np.float32))
+    lo = np.full(t_arr.shape, -F32_ACC_LIMIT - 1, dtype=np.int64)
+    hi = np.full(t_arr.shape, F32_ACC_LIMIT + 1, dtype=np.int64)
+    while True:
+        open_ = hi - lo > 1
+        if not open_.any():
+            return hi
+        mid = (lo + hi) // 2  # strictly inside (lo, hi): |mid| <= 2^53
+        ok = f32_round(np.where(open_, mid, 0), m_arr) >= t_arr
+        hi = np.where(open_ & ok, mid, hi)
+        lo = np.where(open_ & ~ok, mid, lo)
+
+
+def f32_error_bounds(m32: float, z: int, lo: int, hi: int) -> tuple[int, int]:
+    """``(dL, dU)`` with ``-dL / q <= f(a) - z - a p / q <= dU / q`` for every integer ``a`` (``|a| <= 2^53``)
+    whose output ``f(a) = clamp(rne(fl32(fl32(a) m)) + z, lo, hi)`` lies strictly inside ``(lo, hi)``, where
+    ``p / q = m`` exactly (a float32 is a dyadic rational). Exact, from the cut points: on level ``v``
+    (``C(v - z) <= a <= C(v - z + 1) - 1``) the error ``v - z - a m`` is largest at the left end and smallest at the
+    right end, so ``dU = max_v (q (v - z) - p C(v - z))`` and ``dL = max_v (p (C(v - z + 1) - 1) - q (v - z))``
+    over ``lo < v < hi`` (levels clipped to the domain; both at least 0)."""
+    f = Fraction(float(m32))
+    p, q = f.numerator, f.denominator
+    if hi - lo < 2:
+        return 0, 0
+    u = np.arange(lo + 1 - z, hi + 1 - z, dtype=np.int64)  # v - z for v = lo+1 .. hi
+    cuts = [int(c) for c in f32_thresholds(u, np.float32(m32))]
+    dU, dL = 0, 0
+    for k in range(len(u) - 1):  # levels v = lo+1 .. hi-1
+        left, right = cuts[k], cuts[k + 1] - 1
+        left, right = max(left, -F32_ACC_LIMIT), min(right, F32_ACC_LIMIT)
+        if left > right:
+            continue
+        uv = int(u[k])
+        dU = max(dU, q * uv - p * left)
+        dL = max(dL, p * right - q * uv)
+    return dL, dU
 
 
 def is_power_of_two(n: int) -> bool:

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     INCOMPLETE = "incomplete-method"
     REPLAY_FAILED = "replay-failed"
     SOLVER = "solver-status"
+    UNCONFIRMED = "unconfirmed"  # a floating-point solver reported infeasible; no exact check confirmed it
 
 
 @dataclass

@@ -12,12 +12,16 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class SolverSettings:
-    backend: str = "cpsat"          # cpsat | scip | highs | cbc
+    backend: str = "cpsat"          # cpsat | scip | highs | cbc | checked
     encoding: str = "range"         # range (compact integer) | onehot (QVIP's per-value binaries)
     time_limit: float = 60.0        # seconds for one solve
     threads: int = 0                # 0 = all cores
     seed: int = 0                   # solver random seed (determinism)
     watchdog: bool = True           # run back ends that overrun their limit (HiGHS, SCIP) in a child killed at it
+    confirm: str = "auto"           # exact back ends that must confirm a floating-point solver's "infeasible":
+    #                                 auto (CP-SAT for a third of the time, then checked; checked alone for
+    #                                 programs with continuous variables) | checked | cpsat | none (then such a
+    #                                 claim stays unknown / unconfirmed)
 
     @property
     def num_threads(self) -> int:

@@ -6,6 +6,7 @@ Every network here is small enough that brute-force enumeration of an input box 
 from __future__ import annotations
 
 import itertools
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,7 +30,12 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 
 
 def _requant(rng: np.random.Generator, channels: int, lo: int, hi: int, rounding: Rounding, affine: bool,
-             per_channel: bool) -> Requantize:
+             per_channel: bool, float32: bool = False) -> Requantize:
+    if float32:  # onnxruntime's float32 requantization, random float32 multipliers
+        n = channels if per_channel else 1
+        m32 = np.float32(rng.uniform(1 / 40, 1.5, size=n))
+        zp = rng.integers(lo, min(hi, lo + 3) + 1, size=n) if n > 1 else np.array([int(rng.integers(lo, lo + 2))])
+        return Requantize.float32([float(m) for m in m32], zp, lo, hi)
     if not affine:
         return Requantize.pow2(int(rng.integers(0, 4)), lo, hi, rounding)
     n = channels if per_channel else 1
@@ -41,8 +47,10 @@ def _requant(rng: np.random.Generator, channels: int, lo: int, hi: int, rounding
 
 def random_dense_network(rng: np.random.Generator, n_in: int = 4, hidden: tuple[int, ...] = (5, 4),
                          n_out: int = 3, input_hi: int = 7, rounding: Rounding = Rounding.HALF_UP,
-                         affine: bool = False, per_channel: bool = False, wmax: int = 4) -> QNetwork:
-    """Dense network: (Dense, Requantize[0, 7]) per hidden layer, then Dense, Requantize[-8, 7] (signed)."""
+                         affine: bool = False, per_channel: bool = False, wmax: int = 4, float32: bool = False
+                         ) -> QNetwork:
+    """Dense network: (Dense, Requantize[0, 7]) per hidden layer, then Dense, Requantize[-8, 7] (signed);
+    ``float32``: every requantization is onnxruntime's float32 one."""
     layers: list = []
     sizes = [n_in, *hidden, n_out]
     for i in range(len(sizes) - 1):
@@ -51,27 +59,28 @@ def random_dense_network(rng: np.random.Generator, n_in: int = 4, hidden: tuple[
         layers.append(Dense(w, b, name=f"fc{i}"))
         last = i == len(sizes) - 2
         lo, hi = (-8, 7) if last else (0, 7)
-        layers.append(_requant(rng, sizes[i + 1], lo, hi, rounding, affine, per_channel))
+        layers.append(_requant(rng, sizes[i + 1], lo, hi, rounding, affine, per_channel, float32))
     return QNetwork((n_in,), 0, input_hi, tuple(layers), name="tiny-dense")
 
 
 def random_conv_network(rng: np.random.Generator, in_shape: tuple[int, int, int] = (1, 3, 3), channels: int = 2,
                         n_out: int = 3, input_hi: int = 3, rounding: Rounding = Rounding.HALF_UP,
                         affine: bool = False, padding: int = 1, stride: int = 1, pad_value: int = 0,
-                        with_clamp: bool = False) -> QNetwork:
-    """Conv2d(3x3 or 2x2) -> Requantize -> [Clamp] -> Flatten -> Dense -> Requantize (signed)."""
+                        with_clamp: bool = False, float32: bool = False) -> QNetwork:
+    """Conv2d(3x3 or 2x2) -> Requantize -> [Clamp] -> Flatten -> Dense -> Requantize (signed) (``float32``: the
+    requantizations are onnxruntime's float32 ones)."""
     c, h, w = in_shape
     k = 2 if min(h, w) + 2 * padding < 3 else 3
     conv = Conv2d(rng.integers(-3, 4, size=(channels, c, k, k)), rng.integers(-4, 5, size=channels),
                   stride=(stride, stride), padding=(padding,) * 4, pad_value=pad_value, name="conv")
-    layers: list = [conv, _requant(rng, channels, 0, 7, rounding, affine, per_channel=True)]
+    layers: list = [conv, _requant(rng, channels, 0, 7, rounding, affine, per_channel=True, float32=float32)]
     if with_clamp:
         layers.append(Clamp(1, 6))
     shape = conv.output_shape(in_shape)
     layers.append(Flatten())
     n = int(np.prod(shape))
     layers += [Dense(rng.integers(-3, 4, size=(n_out, n)), rng.integers(-6, 7, size=n_out), name="fc"),
-               _requant(rng, n_out, -8, 7, rounding, affine, per_channel=False)]
+               _requant(rng, n_out, -8, 7, rounding, affine, per_channel=False, float32=float32)]
     return QNetwork(in_shape, 0, input_hi, tuple(layers), name="tiny-conv")
 
 
@@ -120,8 +129,9 @@ roundings = st.sampled_from(list(Rounding))
 
 
 @st.composite
-def tiny_networks(draw: st.DrawFn, conv: bool | None = None) -> QNetwork:
-    """A random tiny dense or conv network (power-of-two or affine, any rounding mode)."""
+def tiny_networks(draw: st.DrawFn, conv: bool | None = None, float32: bool = False) -> QNetwork:
+    """A random tiny dense or conv network (power-of-two or affine, any rounding mode; ``float32``: onnxruntime's
+    float32 requantizations with random float32 multipliers)."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     rounding = draw(roundings)
@@ -129,17 +139,18 @@ def tiny_networks(draw: st.DrawFn, conv: bool | None = None) -> QNetwork:
     use_conv = draw(st.booleans()) if conv is None else conv
     if use_conv:
         return random_conv_network(rng, rounding=rounding, affine=affine, padding=draw(st.integers(0, 1)),
-                                   pad_value=draw(st.integers(0, 2)), with_clamp=draw(st.booleans()))
+                                   pad_value=draw(st.integers(0, 2)), with_clamp=draw(st.booleans()),
+                                   float32=float32)
     hidden = tuple(draw(st.lists(st.integers(2, 5), min_size=1, max_size=2)))
     return random_dense_network(rng, n_in=draw(st.integers(2, 5)), hidden=hidden, rounding=rounding,
-                                affine=affine, per_channel=draw(st.booleans()))
+                                affine=affine, per_channel=draw(st.booleans()), float32=float32)
 
 
 @st.composite
-def networks_and_properties(draw: st.DrawFn, conv: bool | None = None, max_points: int = 5000
-                            ) -> tuple[QNetwork, Property]:
+def networks_and_properties(draw: st.DrawFn, conv: bool | None = None, max_points: int = 5000,
+                            float32: bool = False) -> tuple[QNetwork, Property]:
     """A tiny network and a robustness property around a random grid point, with a brute-forceable box."""
-    net = draw(tiny_networks(conv=conv))
+    net = draw(tiny_networks(conv=conv, float32=float32))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = rng.integers(net.input_lo, net.input_hi + 1, size=net.num_inputs)
     from qverify.execute import predict
@@ -161,3 +172,158 @@ def tiny_fixed_point_mlp() -> QNetwork:
     ), name="hand-2-2-2")
 
 
+
+
+# ------------------------------------------------------------------------------------------ knife-edge properties
+def knife_edge_properties(net: QNetwork, lo: np.ndarray, hi: np.ndarray, a: np.ndarray
+                          ) -> tuple[Property, Property, int]:
+    """Properties at the exact minimum ``s = min_box a . y`` of the output row ``a`` (enumerated with the executor):
+    ``edge`` (unsafe ``a . y <= s``: violated exactly at the minimizers, often one point of the box) and ``tight``
+    (unsafe ``a . y <= s - 1``: robust with zero margin). Returns ``(edge, tight, number of minimizers)``."""
+    from qverify.execute import forward
+    from qverify.property import Conjunction
+
+    lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+    pts = np.array(list(itertools.product(*[np.arange(l, h + 1) for l, h in zip(lo, hi, strict=True)])),
+                   dtype=np.int64)
+    v = forward(net, pts) @ np.asarray(a, np.int64)
+    s = int(v.min())
+    A = np.asarray(a, np.int64)[None, :]
+    edge = Property(lo, hi, (Conjunction(A, np.array([s])),), name=f"edge: a.y <= {s}")
+    tight = Property(lo, hi, (Conjunction(A, np.array([s - 1])),), name=f"tight: a.y <= {s - 1}")
+    return edge, tight, int(np.count_nonzero(v == s))
+
+
+def random_knife_edge_case(rng: np.random.Generator, max_points: int = 1500, float32: bool = False
+                           ) -> tuple[QNetwork, Property, Property, int]:
+    """A tiny network (any rounding mode, fixed point or affine, per-tensor or per-channel, dense or conv;
+    ``float32``: onnxruntime's float32 requantizations), a random sub-box of its grid with at most ``max_points``
+    points, and the two :func:`knife_edge_properties` of the sharpest of eight random nonzero output rows ``a``
+    (entries in ``[-3, 3]``; the fewest minimizers: a single violating point is the hardest case). Half the cases
+    add a second disjunct (a robustness-style row ``y_i - y_j <= t`` at its own exact minimum minus one, so it
+    never holds) to exercise the split over disjuncts."""
+    from qverify.execute import forward
+    from qverify.property import Conjunction
+
+    rounding = Rounding(list(Rounding)[int(rng.integers(0, len(Rounding)))])
+    affine = bool(rng.integers(0, 2))
+    if rng.integers(0, 3) == 0:
+        net = random_conv_network(rng, rounding=rounding, affine=affine, padding=int(rng.integers(0, 2)),
+                                  pad_value=int(rng.integers(0, 3)), with_clamp=bool(rng.integers(0, 2)),
+                                  float32=float32)
+    else:
+        hidden = tuple(int(h) for h in rng.integers(2, 8, size=int(rng.integers(1, 3))))
+        net = random_dense_network(rng, n_in=int(rng.integers(2, 7)), hidden=hidden, rounding=rounding,
+                                   affine=affine, per_channel=bool(rng.integers(0, 2)), float32=float32)
+    n = net.num_inputs
+    lo = rng.integers(net.input_lo, net.input_hi + 1, size=n)
+    width = rng.integers(1, net.input_hi - net.input_lo + 1, size=n)
+    hi = np.minimum(lo + width, net.input_hi)
+    lo = np.maximum(net.input_lo, hi - width)
+    while math.prod(int(h - l + 1) for l, h in zip(lo, hi, strict=True)) > max_points:
+        k = int(np.argmax(hi - lo))
+        hi[k] = lo[k] + (hi[k] - lo[k]) // 2
+    best = None
+    for _ in range(8):
+        a = rng.integers(-3, 4, size=net.num_outputs)
+        if not a.any():
+            a[int(rng.integers(0, net.num_outputs))] = 1
+        cand = knife_edge_properties(net, lo, hi, a)
+        if best is None or cand[2] < best[2]:
+            best = cand
+    edge, tight, count = best
+    if rng.integers(0, 2) and net.num_outputs >= 2:
+        i, j = rng.choice(net.num_outputs, size=2, replace=False)
+        row = np.zeros(net.num_outputs, np.int64)
+        row[i], row[j] = 1, -1
+        t = int((forward(net, all_box_points(edge)) @ row).min()) - 1
+        extra = Conjunction(row[None, :], np.array([t]))
+        edge = Property(edge.lo, edge.hi, (extra, *edge.unsafe), name=edge.name + " | never")
+        tight = Property(tight.lo, tight.hi, (extra, *tight.unsafe), name=tight.name + " | never")
+    return net, edge, tight, count
+
+
+def knife_edge_cases(max_points: int = 1500, float32: bool = False) -> st.SearchStrategy:
+    """:func:`random_knife_edge_case` from a drawn seed (hypothesis shrinks the seed)."""
+    return st.integers(0, 2**32 - 1).map(
+        lambda seed: random_knife_edge_case(np.random.default_rng(seed), max_points, float32))
+
+
+def _milp(backend: str, encoding: str = "range", confirm: str = "auto"):
+    def run(net: QNetwork, prop: Property, timeout: float):
+        from qverify.settings import SolverSettings, VerifySettings
+        from qverify.verify import verify
+
+        solver = SolverSettings(backend=backend, encoding=encoding, threads=1, time_limit=timeout, confirm=confirm)
+        return verify(net, prop, VerifySettings(method="milp", timeout=timeout, solver=solver))
+    return run
+
+
+def _relaxed(backend: str):
+    def run(net: QNetwork, prop: Property, timeout: float):
+        from qverify.exact import verify_milp
+        from qverify.settings import SolverSettings
+
+        return verify_milp(net, prop, SolverSettings(backend=backend, threads=1, time_limit=timeout), relax=True)
+    return run
+
+
+def _portfolio(**kw):
+    def run(net: QNetwork, prop: Property, timeout: float):
+        from dataclasses import replace
+
+        from qverify.settings import SolverSettings, VerifySettings
+        from qverify.verify import verify
+
+        s = VerifySettings(timeout=timeout, solver=SolverSettings(threads=1, time_limit=timeout))
+        if "confirm" in kw:
+            s = replace(s, solver=replace(s.solver, confirm=kw["confirm"]))
+        return verify(net, prop, replace(s, **{k: v for k, v in kw.items() if k != "confirm"}))
+    return run
+
+
+def _forced(method: str):
+    def run(net: QNetwork, prop: Property, timeout: float):
+        from qverify.settings import VerifySettings
+        from qverify.verify import verify
+
+        return verify(net, prop, VerifySettings(method=method, timeout=timeout))
+    return run
+
+
+#: every way qverify reaches a verdict, by name: each runs ``(net, prop, timeout) -> Result``. The MIP back ends
+#: run alone (``milp-*``), on the relaxed-input program (``relaxed-*``), in the portfolio (default; the fallback
+#: path with CP-SAT given almost no time; floating claims left unconfirmed) and branch-and-bound; the incomplete
+#: methods must never be wrong either.
+VERDICT_PATHS: dict = {
+    **{f"milp-{b}-{e}": _milp(b, e) for b in ("cpsat", "scip", "highs", "cbc", "checked") for e in ("range", "onehot")},
+    "milp-highs-range-confirm-cpsat": _milp("highs", "range", "cpsat"),
+    "milp-cbc-range-confirm-checked": _milp("cbc", "range", "checked"),
+    "milp-scip-range-unconfirmed": _milp("scip", "range", "none"),
+    **{f"relaxed-{b}": _relaxed(b) for b in ("scip", "highs", "cbc", "checked")},
+    "portfolio": _portfolio(),
+    "portfolio-fallback": _portfolio(fallback_share=0.999, relax=""),
+    "portfolio-unconfirmed": _portfolio(confirm="none"),
+    "bab": _forced("bab"),
+    "attack": _forced("attack"),
+    "interval": _forced("interval"),
+    "symbolic": _forced("symbolic"),
+}
+
+
+def judge(net: QNetwork, prop: Property, result, robust: bool) -> str:
+    """``'ok'``, ``'unknown'`` or ``'wrong'`` for a result against the enumerated truth ``robust``: a robust verdict
+    must be true; a counterexample must be true and its witness must lie in the box and violate the property on
+    the executor; ``error`` is wrong on these well-formed instances."""
+    from qverify.execute import forward
+    from qverify.result import Verdict
+
+    if result.verdict is Verdict.ROBUST:
+        return "ok" if robust else "wrong"
+    if result.verdict is Verdict.COUNTEREXAMPLE:
+        x = np.asarray(result.counterexample.x, dtype=np.int64).reshape(1, -1)
+        good = (not robust) and bool(prop.contains(x)[0]) and bool(prop.is_violated(forward(net, x))[0])
+        return "ok" if good else "wrong"
+    if result.verdict is Verdict.UNKNOWN:
+        return "unknown"
+    return "wrong"

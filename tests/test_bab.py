@@ -129,3 +129,13 @@ def test_p1_6() -> None:
     res = bab(net, robustness_property(net, x[125], int(labels[125]), radius=2),
               settings=BabSettings(max_queue=100, batch_size=64, attack=None))
     assert res.verdict is Verdict.UNKNOWN and res.reason == "memory"
+
+
+@settings(max_examples=30, deadline=None)
+@given(networks_and_properties(float32=True), st.sampled_from(SPLITS), st.booleans())
+def test_float32_networks_agree_with_brute_force(np_: tuple[QNetwork, Property], split: str, symbolic: bool) -> None:
+    """Branch-and-bound on networks with onnxruntime's float32 requantizations (its bounds, cut points and replay)."""
+    net, prop = np_
+    robust, _ = brute_force(net, prop)
+    res = bab(net, prop, split=split, settings=BabSettings(symbolic=symbolic))
+    _check_against_oracle(net, prop, res, robust)

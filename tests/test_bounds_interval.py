@@ -33,8 +33,8 @@ from tests.fixtures import (
 
 
 @st.composite
-def nets_and_boxes(draw: st.DrawFn, conv: bool | None = None, boxes: int = 3) -> tuple:
-    net = draw(tiny_networks(conv=conv))
+def nets_and_boxes(draw: st.DrawFn, conv: bool | None = None, boxes: int = 3, float32: bool = False) -> tuple:
+    net = draw(tiny_networks(conv=conv, float32=float32))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     c = rng.integers(net.input_lo, net.input_hi + 1, size=(boxes, net.num_inputs))
     r = rng.integers(0, draw(st.integers(1, 3)), size=(boxes, net.num_inputs))
@@ -245,3 +245,17 @@ def test_batched_properties_and_subboxes(case: tuple) -> None:
     np.testing.assert_array_equal(sub, ~prop.is_violated(forward(net, pts)))
     ylo, yhi = interval_output_bounds(net, pts, pts)
     np.testing.assert_array_equal(refutes_unsafe(prop, ylo, yhi), sub)
+
+
+
+@settings(max_examples=40, deadline=None)
+@given(nets_and_boxes(float32=True))
+def test_float32_interval_bounds_contain_every_executed_value(case: tuple) -> None:
+    """The same on networks with onnxruntime's float32 requantizations (monotone: the endpoints bound them)."""
+    test_interval_bounds_contain_every_executed_value.hypothesis.inner_test(case)
+
+
+@settings(max_examples=20, deadline=None)
+@given(tiny_networks(float32=True), st.integers(0, 2**32 - 1))
+def test_float32_point_boxes_give_the_exact_values(net: QNetwork, seed: int) -> None:
+    test_point_boxes_give_the_exact_values.hypothesis.inner_test(net, seed)

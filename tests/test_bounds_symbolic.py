@@ -59,8 +59,9 @@ def test_vectorised_thresholds_match_quant(mode: Rounding, p: int, q: int, z: in
 
 # ----------------------------------------------------------------------------------------------- relaxations
 @st.composite
-def activations(draw: st.DrawFn) -> tuple[ActParams, np.ndarray, np.ndarray]:
-    kind = draw(st.sampled_from(["pow2", "affine", "float", "clamp"]))
+def activations(draw: st.DrawFn, kinds: tuple[str, ...] = ("pow2", "affine", "float", "clamp")
+                ) -> tuple[ActParams, np.ndarray, np.ndarray]:
+    kind = draw(st.sampled_from(kinds))
     n = 6
     lo = draw(st.integers(-8, 0))
     hi = lo + draw(st.integers(0, 12))
@@ -72,6 +73,21 @@ def activations(draw: st.DrawFn) -> tuple[ActParams, np.ndarray, np.ndarray]:
         k = draw(st.integers(-1, 6))
         layer = Requantize.pow2(k, lo, hi, mode, zero_point=draw(st.integers(-3, 3)))
         scale = 2 ** max(k, 0)
+    elif kind in ("float32", "float32_big"):  # onnxruntime's float32 requantization, per channel
+        big = kind == "float32_big"
+        ms = [float(np.float32(draw(st.floats(0.5, 3.0)) * (2.0**-12 if big else draw(st.floats(0.003, 1.0)))))
+              for _ in range(n)]
+        zp = draw(st.lists(st.integers(-3, 3), min_size=n, max_size=n))
+        layer = Requantize.float32(ms, zp, lo, hi)
+        scale = int(1 / min(ms)) + 1
+        if big:  # accumulators around +-2^25, where fl32(acc) rounds to multiples of 4
+            rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+            off = int(rng.choice([-(2**25), 2**25]))
+            layer = Requantize.float32(ms, [z - round(off * m) for z, m in zip(zp, ms, strict=True)], lo, hi)
+            center = off + rng.integers(-scale * (hi - lo + 2), scale * (hi - lo + 2) + 1, size=(3, n))
+            width = rng.integers(0, scale * (hi - lo + 2) + 2, size=(3, n))
+            l = center - rng.integers(0, width + 1)
+            return ActParams.of(layer, (n,)), l.astype(np.int64), (l + width).astype(np.int64)
     elif kind == "affine":
         num = draw(st.lists(st.integers(1, 9), min_size=n, max_size=n))
         den = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
@@ -114,6 +130,14 @@ def test_relaxation_lines_are_exactly_valid(case: tuple, levels: int) -> None:
                 assert aL == aU == 0 and bL == bU == fx[0]
 
 
+@settings(max_examples=40, deadline=None)
+@given(activations(kinds=("float32", "float32_big")), st.integers(1, 4))
+def test_float32_relaxation_lines_are_exactly_valid(case: tuple, levels: int) -> None:
+    """onnxruntime's float32 requantization (per channel, also on accumulators around 2^25 where fl32(acc) rounds):
+    the lines built from its cut points and exact error bounds lie below / above it at every integer."""
+    test_relaxation_lines_are_exactly_valid.hypothesis.inner_test(case, levels)
+
+
 def test_relaxation_of_a_relu_like_requantization_is_tight() -> None:
     """y = clamp(floor(a/4 + 1/2), 0, 7) over a in [-40, 40]: the upper line is the chord-like cover of the
     staircase and the lower line is one of the two DeepPoly choices; both touch the staircase."""
@@ -143,8 +167,8 @@ def test_conv_matrix_is_the_convolution() -> None:
 
 # ----------------------------------------------------------------------------------------------- network bounds
 @st.composite
-def nets_and_boxes(draw: st.DrawFn, conv: bool | None = None) -> tuple:
-    net = draw(tiny_networks(conv=conv))
+def nets_and_boxes(draw: st.DrawFn, conv: bool | None = None, float32: bool = False) -> tuple:
+    net = draw(tiny_networks(conv=conv, float32=float32))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     c = rng.integers(net.input_lo, net.input_hi + 1, size=(3, net.num_inputs))
     r = rng.integers(0, draw(st.integers(1, 3)), size=(3, net.num_inputs))
@@ -313,3 +337,23 @@ def test_rows_with_huge_coefficients_fall_back_to_exact_intervals() -> None:
     true_min = [min(int(r[0]) * int(v[0]) + int(r[1]) * int(v[1]) for v in y) for r in rows]
     assert int(low[0, 0]) <= true_min[0] and int(low[0, 1]) <= true_min[1]
     assert int(low[0, 0]) == 2**60 * (int(ana.bounds[-1][0][0, 0]) - int(ana.bounds[-1][1][0, 1]))
+
+
+
+@settings(max_examples=40, deadline=None)
+@given(nets_and_boxes(float32=True), st.sampled_from(["symbolic", "interval"]), st.integers(1, 3))
+def test_float32_symbolic_bounds_contain_every_executed_value(case: tuple, intermediate: str, levels: int) -> None:
+    """The same on networks with onnxruntime's float32 requantizations."""
+    test_symbolic_bounds_contain_every_executed_value.hypothesis.inner_test(case, intermediate, levels)
+
+
+@settings(max_examples=20, deadline=None)
+@given(tiny_networks(float32=True), st.integers(0, 2**32 - 1))
+def test_float32_point_boxes_are_exact(net: QNetwork, seed: int) -> None:
+    assert_exact_on_points(symbolic_bounds, net, seed, 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(networks_and_properties(float32=True))
+def test_float32_certified_properties_are_robust(case: tuple) -> None:
+    test_certified_properties_are_robust.hypothesis.inner_test(case)

@@ -221,3 +221,89 @@ def test_verify_prints_the_slack_bracket_of_an_unknown(capsys):
     out = capsys.readouterr().out
     assert "p: unknown (timeout)" in out and "least slack over the box in [-3, 2] (a violation is slack <= 0" in out
     assert "least slack over the box >= -1 (a violation is slack <= 0)" in out
+
+
+# ---------------------------------------------------------------------------------------------- runtime divergence
+@pytest.fixture(scope="module")
+def tie_models(tmp_path_factory):
+    """The near-tie QLinearMatMul model (onnxruntime differs on odd sums) and its twin (agrees), a data file and a
+    robustness property of radius 3 for each."""
+    pytest.importorskip("onnxruntime")
+    from tests.onnx_builders import near_tie_model
+
+    d = tmp_path_factory.mktemp("ties")
+    np.savez(d / "d.npz", images=np.array([[100, 101, 99], [40, 60, 80]], dtype=np.uint8), labels=np.array([0, 0]))
+    out = {}
+    for ties in (True, False):
+        model = near_tie_model(d / f"ties_{ties}.onnx", ties=ties)
+        props = d / f"props_{ties}"
+        assert main(["property", str(d / "d.npz"), "--model", str(model), "--radius", "3", "--ids", "0",
+                     "-o", str(props)]) == 0
+        out[ties] = (model, next(props.glob("*.vnnlib")))
+    return d, out
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_verify_warns_exactly_where_onnxruntime_differs(tie_models, tmp_path, capsys, ties):
+    from qverify.divergence import semantics_of
+    from qverify.io.onnx import load_onnx
+
+    _, models = tie_models
+    model, prop = models[ties]
+    rf, js = tmp_path / "r.txt", tmp_path / "r.json"
+    assert main(["verify", str(model), str(prop), "--result-file", str(rf), "--json", str(js)]) == 0  # robust
+    out = capsys.readouterr().out
+    details = json.loads(js.read_text())["details"]
+    lines = rf.read_text().splitlines()
+    assert lines[0] == "unsat" and all(line.startswith("; ") for line in lines[1:])
+    sem = semantics_of(load_onnx(model))
+    assert details["semantics"] == sem and f"under {sem} semantics" in lines[1]
+    div = details["divergence"]
+    if ties and sem == "exact":
+        assert div["differing"] > 0 and div["checked"] == 256
+        assert "warning: onnxruntime" in out and f"on {div['differing']} of 256 points" in out
+        assert lines[2].startswith("; qverify warning: onnxruntime") and "holds for the executor's function" in lines[2]
+    else:
+        assert div["differing"] == 0 and "warning" not in out and "warning" not in details
+        assert "agrees with the executor" in lines[2]
+    assert main(["verify", str(model), str(prop), "--result-file", str(rf), "--no-divergence-check"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert rf.read_text().splitlines()[1:] == [f"; qverify: verdict about the integer network under {sem} semantics"]
+
+
+def test_info_and_run_say_where_onnxruntime_differs(tie_models, capsys):
+    d, models = tie_models
+    for ties, (model, _) in models.items():
+        assert main(["info", str(model)]) == 0
+        info = capsys.readouterr().out
+        assert main(["info", str(model), "--json"]) == 0
+        div = json.loads(capsys.readouterr().out)["divergence"]
+        assert div["where"] == "grid" and div["checked"] == 256
+        assert main(["run", str(model), str(d / "d.npz"), "--json"]) == 0
+        cap = capsys.readouterr()
+        run = json.loads(cap.out)["divergence"]
+        assert run["where"] == "data" and run["checked"] == 2
+        if div["differing"]:
+            assert "warning: onnxruntime" in info and "random points of the input grid" in info
+        else:
+            assert not ties and "runtime check: onnxruntime" in info and "agrees" in info
+        assert ("warning: onnxruntime" in cap.err) == (run["differing"] > 0)
+    assert main(["info", str(models[True][0]), "--no-divergence-check"]) == 0
+    assert "onnxruntime" not in capsys.readouterr().out
+
+
+def test_certify_records_the_divergence_and_warns(tie_models, tmp_path, capsys):
+    d, models = tie_models
+    model, _ = models[True]
+    out = tmp_path / "cert"
+    assert main(["certify", str(model), str(d / "d.npz"), "--radius", "2", "--workers", "1", "--no-progress",
+                 "--divergence-points", "64", "-o", str(out)]) == 0
+    cap = capsys.readouterr()
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    header, inst = recs[0], [r for r in recs if r["type"] == "instance"]
+    assert header["divergence_check"]["points"] == 64 and header["divergence_check"]["runtime"] == "onnxruntime"
+    assert all(r["details"]["divergence"]["checked"] <= 64 for r in inst if r["verdict"] != "misclassified")
+    warned = [r for r in inst if r.get("details", {}).get("warning")]
+    assert ("warning: onnxruntime differs" in cap.err) == bool(warned)
+    html = (out / "report" / "report.html").read_text()
+    assert 'id="divergence"' in html

@@ -293,3 +293,58 @@ def test_relaxable_variables_are_the_inputs_and_accumulators_and_executions_stay
     sol = CPSAT.solve(enc.program, ONE, 10)
     assert sol.status == "feasible" and not relaxed.check(sol.values)
     assert np.array_equal(enc.decode(sol.values, -1), execute(net, x[None])[-1].ravel())
+
+
+# ---------------------------------------------------------------------------------------------- float32 neurons
+@pytest.mark.parametrize("encoding", ["range", "onehot"])
+@given(net=tiny_networks(float32=True), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=20, deadline=None)
+def test_float32_fixed_input_every_layer_equals_the_executor(encoding, net, seed):
+    """onnxruntime's float32 requantizations: the same (the range encoding falls back to their cut points)."""
+    test_fixed_input_every_layer_equals_the_executor.hypothesis.inner_test(encoding, net, seed)
+
+
+@pytest.mark.parametrize("encoding", ["range", "onehot"])
+def test_float32_single_neuron_exhaustively_beyond_2_24(encoding):
+    """One float32 neuron over accumulators around 2^25 (fl32(acc) rounds to multiples of 4 there) and at the issue's
+    near-tie (acc 93843, exact 138.50001 -> 139, float32 138.5 -> 138): CP-SAT finds no input whose ``y`` differs
+    from the executor's, and the rational requantization of the same multiplier differs from it."""
+    from ortools.sat.python import cp_model
+
+    from qverify.solvers.cpsat import build_cpsat
+
+    m_tie = np.float32(138.5 / 93843)
+    while Fraction(93843) * Fraction(float(m_tie)) <= Fraction(277, 2):
+        m_tie = np.nextafter(m_tie, np.float32(1))
+    # (m, w, b, z, (lo, hi)): acc = w x + b for x in 0..63
+    cases = [(float(m_tie), 1000, 93843 - 40000, 0, (0, 255)),  # the near-tie at x = 40
+             (float(np.float32(0.0137)), 16, 2**25 - 30, None, (-8, 7)),
+             (float(np.float32(0.7)), 1, -(2**25) - 7, None, (0, 15))]
+    for m, w, b, z, (lo, hi) in cases:
+        z = -round(m * b) if z is None else z
+        net = QNetwork((1,), 0, 63, (Dense([[w]], [b]), Requantize.float32([m], [z], lo, hi)))
+        xs = np.arange(64)[:, None]
+        table = execute(net, xs)[-1].ravel()
+        exact = QNetwork((1,), 0, 63, (Dense([[w]], [b]), Requantize.affine([m], [z], lo, hi, "half_even")))
+        if m == float(m_tie):
+            assert table[40] == 138 and execute(exact, xs)[-1].ravel()[40] == 139
+        enc = encode_network(net, np.array([0]), np.array([63]), None, encoding)
+        assert encoding == "onehot" or enc.stats["range_fallback"] == 1
+        y = enc.outputs[0]
+        assert isinstance(y, LinExpr) and len(set(table.tolist())) > 2
+        model, xv = build_cpsat(enc.program)
+        (xi,) = enc.inputs[0].terms
+        fx = model.new_int_var(int(table.min()), int(table.max()), "fx")
+        model.add_element(xv[xi], [int(t) for t in table], fx)
+        (yi,) = y.terms
+        model.add(xv[yi] != fx)
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        assert solver.solve(model) == cp_model.INFEASIBLE, (m, b, z)
+
+
+def test_float32_cut_points_of_the_encoder():
+    f = _RoundClamp(0, 1, 2, -8, 7, Rounding.HALF_EVEN, m32=float(np.float32(0.3)))
+    for v in range(-7, 8):
+        c = f.cut(v)
+        assert f(c) >= v > f(c - 1)

@@ -83,7 +83,7 @@ def _hand_case():
 
 
 def _fake_solve(status: SolveStatus, values=None, raw=None):
-    def fake(program, settings, deadline=None):
+    def fake(program, settings, deadline=None, confirm_deadline=None):
         vals = values(program) if callable(values) else values
         return SolveOutcome(status, "fake", 0.01, f"FAKE_{status.value.upper()}", values=vals, raw_values=raw,
                             message="fake solver")
@@ -108,6 +108,7 @@ def test_a_solution_that_does_not_replay_is_unknown_never_a_verdict(monkeypatch,
     (SolveStatus.UNKNOWN, Verdict.UNKNOWN, Reason.SOLVER),
     (SolveStatus.ERROR, Verdict.ERROR, None),
     (SolveStatus.INFEASIBLE, Verdict.ROBUST, None),
+    (SolveStatus.UNCONFIRMED, Verdict.UNKNOWN, Reason.UNCONFIRMED),
 ])
 def test_status_mapping(monkeypatch, status, verdict, reason):
     net, prop = _hand_case()
@@ -215,3 +216,15 @@ def test_one_program_for_the_live_disjuncts_leaves_the_excluded_ones_out():
     assert verify_milp(net, prop, SolverSettings(threads=1), split=False).verdict is Verdict.COUNTEREXAMPLE
     res = verify_milp(net, prop, SolverSettings(threads=1), split=False, exclude=[0])
     assert res.verdict is Verdict.ROBUST and res.details["live_disjuncts"] == 1
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_an_unconfirmed_claim_is_never_robust(monkeypatch, split):
+    """A floating-point back end's 'infeasible' that the confirmer does not confirm: unknown / unconfirmed, on the
+    single-program path and in the split rounds (where the claimed disjunct is retried by the confirmer)."""
+    net, prop = _hand_case()
+    monkeypatch.setattr(exact, "solve", _fake_solve(SolveStatus.UNCONFIRMED))
+    res = verify_milp(net, prop, SolverSettings(backend="scip", time_limit=2.0), bounds=worst_case_bounds(net),
+                      split=split)
+    assert res.verdict is Verdict.UNKNOWN and res.reason == Reason.UNCONFIRMED
+    assert res.vnncomp_status() != "unsat"

@@ -11,6 +11,7 @@ from qverify.execute import InputError, execute, forward, predict
 from qverify.network import Clamp, Conv2d, Dense, Flatten, Requantize
 from qverify.quant import round_fraction
 from tests.fixtures import tiny_fixed_point_mlp, tiny_networks
+from tests.test_quant import f32_reference
 
 
 def ref_layer(layer, x: list) -> list:
@@ -42,6 +43,9 @@ def ref_layer(layer, x: list) -> list:
         def rq(v, ch):
             m = mults[ch if len(mults) > 1 else 0]
             z = zps[ch if len(zps) > 1 else 0]
+            if layer.float32_scale is not None:  # onnxruntime's float32 arithmetic, on the exact float32 oracle
+                m32 = layer.float32_scale[ch if len(layer.float32_scale) > 1 else 0]
+                return min(max(f32_reference(v, m32) + z, layer.lo), layer.hi)
             return min(max(round_fraction(Fraction(v) * m, layer.rounding) + z, layer.lo), layer.hi)
 
         return [(rq(v, ch) if not isinstance(v, list) else
@@ -103,3 +107,53 @@ def test_large_affine_multiplier_exact():
     got = forward(net, x)[:, 0].tolist()
     want = [round((Fraction(int(a) * 2**15 + int(b) * 2**14 + 7)) * m) + 3 for a, b in x]
     assert got == want
+
+
+@given(tiny_networks(float32=True), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_float32_executor_matches_reference(net, seed):
+    """Networks with onnxruntime's float32 requantizations (dense and conv, per-tensor and per-channel) against the
+    reference on the exact float32 oracle."""
+    test_executor_matches_reference.hypothesis.inner_test(net, seed)
+
+
+@given(st.lists(st.integers(-(2**15), 2**15), min_size=2, max_size=2), st.floats(2.0**-12, 2.0),
+       st.integers(-5, 5), st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_float32_requantization_of_big_accumulators(x, m, z, per_channel):
+    """Accumulators far beyond 2^24 (where fl32(acc) rounds): the executor is the float32 arithmetic, not the
+    exact fraction, and its step tables (the cut points) agree with its direct evaluation."""
+    from qverify.execute import requantize, step_tables
+    from qverify.network import QNetwork
+
+    m32 = float(np.float32(m))
+    ms = [m32, float(np.float32(m32 * 1.5))] if per_channel else [m32]
+    rq = Requantize.float32(ms, [z], -(2**15), 2**15)
+    net = QNetwork((2,), -(2**15), 2**15, (Dense([[2**12, 3], [2**11 + 1, -(2**12)]], [5, -7]), rq))
+    xs = np.array([x, [2**15, 2**15], [-(2**15), 2**15 - 1]])
+    got = forward(net, xs)
+    acc = xs @ np.array([[2**12, 3], [2**11 + 1, -(2**12)]]).T + np.array([5, -7])
+    for b in range(len(xs)):
+        for c in range(2):
+            mc = ms[c if per_channel else 0]
+            assert got[b, c] == min(max(f32_reference(int(acc[b, c]), mc) + z, -(2**15)), 2**15)
+    assert rq.shift is None and rq.semantics == "float32"
+    tables = step_tables(rq)
+    assert tables is not None
+    for c in range(2):
+        y = rq.lo + np.searchsorted(tables[c if per_channel else 0], acc[:, c], side="right")
+        np.testing.assert_array_equal(y, requantize(rq, acc)[:, c])
+
+
+def test_float32_is_not_a_shift():
+    """A float32 multiplier 1.0 (or 0.5) is not the exact shift: fl32(2^24 + 1) = 2^24."""
+    from qverify.network import QNetwork
+
+    acc = np.array([[2**24 + 1]])
+    exact = Requantize((1,), (1,), [0], 0, 2**26, "half_even")
+    f32 = Requantize.float32([1.0], [0], 0, 2**26)
+    assert exact.shift == 0 and f32.shift is None
+    net = QNetwork((1,), 0, 2**25, (Dense([[1]], [1]), f32))
+    assert forward(net, acc - 1)[0, 0] == 2**24
+    net = QNetwork((1,), 0, 2**25, (Dense([[1]], [1]), exact))
+    assert forward(net, acc - 1)[0, 0] == 2**24 + 1

@@ -681,7 +681,305 @@ def test_grouped_conv_and_unquantized_weight_errors(tmp_path):
         load_onnx(path)
 
 
+# ---------------------------------------------------------------------------------------------- input units
+def _int_input_model(path, in_type, in_shape, pre_nodes, first):
+    """``x (integer) -> pre_nodes -> DequantizeLinear(sx, zx) [first] -> MatMul/Conv(DQ(W)) -> Q -> DQ -> y``, the
+    way tf2onnx writes a model with an integer input."""
+    rng = np.random.default_rng(11)
+    signed = in_type == TensorProto.INT8
+    inits = {"sx": F32(0.0173), "zx": np.int8(-5) if signed else np.uint8(7), "sy": F32(0.21), "zy": np.uint8(3)}
+    if first == "matmul":
+        inits.update({"w": rng.integers(-90, 90, size=(16, 5)).astype(np.int8), "sw": F32(0.011)})
+        body = [helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"], name="dq_w"),
+                helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm")]
+        out_shape = ("N", 5)
+    else:
+        inits.update({"w": rng.integers(-90, 90, size=(2, 1, 3, 3)).astype(np.int8), "sw": F32(0.011),
+                      "flat": np.array([-1, 8], dtype=np.int64)})
+        body = [helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"], name="dq_w"),
+                helper.make_node("Conv", ["xd", "wd"], ["m"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1])]
+        out_shape = ("N", 8)
+    tail = [helper.make_node("QuantizeLinear", ["m", "sy", "zy"], ["mq0" if first == "conv" else "mq"], name="q_out")]
+    if first == "conv":
+        tail.append(helper.make_node("Reshape", ["mq0", "flat"], ["mq"], name="flatten"))
+    tail.append(helper.make_node("DequantizeLinear", ["mq", "sy", "zy"], ["y"], name="dq_out"))
+    nodes = pre_nodes + [helper.make_node("DequantizeLinear", ["xm", "sx", "zx"], ["xd"], name="dq_in")] + body + tail
+    g = helper.make_graph(nodes, "tf2onnx_like", [helper.make_tensor_value_info("x", in_type, list(in_shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+                          [_init(k, v) for k, v in inits.items()])
+    ops = [helper.make_opsetid("", 17)]
+    onnx.save(helper.make_model(g, opset_imports=ops, ir_version=8), str(path))
+    return path, inits
+
+
+@pytest.mark.parametrize("case", ["reshape", "flatten", "transpose", "cast+identity"])
+def test_integer_input_moved_before_its_dequantize_gets_its_units(tmp_path, case):
+    """tf2onnx: an int8 input reshaped (or flattened, transposed keeping the memory order, cast, passed through
+    Identity) before its first DequantizeLinear takes that DequantizeLinear's scale and zero point as input units."""
+    shape_init = {"shape": np.array([-1, 16], dtype=np.int64)}
+    if case == "reshape":
+        pre, in_shape, first = ([helper.make_node("Reshape", ["x", "shape"], ["xm"], name="reshape")], ("N", 2, 8),
+                                "matmul")
+    elif case == "flatten":
+        pre, in_shape, first = [helper.make_node("Flatten", ["x"], ["xm"], name="flat")], ("N", 4, 4), "matmul"
+    elif case == "transpose":  # NHWC [N, 4, 4, 1] -> NCHW [N, 1, 4, 4]: the memory order is the same
+        pre, in_shape, first = ([helper.make_node("Transpose", ["x"], ["xm"], name="nhwc_to_nchw", perm=[0, 3, 1, 2])],
+                                ("N", 4, 4, 1), "conv")
+    else:
+        pre, in_shape, first = ([helper.make_node("Cast", ["x"], ["xc"], name="cast", to=TensorProto.INT8),
+                                 helper.make_node("Identity", ["xc"], ["xi"], name="ident"),
+                                 helper.make_node("Reshape", ["xi", "shape"], ["xm"], name="reshape")],
+                                (1, 16), "matmul")
+    path, inits = _int_input_model(tmp_path / f"{case}.onnx", TensorProto.INT8, in_shape, pre, first)
+    if case in ("reshape", "cast+identity"):
+        m = onnx.load(str(path))
+        m.graph.initializer.append(_init("shape", shape_init["shape"]))
+        onnx.save(m, str(path))
+    net = load_onnx(path)
+    assert net.input_scale == Fraction(float(F32(0.0173))) and net.input_zero_point == -5
+    assert (net.input_lo, net.input_hi) == (-128, 127)
+    if case == "transpose":
+        assert net.input_shape == (1, 4, 4)
+    x = _grid(net, 500, seed=4)
+    ours, theirs = forward(net, x), onnx_integer_outputs(net, x)
+    n_diff, _ = _check_explained(net, x, "all", Fraction(1, 2**12))  # only float32 near-ties may differ
+    assert int(np.count_nonzero(ours != theirs)) <= max(n_diff, 5)
+
+
+def test_property_eps_builds_a_real_box_on_an_integer_input_model(tmp_path):
+    from qverify.cli import main
+    from qverify.io.vnnlib import parse_vnnlib
+
+    pre = [helper.make_node("Reshape", ["x", "shape"], ["xm"], name="reshape")]
+    path, _ = _int_input_model(tmp_path / "m.onnx", TensorProto.INT8, ("N", 2, 8), pre, "matmul")
+    m = onnx.load(str(path))
+    m.graph.initializer.append(_init("shape", np.array([-1, 16], dtype=np.int64)))
+    onnx.save(m, str(path))
+    net = load_onnx(path)
+    images = np.random.default_rng(5).integers(-100, 100, size=(3, 2, 8)).astype(np.int8)
+    labels = np.argmax(forward(net, images.reshape(3, -1).astype(np.int64)), axis=1)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    out = tmp_path / "props"
+    assert main(["property", str(tmp_path / "d.npz"), "--model", str(path), "--eps", "0.05", "--ids", "0:3",
+                 "-o", str(out)]) == 0
+    files = sorted(out.glob("*.vnnlib"))
+    assert len(files) == 3
+    for f, img in zip(files, images, strict=True):
+        prop = parse_vnnlib(f, net)
+        x = img.reshape(-1).astype(np.int64)
+        # eps = 0.05 is 2.89 input steps of 0.0173: the box is x +- 2 on the grid, not a single point
+        assert np.array_equal(prop.lo, np.maximum(x - 2, -128)) and np.array_equal(prop.hi, np.minimum(x + 2, 127))
+
+
+# ---------------------------------------------------------------------------------------------- int4 / uint4
+def _int4_model(path, wtype, per_channel, act4=False):
+    """float x -> Q(uint8) -> DQ -> MatMul(DQ(W 4-bit [5, 3], per tensor or per channel, with zero points)) -> Q ->
+    DQ (opset 21, onnx's own packing: helper.make_tensor with INT4 / UINT4)."""
+    rng = np.random.default_rng(21 + per_channel)
+    lo, hi = (-8, 7) if wtype == TensorProto.INT4 else (0, 15)
+    w = rng.integers(lo, hi + 1, size=(5, 3))
+    zw = rng.integers(lo, hi + 1, size=3 if per_channel else 1)
+    sw = rng.uniform(0.01, 0.05, size=3 if per_channel else 1).astype(F32)
+    inits = [helper.make_tensor("w", wtype, [5, 3], w.ravel().tolist()),
+             helper.make_tensor("zw", wtype, [3] if per_channel else [], zw.tolist()),
+             _init("sw", sw if per_channel else sw[0]), _init("sx", F32(0.0071)), _init("zx", np.uint8(9)),
+             _init("sy", F32(0.0313))]
+    if act4:  # a 4-bit activation: zero point of type INT4
+        inits.append(helper.make_tensor("zy", TensorProto.INT4, [], [-2]))
+    else:
+        inits.append(_init("zy", np.uint8(100)))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq_in"),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="dq_w", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm"),
+             helper.make_node("QuantizeLinear", ["m", "sy", "zy"], ["mq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["mq", "sy", "zy"], ["y"], name="dq_out")]
+    g = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path, w, zw
+
+
+@pytest.mark.parametrize("wtype", [TensorProto.INT4, TensorProto.UINT4])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int4_weights_import_exactly(tmp_path, wtype, per_channel):
+    path, w, zw = _int4_model(tmp_path / "m.onnx", wtype, per_channel)
+    net = load_onnx(path)
+    dense = net.layers[0]
+    assert isinstance(dense, Dense) and np.array_equal(dense.weight, (w - zw[None, :]).T)
+    assert json.loads(net.metadata["onnx_affine_types"])["0"][1] == ("int4" if wtype == TensorProto.INT4 else "uint4")
+    x = _grid(net, 2000, seed=6)
+    try:
+        theirs = onnx_integer_outputs(net, x)
+    except Exception as e:  # an onnxruntime without 4-bit DequantizeLinear
+        pytest.skip(f"onnxruntime does not run this 4-bit model: {e}")
+    ours = forward(net, x)
+    # onnxruntime runs DequantizeLinear + a float32 MatMul here: only float32 near-ties may differ, by 1 LSB
+    n_diff, n_all = _check_explained(net, x, "all", Fraction(1, 2**12))
+    assert int(np.count_nonzero(ours != theirs)) <= n_diff and n_diff <= n_all * 1e-2
+    MEASURED[f"int4 weights ({'per channel' if per_channel else 'per tensor'}, type {wtype})"] = (
+        f"{int(np.count_nonzero(ours != theirs))} of {ours.size} outputs differ (float32 near-ties)")
+
+
+def test_int4_activation_gets_the_4_bit_range(tmp_path):
+    path, _, _ = _int4_model(tmp_path / "a4.onnx", TensorProto.INT4, False, act4=True)
+    net = load_onnx(path)
+    req = net.layers[1]
+    assert isinstance(req, Requantize) and (req.lo, req.hi) == (-8, 7) and int(req.zero_point[0]) == -2
+
+
+def test_int4_arithmetic_is_refused_by_name(tmp_path):
+    inits = [helper.make_tensor("w4", TensorProto.INT4, [4, 2], [1, -2, 3, 7, -8, 0, 5, 6]), _init("sw", F32(0.1))]
+    pre: dict = {}
+    nodes = _qdq_prefix(pre) + [helper.make_node("Neg", ["w4"], ["w5"], name="neg_w"),
+                                helper.make_node("DequantizeLinear", ["w5", "sw"], ["wd"], name="dq_w"),
+                                helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                          inits + [_init(k, v) for k, v in pre.items()])
+    path = tmp_path / "neg4.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    with pytest.raises(ModelError, match=r"neg4\.onnx: node 'neg_w' \(Neg\).*'w4' of type INT4 reaches Neg"):
+        load_onnx(path)
+
+
 def test_report():
     """Print the measured onnxruntime differences (pytest -s)."""
     for k, v in MEASURED.items():
         print(f"[onnx vs onnxruntime] {k}: {v}")
+
+
+# ---------------------------------------------------------------------------------------------- fuzzer regressions
+def _qdq_matmul(inits, scale_w=0.01, **mm_attrs):
+    inits.update({"w": np.arange(-6, 6, dtype=np.int8).reshape(4, 3), "sw": F32(scale_w), "zw": np.int8(0),
+                  "sy": F32(0.05), "zy": np.uint8(0)})
+    op = "Gemm" if mm_attrs else "MatMul"
+    return _qdq_prefix(inits) + [
+        helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="dq_w"),
+        helper.make_node(op, ["xd", "wd"], ["m"], name="mm", **mm_attrs),
+        helper.make_node("QuantizeLinear", ["m", "sy", "zy"], ["mq"], name="q_m"),
+        helper.make_node("DequantizeLinear", ["mq", "sy", "zy"], ["y"], name="dq_y")]
+
+
+def test_fuzz_base_graph_imports(tmp_path):
+    inits: dict = {}
+    net = load_onnx(_save(_qdq_matmul(inits), inits, tmp_path / "ok.onnx", (1, 4), (1, 3)))
+    assert net.num_outputs == 3
+
+
+def test_missing_node_inputs_name_the_node(tmp_path):
+    """A node with fewer inputs than its operator reads raised IndexError."""
+    inits: dict = {}
+    nodes = _qdq_matmul(inits)
+    del nodes[3].input[1:]  # MatMul(xd)
+    path = _save(nodes, inits, tmp_path / "short.onnx", (1, 4), (1, 3))
+    with pytest.raises(ModelError, match=r"short\.onnx: node 'mm' \(MatMul\): needs at least 2 inputs"):
+        load_onnx(path)
+    inits = {"sx": F32(0.1), "zx": np.uint8(0), "w": np.ones((4, 3), np.int8), "sw": F32(0.1)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_in"),
+             helper.make_node("QLinearMatMul", ["xq", "sx", "zx", "w", "sw"], ["y"], name="qmm")]
+    path = _save(nodes, inits, tmp_path / "qshort.onnx", (1, 4), (1, 3))
+    with pytest.raises(ModelError, match=r"qshort\.onnx: node 'qmm' \(QLinearMatMul\): needs at least 8 inputs"):
+        load_onnx(path)
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("sy", F32(np.nan), "non-finite value nan"), ("sy", F32(np.inf), "non-finite value inf"),  # OverflowError
+    ("sw", F32(np.nan), "weight scale has a non-finite value"), ("sy", F32(0.0), "must be positive"),
+    ("sw", F32(-1.0), "must be positive"),
+])
+def test_non_finite_and_non_positive_scales_name_the_node(tmp_path, where, value, message):
+    inits: dict = {}
+    nodes = _qdq_matmul(inits)
+    inits[where] = value
+    path = _save(nodes, inits, tmp_path / "scale.onnx", (1, 4), (1, 3))
+    with pytest.raises(ModelError, match=rf"scale\.onnx: node '\w+' \(\w+\): .*{message}"):
+        load_onnx(path)
+
+
+def test_wrongly_typed_attributes_name_the_attribute(tmp_path):
+    """``alpha`` given as a list raised TypeError in float()."""
+    inits: dict = {}
+    nodes = _qdq_matmul(inits, alpha=[1, 2], transB=0)
+    path = _save(nodes, inits, tmp_path / "attr.onnx", (1, 4), (1, 3))
+    with pytest.raises(ModelError, match=r"attr\.onnx: node 'mm' \(Gemm\): attribute 'alpha' must be float"):
+        load_onnx(path)
+    inits = {}
+    nodes = _qdq_matmul(inits, transB="yes")
+    path = _save(nodes, inits, tmp_path / "attr2.onnx", (1, 4), (1, 3))
+    with pytest.raises(ModelError, match=r"attribute 'transB' must be int"):
+        load_onnx(path)
+
+
+@pytest.mark.parametrize("dims", [[1, 2**40], [1, 0], [1, -3]], ids=["huge", "zero", "negative"])
+def test_input_shapes_that_cannot_be_held_are_refused(tmp_path, dims):
+    """An input dimension of 2^40 made numpy try to allocate terabytes (MemoryError)."""
+    inits: dict = {}
+    path = _save(_qdq_matmul(inits), inits, tmp_path / "dims.onnx", dims, (1, 3))
+    with pytest.raises(ModelError, match=r"dims\.onnx: input 'x' has shape .*every dimension must be positive"):
+        load_onnx(path)
+
+
+def test_bias_beyond_int64_is_a_located_error(tmp_path):
+    """A weight scale of 1e-45 makes the float bias ``R(c / (s_x s_w))`` exceed int64 (OverflowError)."""
+    inits: dict = {}
+    nodes = _qdq_matmul(inits, scale_w=1e-45)
+    inits["b"] = np.full(3, 1e30, dtype=F32)
+    nodes[3] = helper.make_node("MatMul", ["xd", "wd"], ["m0"], name="mm")
+    nodes.insert(4, helper.make_node("Add", ["m0", "b"], ["m"], name="add_b"))
+    path = _save(nodes, inits, tmp_path / "bias.onnx", (1, 4), (1, 3))
+    with pytest.raises(ModelError, match=r"bias\.onnx: node 'add_b' \(Add\): bias of channel 0 is -?\d+ "
+                                         r"accumulator units"):
+        load_onnx(path)
+
+
+def test_truncated_initializer_and_model_bytes_are_located_errors(tmp_path):
+    """An initializer whose raw bytes are shorter than its shape raised numpy's ValueError; truncated model bytes
+    are 'not a readable ONNX model' or a located structural error, never another exception."""
+    inits: dict = {}
+    path = _save(_qdq_matmul(inits), inits, tmp_path / "ok.onnx", (1, 4), (1, 3))
+    m = onnx.load(str(path))
+    w = next(t for t in m.graph.initializer if t.name == "w")
+    w.raw_data = w.raw_data[:5]
+    bad = tmp_path / "trunc_init.onnx"
+    bad.write_bytes(m.SerializeToString())
+    with pytest.raises(ModelError, match=r"trunc_init\.onnx: initializer 'w' .*cannot be read"):
+        load_onnx(bad)
+    data = path.read_bytes()
+    for n in (0, 1, 7, len(data) // 3, len(data) // 2, len(data) - 1):
+        cut = tmp_path / f"cut{n}.onnx"
+        cut.write_bytes(data[:n])
+        with pytest.raises(ModelError, match=rf"cut{n}\.onnx: "):
+            load_onnx(cut)
+
+
+def test_constant_folding_of_an_activation_is_a_located_error(tmp_path):
+    """Found by bench_fuzz (a QGemm retyped to Constant; a Reshape of a constant by an activation's values):
+    folding read ``.value`` of an activation (AttributeError)."""
+    inits = {"sx": F32(0.1), "zx": np.uint8(0)}
+    nodes = [helper.make_node("Constant", ["x", "sx"], ["y"], name="not_const", domain="com.microsoft")]
+    path = _save(nodes, inits, tmp_path / "c.onnx", (1, 4), (1, 4), in_type=TensorProto.UINT8, ms=True)
+    with pytest.raises(ModelError, match=r"c\.onnx: node 'not_const' \(Constant.*input 'x' must be a constant"):
+        load_onnx(path)
+    inits = {"sx": F32(0.1), "zx": np.uint8(0), "data": np.ones((2, 2), F32)}
+    nodes = _qdq_prefix(inits) + [helper.make_node("Reshape", ["data", "xq"], ["y"], name="rs")]
+    path = _save(nodes, inits, tmp_path / "r.onnx", (1, 4), (1, 4))
+    with pytest.raises(ModelError, match=r"r\.onnx: node 'rs' \(Reshape\): input 'xq' must be a constant"):
+        load_onnx(path)
+
+
+def test_reshape_by_a_scalar_and_empty_weights_are_named(tmp_path):
+    """Found by bench_fuzz through the catch-all of malformed nodes: now named at their cause."""
+    inits = {"sx": F32(0.1), "zx": np.uint8(0), "shape": np.array(4, np.int64)}
+    nodes = _qdq_prefix(inits) + [helper.make_node("Reshape", ["xd", "shape"], ["y"], name="rs")]
+    path = _save(nodes, inits, tmp_path / "rs.onnx", (1, 4), (1, 4))
+    with pytest.raises(ModelError, match=r"rs\.onnx: node 'rs' \(Reshape\): Reshape shape must be a 1-D integer"):
+        load_onnx(path)
+    inits = {}
+    nodes = _qdq_matmul(inits)
+    inits["w"] = np.zeros((4, 0), np.int8)
+    path = _save(nodes, inits, tmp_path / "empty.onnx", (1, 4), (1, 3))
+    with pytest.raises(ModelError, match=r"empty\.onnx: node 'mm' \(MatMul\): weight is empty"):
+        load_onnx(path)

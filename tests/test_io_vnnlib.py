@@ -504,3 +504,154 @@ def test_path_argument_forms(tmp_path):
     assert parse_vnnlib(path, net).name == "named"  # no name header: the file's stem
     assert parse_vnnlib(str(path), net, name="given").name == "given"
     assert Path(parse_vnnlib(path, net).metadata["source"]) == path
+
+
+# ------------------------------------------------------------------------------ fuzzer regressions (issue 16)
+BOX3 = "".join(f"(assert (>= X_{i} 0.0)) (assert (<= X_{i} 1.0))\n" for i in range(3))
+
+
+@pytest.mark.parametrize("rounding", [None, Rounding.HALF_EVEN])
+def test_bounds_beyond_int64_are_the_grid_ends(rounding):
+    """``1e260`` (and ``2^63``) on an input whose grid is [0, 15] is the grid's end; it crashed with OverflowError."""
+    net = net3(rounding=rounding)
+    text = decl(3) + ("(assert (<= X_0 1e260)) (assert (>= X_0 -1e260)) (assert (>= X_1 -9223372036854775808))"
+                      "(assert (<= X_1 0.5)) (assert (>= X_2 0.3)) (assert (<= X_2 1e300))"
+                      "(assert (>= Y_0 Y_1))")
+    p = parse_vnnlib(text, net)
+    assert p.lo.tolist() == [0, 0, 3] and p.hi.tolist() == [15, 5, 15]
+    # a lower bound beyond the grid empties the box: the located error, not an overflow
+    text = decl(3) + BOX3.replace("(>= X_2 0.0)", "(>= X_2 1e260)") + "(assert (>= Y_0 Y_1))"
+    with pytest.raises(PropertyError, match=r"<vnnlib>, line 1, column 1: no point of the network's integer input"):
+        parse_vnnlib(text, net)
+
+
+def test_huge_right_hand_sides_are_the_constants_they_are():
+    """``Y_0 <= 1e260`` holds for every output the network can produce, ``Y_0 <= -1e260`` for none (both were
+    "too large" errors, and the bound form an OverflowError)."""
+    net = net3()
+    lo, hi = net.output_range
+    grid = np.array(list(itertools.product(range(lo, hi + 1), repeat=3)), dtype=np.int64)
+    p = parse_vnnlib(decl(3) + BOX3 + "(assert (and (>= Y_0 Y_1) (<= Y_2 1e260)))", net)
+    q = parse_vnnlib(decl(3) + BOX3 + "(assert (>= Y_0 Y_1))", net)
+    assert np.array_equal(p.is_violated(grid), q.is_violated(grid))
+    p = parse_vnnlib(decl(3) + BOX3 + "(assert (or (<= Y_2 -1e260) (>= Y_0 Y_1)))", net)
+    assert np.array_equal(p.is_violated(grid), q.is_violated(grid))
+    p = parse_vnnlib(decl(3) + BOX3 + "(assert (<= (+ Y_0 Y_1) 1e260))", net)
+    assert p.is_violated(grid).all()
+    text = decl(3) + BOX3 + "(assert (>= Y_0 Y_1))\n(assert (<= Y_2 -1e260))"
+    with pytest.raises(PropertyError, match=rf"{loc(text, '(assert (<= Y_2')}: the assertions are unsatisfiable"):
+        parse_vnnlib(text, net)
+    with pytest.raises(PropertyError, match=r"unsatisfiable.*can never be violated"):
+        parse_vnnlib(decl(3) + BOX3 + "(assert false)", net)
+
+
+def test_rows_that_could_overflow_int64_are_located_errors():
+    """Integer rows must evaluate exactly in int64 on every output the network can produce: ``(2^61 + 1) y_0 + y_1``
+    (coprime, so the gcd does not shrink it) reaches ``8 (2^61 + 2) > 2^62`` on outputs in [-8, 7]. It used to be
+    accepted, and ``Property.is_violated`` then overflowed."""
+    net = net3()  # output scale 1/16: the real coefficient 16 (2^61 + 1) is the integer 2^61 + 1
+    text = decl(3) + BOX3 + f"(assert (<= (+ (* {16 * (2**61 + 1)} Y_0) (* 16 Y_1)) 0))"
+    with pytest.raises(PropertyError, match=rf"{loc(text, '<= (+ (*')}: coefficients too large"):
+        parse_vnnlib(text, net)
+    text = decl(3) + BOX3 + "(assert (<= (* 1e260 Y_0) Y_1))"
+    with pytest.raises(PropertyError, match=rf"{loc(text, '<= (* 1e260')}: coefficient of Y_0 too large"):
+        parse_vnnlib(text, net)
+
+
+def test_huge_constants_through_the_cli(tmp_path, capsys):
+    """``qverify verify`` on the issue's ``1e260`` files: a bound is the grid's end (a verdict), a coefficient is exit 3
+    with the file, line and column."""
+    from qverify.cli import main
+    from qverify.io import save_model
+
+    net = net3()
+    model = tmp_path / "m.qnn"
+    save_model(net, model)
+    ok = tmp_path / "bound.vnnlib"
+    ok.write_text(decl(3) + BOX3.replace("(<= X_0 1.0)", "(<= X_0 1e260)") + "(assert (>= Y_0 (+ Y_1 1e-260)))\n")
+    assert main(["verify", str(model), str(ok), "--timeout", "20"]) in (0, 10)
+    bad = tmp_path / "coeff.vnnlib"
+    text = decl(3) + BOX3 + "(assert (>= (* 1e260 Y_0) Y_1))\n"
+    bad.write_text(text)
+    capsys.readouterr()
+    assert main(["verify", str(model), str(bad)]) == 3
+    err = capsys.readouterr().err
+    assert f"{bad}, {loc(text, '>= (* 1e260')}: coefficient of Y_0 too large" in err
+
+
+def test_deep_nesting_is_a_located_error():
+    """Thousands of nested parentheses raised RecursionError; the limit is MAX_DEPTH levels."""
+    from qverify.io.vnnlib import MAX_DEPTH
+
+    net = net3()
+    inner = "(>= Y_0 Y_1)"
+    depth = MAX_DEPTH - 5
+    p = parse_vnnlib(decl(3) + BOX3 + "(assert " + "(and " * depth + inner + ")" * depth + ")", net)
+    assert p.num_outputs == 3
+    for wrap in ("(and ", "(not "):
+        text = decl(3) + BOX3 + "(assert " + wrap * 5000 + inner + ")" * 5000 + ")"
+        with pytest.raises(PropertyError, match=f"nested deeper than {MAX_DEPTH} levels"):
+            parse_vnnlib(text, net)
+    text = decl(3) + BOX3 + "(assert (<= " + "(+ " * 3000 + "Y_0" + ")" * 3000 + " 1))"
+    with pytest.raises(PropertyError, match=r"line 10, column \d+: parentheses nested deeper"):
+        parse_vnnlib(text, net)
+
+
+@pytest.mark.parametrize("number, message", [
+    ("1e401", "exponent of '1e401' out of range"),
+    ("1e99999999", "out of range"),
+    ("1e" + "9" * 5000, "out of range"),  # int() of 5000 digits raised ValueError
+    ("1" * 1001, "number with 1001 digits"),
+    ("0." + "0" * 2000 + "1", "number with 2002 digits"),
+    ("\u0663", "malformed number"),  # an Arabic-Indic three was read as 3
+    ("\u0661.\u0665", "malformed number"),
+    ("1e\u0663", "malformed number"),
+], ids=["1e401", "1e99999999", "5000-digit-exponent", "1001-digits", "2002-digits", "arabic-3", "arabic-1.5",
+        "arabic-exponent"])
+def test_number_limits_and_ascii_digits(number, message):
+    net = net3()
+    text = decl(3) + BOX3 + f"(assert (>= Y_0 {number}))"
+    with pytest.raises(PropertyError, match=rf"<vnnlib>, line 10, column 17: .*{re.escape(message)}"):
+        parse_vnnlib(text, net)
+    assert parse_vnnlib(decl(3) + BOX3 + "(assert (>= Y_0 -1e-400))", net).num_outputs == 3
+
+
+@pytest.mark.parametrize("name, message", [("X_\u0663", "unsupported variable name"),
+                                           ("X_" + "1" * 5000, "unsupported variable name"),
+                                           ("X_01", "unsupported variable name")], ids=["arabic", "long", "01"])
+def test_odd_variable_names_are_located_errors(name, message):
+    text = f"(declare-const {name} Real)\n" + decl(3)
+    with pytest.raises(PropertyError, match=rf"<vnnlib>, line 1, column 16: {message}"):
+        parse_vnnlib(text, net3())
+
+
+def test_unreadable_files_are_located_errors(tmp_path):
+    net = net3()
+    path = tmp_path / "latin1.vnnlib"
+    path.write_bytes((decl(3) + BOX3 + "; caf").encode() + b"\xe9\n(assert (>= Y_0 Y_1))\n")
+    with pytest.raises(PropertyError, match=rf"{re.escape(str(path))}, line 10, column 6: not UTF-8 text \(byte 0xe9"):
+        parse_vnnlib(path, net)
+    with pytest.raises(PropertyError, match="cannot read the VNN-LIB file"):
+        parse_vnnlib("prop\x00.vnnlib", net)  # a NUL byte in the name raised ValueError
+
+
+def test_repeated_big_subformulas_hit_the_work_limit():
+    """Each copy of a 2^12-disjunct ``and`` of ``or``s is within the DNF limit, but 100 copies took 35 s; the total
+    work is bounded (WORK_FACTOR * max_disjuncts disjuncts built)."""
+    import time
+
+    net = net3()
+    big = "(and " + " ".join(f"(or (<= Y_0 {i}) (>= Y_1 {i}))" for i in range(12)) + ")"
+    assert len(parse_vnnlib(decl(3) + BOX3 + f"(assert {big})", net).unsafe) == 4096
+    t = time.perf_counter()
+    with pytest.raises(PropertyError, match=r"line 10, column \d+: the formula is too complex"):
+        parse_vnnlib(decl(3) + BOX3 + "(assert (or " + " ".join([big] * 100) + "))", net)
+    assert time.perf_counter() - t < 20
+
+
+def test_file_names_with_parentheses_are_files(tmp_path):
+    """The CLI passes a string: ``prop (1).vnnlib`` was parsed as VNN-LIB text ("expected a command")."""
+    net = net3()
+    path = tmp_path / "prop (1).vnnlib"
+    path.write_text(decl(3) + BOX3 + "(assert (>= Y_0 Y_1))")
+    assert parse_vnnlib(str(path), net).metadata["source"] == str(path)

@@ -69,3 +69,27 @@ def test_clamp_and_flatten_layers():
     assert Flatten().output_shape((2, 3, 4)) == (24,)
     with pytest.raises(ModelError):
         Clamp(4, 3)
+
+
+def test_float32_requantize_validation_and_describe():
+    r = Requantize.float32([np.float32(0.1), 0.25], [0, 1], 0, 7, name="rq")
+    assert r.float32_scale == (float(np.float32(0.1)), 0.25) and r.rounding == "half_even"
+    assert r.multipliers() == [Fraction(float(np.float32(0.1))), Fraction(1, 4)] and r.shift is None
+    assert r.semantics == "float32" and Requantize.pow2(1, 0, 7).semantics == "exact"
+    with pytest.raises(ModelError, match="not a float32 value"):
+        Requantize.float32([0.1 + 2**-40], [0], 0, 7)  # a float64 that no float32 equals
+    with pytest.raises(ModelError, match="exact values of float32_scale"):
+        Requantize((1,), (3,), [0], 0, 7, "half_even", "x", (0.25,))
+    with pytest.raises(ModelError, match="rounds half to even"):
+        Requantize((1,), (4,), [0], 0, 7, "half_up", "x", (0.25,))
+    with pytest.raises(ModelError, match="float32 in"):
+        Requantize.float32([2.0**30], [0], 0, 7)
+    net = QNetwork((2,), 0, 3, (Dense(np.ones((2, 2), int), [0, 0]), r))
+    row = net.describe()[1]
+    assert row["requant"] == "float32 per-channel (2)" and row["semantics"] == "float32"
+    assert net.semantics == "onnxruntime" and not net.is_fixed_point()
+    assert tiny_fixed_point_mlp().semantics == "exact"
+    assert QNetwork((2,), 0, 3, tiny_fixed_point_mlp().layers, metadata={"semantics": "onnxruntime"}).semantics == \
+        "onnxruntime"
+    with pytest.raises(ModelError, match="semantics 'exact' but some requantization is float32"):
+        QNetwork((2,), 0, 3, net.layers, metadata={"semantics": "exact"})

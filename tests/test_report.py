@@ -325,3 +325,46 @@ def test_undecided_instances_show_their_slack_bracket(tmp_path):
         assert (f"<tr><td>{r['id']}</td><td>2</td><td>{r['label']}</td><td class=\"l\">timeout</td>" in table)
         assert f"<td>{sl['lower']}</td><td>{sl['upper']}</td>" in table
         assert f"{r['id']}@r2 [{sl['lower']}, {sl['upper']}]" in text
+
+
+# ------------------------------------------------------------------------------------------------ runtime divergence
+def test_runtime_divergence_in_summary_per_instance_and_result_files(tmp_path, report):
+    """Instances whose box holds a point where onnxruntime differs are counted per radius, marked per sample, listed
+    with their counts, and their non-sat VNN-COMP files carry the warning; a run without the check says so."""
+    pytest.importorskip("onnxruntime")
+    from qverify.io.onnx import load_onnx
+    from tests.onnx_builders import near_tie_model
+
+    model = near_tie_model(tmp_path / "ties.onnx")
+    net = load_onnx(model)
+    images = np.array([[100, 101, 99], [40, 60, 80], [7, 9, 11]], dtype=np.uint8)
+    labels = predict(net, images.astype(np.int64))
+    res = tmp_path / "ties.jsonl"
+    certify(net, images, labels, [0, 2], results_path=res, settings=SETTINGS, workers=1, progress=False,
+            model_path=model, divergence_points=32)
+    paths = render_report([res], tmp_path / "out")
+    recs = records(res)
+    warned = {(r["id"], r["radius"]) for r in recs if (r.get("details") or {}).get("warning")}
+    summary = json.loads(paths["summary"].read_text())["runs"][0]
+    assert summary["semantics"] == net.semantics and summary["divergence_check"]["points"] == 32
+    assert {(w["id"], w["radius"]) for w in summary["runtime_differs"]} == warned
+    html = paths["html"].read_text()
+    cells = parse(html).cells
+    for row in summary["per_radius"]:
+        mine = [r for r in recs if r["radius"] == row["radius"] and (r["id"], r["radius"]) in warned]
+        n = sum(r["verdict"] == "robust" for r in mine)
+        assert row["robust_runtime_differs"] == n
+        assert cells[("summary-A", row["radius"], "robust_runtime_differs")] == str(n)
+    assert html.count("&#9888;</span>") == len(warned)
+    md_text = paths["markdown"].read_text()
+    for r in recs:
+        text = (paths["results"] / f"{r['id']}_r{r['radius']}.txt").read_text()
+        if r["status"] != "sat":
+            assert f"under {net.semantics} semantics" in text
+            assert ("; qverify warning: onnxruntime" in text) == ((r["id"], r["radius"]) in warned)
+    if net.semantics == "exact":  # odd sums are near-ties that onnxruntime rounds to even
+        assert warned and 'id="divergence-A"' in html and "Warning: onnxruntime differs" in md_text
+    # the other run (.qnn, no onnxruntime): no column, and the section says why
+    paths0, _ = report
+    html0 = paths0["html"].read_text()
+    assert "robust_runtime_differs" not in html0 and "no runtime divergence check (not an ONNX model" in html0

@@ -164,3 +164,11 @@ def test_cuda_forward_equals_executor_every_layer(net: QNetwork, seed: int) -> N
     for g, w in zip(got, execute(net, x), strict=True):
         assert g.device.type == "cuda"
         assert np.array_equal(g.detach().cpu().numpy(), w.astype(np.float64))
+
+
+@settings(max_examples=25, deadline=None)
+@given(tiny_networks(float32=True), st.integers(0, 2**32 - 1))
+def test_float32_forward_equals_executor_every_layer(net: QNetwork, seed: int) -> None:
+    """onnxruntime's float32 requantizations: the forward pass is the executor's (the slope ``num / den`` is the
+    exact value of the float32 multiplier, used by the straight-through gradient only)."""
+    test_forward_equals_executor_every_layer.hypothesis.inner_test(net, seed)

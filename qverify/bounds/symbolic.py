@@ -19,6 +19,10 @@ integers, so validity is only required there), with slopes ``alpha >= 0``. With 
   floor ``[-(q-1)/q, 0]``, half-up ``[-(ceil(q/2)-1)/q, floor(q/2)/q]``, half-away and half-even
   ``[-floor(q/2)/q, floor(q/2)/q]``), so on ``M``:
   ``max(F_l + K, (p a + z q - dL) / q) <= f(a) <= min(F_u - K, (p a + z q + dU) / q)``.
+* a float32 requantization (onnxruntime's, ``f(a) = clamp(rne(fl32(fl32(a) m)) + z, lo, hi)``) is the same with
+  ``p / q = m`` exactly, ``T`` its exact cut points (:func:`qverify.quant.f32_thresholds`) and ``[-dL / q, dU / q]``
+  the exact extremes of ``f(a) - z - a m`` over its unclamped levels (:func:`qverify.quant.f32_error_bounds`: on a
+  level the error is extreme at the level's ends), so the envelopes hold on ``M`` as they do for exact rounding;
 * With a slope ``alpha >= 0`` a line lies below ``f`` on a level iff it does at the level's right end; so it
   lies below ``f`` on the integers of ``[l, u]`` if it lies below the exact levels at their right ends, and
   below the convex lower envelope of ``M`` at ``T(F_l + K)``, at ``k0 = floor(((F_l + K - z) q + dL) / p)``
@@ -76,7 +80,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,13 +96,17 @@ from qverify.bounds.interval import (
 from qverify.execute import conv2d_float, requantize
 from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
 from qverify.property import Property
-from qverify.quant import Rounding, round_div
+from qverify.quant import Rounding, f32_error_bounds, f32_thresholds, round_div
 
 _U52 = 2.0**-52
 _TINY = 2.0**-800
 _MIN_SLOPE = 2.0**-100
 #: largest dense matrix (entries) a convolution is materialised into for back-substitution
 MAX_CONV_MATRIX = 40_000_000
+
+
+#: exact error bounds of float32 requantizations, per layer (they depend on the layer only)
+_F32_ERRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _gam(n: int) -> float:
@@ -132,6 +140,8 @@ class ActParams:
     z: np.ndarray
     dL: np.ndarray
     dU: np.ndarray
+    #: float32 multipliers per neuron (float32 requantizations only; ``p / q`` is their exact value)
+    m32: np.ndarray | None = None
 
     @classmethod
     def of(cls, layer: Requantize | Clamp, shape: tuple[int, ...]) -> ActParams:
@@ -151,9 +161,27 @@ class ActParams:
                 raise ValueError("per-channel parameters do not match the layer shape")
             return np.repeat(v, per)
 
+        if layer.float32_scale is not None:
+            return cls._of_float32(layer, shape, spread)
         errs = [rounding_error_bounds(d, layer.rounding) for d in layer.den]
         return cls(layer, shape, spread(layer.num), spread(layer.den), spread(layer.zero_point.tolist()),
                    spread([e[0] for e in errs]), spread([e[1] for e in errs]))
+
+    @classmethod
+    def _of_float32(cls, layer: Requantize, shape: tuple[int, ...], spread: Callable) -> ActParams:
+        """A float32 requantization: ``p / q`` the exact value of ``m_c``, and the error of ``f`` against the line
+        ``a p / q + z`` on the unclamped levels, exactly (:func:`qverify.quant.f32_error_bounds`, per channel)."""
+        c = max(len(layer.num), layer.zero_point.size)
+        ms = [layer.float32_scale[k if len(layer.float32_scale) > 1 else 0] for k in range(c)]
+        zs = [int(layer.zero_point[k if layer.zero_point.size > 1 else 0]) for k in range(c)]
+        nums = [layer.num[k if len(layer.num) > 1 else 0] for k in range(c)]
+        dens = [layer.den[k if len(layer.den) > 1 else 0] for k in range(c)]
+        errs = _F32_ERRS.get(layer)
+        if errs is None:
+            errs = _F32_ERRS[layer] = [f32_error_bounds(m, z, layer.lo, layer.hi) for m, z in zip(ms, zs, strict=True)]
+        m32 = np.repeat(np.asarray(ms, dtype=np.float32), int(np.prod(shape)) // c)
+        return cls(layer, shape, spread(nums), spread(dens), spread(zs), spread([e[0] for e in errs]),
+                   spread([e[1] for e in errs]), m32)
 
     def apply(self, a: np.ndarray) -> np.ndarray:
         """``f`` on flattened int64 values ``[B, n]`` (the executor's own requantize / clip)."""
@@ -169,6 +197,9 @@ def thresholds(params: ActParams, v: np.ndarray, j: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=object)
     if isinstance(params.layer, Clamp):
         return v.copy()
+    if params.m32 is not None:  # float32 requantization: the exact bisection on its emulation
+        t = (v - params.z[j]).astype(np.int64)
+        return f32_thresholds(t, params.m32[j]).astype(object)
     p, q, z = params.p[j], params.q[j], params.z[j]
     mode = params.layer.rounding
     t = v - z

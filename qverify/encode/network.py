@@ -24,7 +24,9 @@ else a linear expression over program variables.
     (relaxing the lower row by an exact big-M), ``d_hi = 1`` iff ``y = hi`` (relaxing the upper row). A pure
     shift with half-up is the textbook ``2^k y - 2^(k-1) <= acc <= 2^k y + 2^(k-1) - 1`` after the gcd
     normalization of :class:`~qverify.encode.program.Program`. Neurons whose rows would need coefficients of
-    ``2^53`` or more (huge affine multipliers) fall back to ``onehot`` (counted in the stats).
+    ``2^53`` or more (huge affine multipliers) fall back to ``onehot`` (counted in the stats), and so do float32
+    requantizations (onnxruntime's ``clamp(rne(fl32(fl32(acc) m)) + z, lo, hi)``): their cut points
+    ``C(v) = f32_thresholds(v - z, m)`` are exact, but no pair of ``p, q`` rows describes them.
 * :class:`Flatten` is the identity on the flattened values.
 """
 
@@ -36,8 +38,9 @@ import numpy as np
 
 from qverify.encode._bounds import Bounds, box_bounds, normalize_bounds
 from qverify.encode.program import LinExpr, Program, Value, Var
+from qverify.execute import step_tables
 from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
-from qverify.quant import FLOAT64_EXACT, Rounding, round_div, threshold
+from qverify.quant import FLOAT64_EXACT, Rounding, f32_round, f32_thresholds, round_div, threshold
 
 ENCODINGS = ("range", "onehot")
 
@@ -76,21 +79,33 @@ def _is_plain_var(v: Value) -> bool:
 
 
 class _RoundClamp:
-    """``f(a) = clamp(R(a p / q) + z, lo, hi)`` of one channel, with its exact cut points."""
+    """``f(a) = clamp(R(a p / q) + z, lo, hi)`` of one channel, with its exact cut points; with ``m32`` (a float32
+    requantization) ``f(a) = clamp(rne(fl32(fl32(a) m32)) + z, lo, hi)`` and ``p / q`` the exact value of ``m32``."""
 
-    def __init__(self, p: int, q: int, z: int, lo: int, hi: int, mode: Rounding) -> None:
+    def __init__(self, p: int, q: int, z: int, lo: int, hi: int, mode: Rounding, m32: float | None = None,
+                 table: np.ndarray | None = None) -> None:
         self.p, self.q, self.z, self.lo, self.hi, self.mode = int(p), int(q), int(z), int(lo), int(hi), mode
+        self.m32 = None if m32 is None else np.float32(m32)
+        self.table = table  # the executor's cut points C(lo + 1) .. C(hi) (float32 layers)
         self._cuts: dict[int, int] = {}
 
     def __call__(self, a: int) -> int:
-        r = int(round_div(np.array([int(a) * self.p], dtype=object), np.array([self.q], dtype=object),
-                          self.mode)[0])
+        if self.m32 is not None:
+            r = int(f32_round(np.array([int(a)], dtype=np.int64), self.m32)[0])
+        else:
+            r = int(round_div(np.array([int(a) * self.p], dtype=object), np.array([self.q], dtype=object),
+                              self.mode)[0])
         return min(max(r + self.z, self.lo), self.hi)
 
     def cut(self, v: int) -> int:
         """``C(v)``: the smallest ``acc`` with ``f(acc) >= v``, for ``lo < v <= hi``."""
         if v not in self._cuts:
-            self._cuts[v] = threshold(v - self.z, self.p, self.q, self.mode)
+            if self.table is not None and self.lo < v <= self.hi:
+                self._cuts[v] = int(self.table[v - self.lo - 1])
+            elif self.m32 is not None:
+                self._cuts[v] = int(f32_thresholds(v - self.z, self.m32))
+            else:
+                self._cuts[v] = threshold(v - self.z, self.p, self.q, self.mode)
         return self._cuts[v]
 
 
@@ -205,8 +220,13 @@ class NetworkEncoder:
                 cz = ch if layer.zero_point.size > 1 else 0
                 key = (cn, cz)
                 if key not in fns:
+                    m32, table = None, None
+                    if layer.float32_scale is not None:
+                        m32 = layer.float32_scale[cn]
+                        tables = step_tables(layer)  # cached per layer: all cut points of a channel at once
+                        table = None if tables is None else tables[ch if len(tables) > 1 else 0]
                     fns[key] = _RoundClamp(layer.num[cn], layer.den[cn], int(layer.zero_point[cz]), layer.lo,
-                                           layer.hi, layer.rounding)
+                                           layer.hi, layer.rounding, m32, table)
             out.append(self.neuron(fns[key], acc, int(alo[j]), int(ahi[j]), int(ylo[j]), int(yhi[j]),
                                    f"l{li}_{j}"))
         return out
@@ -264,6 +284,8 @@ class NetworkEncoder:
 
     # -- range
     def _range_fits(self, f: _RoundClamp, acc: LinExpr, a_lo: int, a_hi: int, y_lo: int, y_hi: int) -> bool:
+        if f.m32 is not None:  # the range rows are written for R(a p / q); a float32 neuron takes its cut points
+            return False
         lo, hi = self.prog.expr_bounds(acc)
         m = max(abs(lo), abs(hi), abs(a_lo), abs(a_hi))
         u = max(abs(y_lo - f.z), abs(y_hi - f.z)) + 1

@@ -27,6 +27,10 @@ even, as ONNX ``QuantizeLinear`` specifies):
   (uint8 ``0..255``, int8 ``-128..127``). This is exact because ``R`` is monotone: ``R(clip(v, a, b)) =
   clip(R(v), R(a), R(b))``. A ``Relu`` is ``a = 0``, so it becomes ``lo = max(lo, z_y)``; ``quantize_static`` folds a
   ``Relu`` into the uint8 range (``z_y = 0``), which is the same clamp;
+  Under ``semantics="onnxruntime"`` the multiplier is instead onnxruntime's float32 one, ``Requantize.float32``
+  with ``m_c = fl32(fl32(s_x s_w,c) / s_y)`` (``QGemm``: ``fl32(fl32(fl32(alpha s_x) s_w,c) / s_y)``) taken from the
+  integer kernel onnxruntime runs for the node (:mod:`qverify.io.ort_fusion`), an int32 bias is added as it is, and
+  a requantization that no such kernel computes is a :class:`~qverify.network.ModelError` naming the node;
 * ``QuantizeLinear`` of a dequantized activation with the same ``(s, z)``: a ``Clamp`` (or nothing); with other
   parameters, an identity affine layer ``acc = x - z`` then ``Requantize(s / s_y)``;
 * ``Add(DQ(x), c)``, ``QLinearAdd(x, c)`` with a constant ``c`` (per channel): the exact identity affine layer
@@ -35,7 +39,13 @@ even, as ONNX ``QuantizeLinear`` specifies):
 
 The network's input is the quantized input: for a float graph input followed by ``QuantizeLinear(s_in, z_in)`` the
 grid is the range of ``z_in``'s type, ``input_rounding = half_even``; for an integer graph input the grid is its type's
-range and ``(s_in, z_in)`` come from its first consumer. The output is the last integer tensor: the input of a final
+range and ``(s_in, z_in)`` come from its first consumer: the first ``DequantizeLinear`` (or quantized operator) it
+reaches, also through ``Reshape``/``Flatten`` (a reshape of the input before any layer becomes the network's input
+shape), a ``Transpose`` that only moves axes of size 1 (NHWC to NCHW of one channel), ``Cast`` to an integer type that
+holds the values, or ``Identity``, as tf2onnx writes it. INT4 / UINT4 initializers (packed two per byte) are unpacked
+exactly (``onnx.numpy_helper.to_array``) and keep their 4-bit range as zero points; only data-movement operators may
+act on them before their ``DequantizeLinear`` (anything else is refused, naming the initializer and its type).
+The output is the last integer tensor: the input of a final
 ``DequantizeLinear`` (``output_scale``, ``output_zero_point`` from it), a quantized graph output, or a float
 accumulator (``output_scale = M``).
 
@@ -56,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from qverify.io.ort_fusion import FusedKernel, fused_kernels
 from qverify.network import Clamp, Conv2d, Dense, Flatten, ModelError, QNetwork, Requantize
 from qverify.quant import Rounding, round_fraction
 
@@ -93,6 +104,8 @@ class _ConstDQ:
     scale: np.ndarray
     zp: np.ndarray
     node: str
+    dtype: str = ""  # the ONNX element type of the stored integers (``int8``, ``uint8``, ``int4``, ...)
+    init: str = ""  # the integer initializer it dequantizes (how onnxruntime's fused kernels name their weight)
 
     def real(self) -> np.ndarray:
         """The exact values, an object array of :class:`Fraction`."""
@@ -139,6 +152,7 @@ class _Acc:
     mult: list[Fraction]
     clip: tuple[Fraction | None, Fraction | None] = (None, None)
     integer: bool = False  # MatMulInteger output, before its Cast to float
+    kernel: str = ""  # the quantized weight initializer of the affine node (``semantics='onnxruntime'`` looks it up)
 
 
 _Sym = _Const | _ConstDQ | _Input | _Quant | _Real | _Acc
@@ -158,8 +172,23 @@ def _etype(lo: int, hi: int) -> int:
 
 
 def _frac(x: object) -> Fraction:
-    """The exact value of a float (or a Fraction, kept as is)."""
-    return x if isinstance(x, Fraction) else Fraction(float(x))  # type: ignore[arg-type]
+    """The exact value of a float (or a Fraction, kept as is); a NaN or infinity is a :class:`ModelError` (the
+    node that reads it adds its place)."""
+    if isinstance(x, Fraction):
+        return x
+    v = float(x)  # type: ignore[arg-type]
+    if not math.isfinite(v):
+        raise ModelError(f"non-finite value {v} where a real number is needed")
+    return Fraction(v)
+
+
+#: most values in one input sample (224 x 224 x 3 images have 150528)
+_MAX_INPUT_SIZE = 2**26
+#: fewest inputs of each operator the importer reads (optional inputs in between are empty names)
+_MIN_INPUTS = {"QuantizeLinear": 2, "DequantizeLinear": 2, "MatMul": 2, "Gemm": 2, "Conv": 2, "Add": 2, "Mul": 2,
+               "Relu": 1, "Clip": 1, "Identity": 1, "Reshape": 2, "Flatten": 1, "Transpose": 1, "Squeeze": 1,
+               "Unsqueeze": 1, "Cast": 1, "Shape": 1, "QLinearMatMul": 8, "QLinearConv": 8, "QGemm": 6,
+               "MatMulInteger": 2, "QLinearAdd": 7, "Constant": 0}
 
 
 def _lcm(values: Sequence[int]) -> int:
@@ -189,6 +218,14 @@ class _Importer:
     net_input_shape: tuple[int, ...] = ()
     tensors: dict[int, tuple[str, int]] = field(default_factory=dict)
     node: Any = None
+    #: constants stored as INT4 / UINT4 (unpacked to int8 / uint8 arrays): name -> ONNX element type
+    narrow: dict[str, int] = field(default_factory=dict)
+    #: ``exact`` (the ONNX specification's rational requantization) or ``onnxruntime`` (its float32 kernels)
+    semantics: str = "exact"
+    #: under ``onnxruntime``: the integer kernels of onnxruntime's optimized graph, by quantized weight initializer
+    fused: dict = field(default_factory=dict)
+    #: per affine layer index: (activation type, weight type, form of the node: ``QDQ`` or ``QOperator``)
+    affine_types: dict[int, tuple[str, str, str]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ errors and lookups
     def where(self) -> str:
@@ -238,9 +275,13 @@ class _Importer:
         v = sym.value
         if v.size != 1:
             raise self.error(f"{what} must be a single value (per-tensor) here, got shape {v.shape}")
-        if v.dtype not in _NP_RANGES:
-            raise self.error(f"{what} has unsupported type {v.dtype}")
-        lo, hi = _NP_RANGES[v.dtype]
+        if name in self.narrow:
+            _, lo, hi = _INT_RANGES[self.narrow[name]]
+        elif v.dtype in _NP_RANGES:
+            lo, hi = _NP_RANGES[v.dtype]
+        else:
+            raise self.error(f"{what} {name!r} has unsupported type {v.dtype} (quantized types: uint8, int8, "
+                             f"uint16, int16, int32, uint4, int4)")
         return int(v.ravel()[0]), lo, hi
 
     def attr(self, name: str, default: object = None) -> object:
@@ -249,7 +290,19 @@ class _Importer:
         for a in self.node.attribute:
             if a.name == name:
                 v = helper.get_attribute_value(a)
-                return v.decode() if isinstance(v, bytes) else v
+                v = v.decode(errors="replace") if isinstance(v, bytes) else v
+                if default is None:
+                    return v
+                # the attribute must have the type of its default (the operator's schema type)
+                ok = (isinstance(v, int) if isinstance(default, int) else
+                      isinstance(v, (int, float)) and math.isfinite(v) if isinstance(default, float) else
+                      isinstance(v, str) if isinstance(default, str) else
+                      isinstance(v, list) and all(isinstance(e, int) for e in v) if isinstance(default, list) else
+                      True)
+                if not ok:
+                    raise self.error(f"attribute {name!r} must be {type(default).__name__} like {default!r}, got "
+                                     f"{v!r}"[:300])
+                return v
         return default
 
     def take(self, sym: _Sym, role: str = "input") -> None:
@@ -298,9 +351,13 @@ class _Importer:
     def weight_oriented(self, w: _ConstDQ, transpose: bool, what: str) -> tuple[np.ndarray, list[Fraction]]:
         """``W'`` (``[out, ...]``, zero point folded) and the per-output-channel weight scales."""
         q, s, z = w.q, w.scale, w.zp
+        if q.size == 0:
+            raise self.error(f"{what} is empty (shape {q.shape})")
         if transpose:
             q, s, z = q.T, s.T, z.T
         sflat = s.reshape(s.shape[0], -1)
+        if not np.all(np.isfinite(sflat)):
+            raise self.error(f"{what} scale has a non-finite value ({sflat[~np.isfinite(sflat)][0]})")
         if not np.all(sflat == sflat[:, :1]):
             raise self.error(f"{what} scale varies along the reduction axis (blocked or per-input-channel "
                              f"quantization is not supported)")
@@ -326,8 +383,9 @@ class _Importer:
             raise self.error(f"weight of shape {w.q.shape} does not match input size {x.q.shape[0]}")
         bias = -x.zero_point * wp.sum(axis=1)
         self.layers.append(Dense(wp, bias, name=self.node.name))
+        self.record_types(x, w)
         mult = [x.scale * s * _frac(alpha) for s in ws]
-        return _Acc(len(self.layers), (wp.shape[0],), mult)
+        return _Acc(len(self.layers), (wp.shape[0],), mult, kernel=w.init)
 
     def conv(self, x: _Real, w: _ConstDQ) -> _Acc:
         self.take(x)
@@ -365,7 +423,26 @@ class _Importer:
         except ModelError as e:
             raise self.error(str(e)) from None
         self.layers.append(layer)
-        return _Acc(len(self.layers), shape, [x.scale * s for s in ws])
+        self.record_types(x, w)
+        return _Acc(len(self.layers), shape, [x.scale * s for s in ws], kernel=w.init)
+
+    def record_types(self, x: _Real, w: _ConstDQ) -> None:
+        """Remember the element types of the affine layer just built: which onnxruntime kernel runs it
+        (:func:`ort_may_clip`). ``MatMul``/``Gemm``/``Conv`` on dequantized values are the QDQ form."""
+        form = "QDQ" if self.node.op_type in ("MatMul", "Gemm", "Conv") else "QOperator"
+        act = _INT_RANGES[x.q.etype][0] if x.q.etype in _INT_RANGES else "?"
+        self.affine_types[len(self.layers) - 1] = (act, w.dtype or "?", form)
+
+    def type_name(self, name: str, arr: np.ndarray) -> str:
+        """The ONNX element type name of a constant (``int4`` / ``uint4`` for the unpacked 4-bit ones)."""
+        return _INT_RANGES[self.narrow[name]][0] if name in self.narrow else str(arr.dtype)
+
+    def bias_units(self, v: int, channel: int) -> int:
+        """A bias in accumulator units, refused beyond 2^53 (accumulators are exact below it)."""
+        if abs(v) >= 2**53:
+            raise self.error(f"bias of channel {channel} is {v} accumulator units (|bias| >= 2^53: the scales are "
+                             f"too small for an exact integer layer)")
+        return v
 
     def set_bias(self, acc: _Acc, add: np.ndarray) -> None:
         idx = acc.pos - 1
@@ -392,22 +469,30 @@ class _Importer:
             sv = np.broadcast_to(self.per_channel(c.scale, acc.shape, "bias scale"), (n,))
             zv = np.broadcast_to(self.per_channel(c.zp, acc.shape, "bias zero point"), (n,))
             approx = 0
+            if self.semantics == "onnxruntime":
+                if c.q.dtype.kind not in "iu" or np.any(zv != 0):
+                    raise self.error(f"semantics='onnxruntime': bias {c.node!r} must be integers with zero point 0 "
+                                     f"(onnxruntime's fused kernels add the int32 bias as it is)")
+                self.set_bias(acc, np.asarray(qv, dtype=np.int64))
+                return acc
             for i in range(n):
                 sb = _frac(sv[i])
                 if sb == mult[i] or abs(sb / mult[i] - 1) <= _BIAS_SCALE_RTOL:
                     out[i] = int(qv[i]) - int(zv[i])
                     approx += sb != mult[i]
                 else:
-                    out[i] = round_fraction(sb * (int(qv[i]) - int(zv[i])) / mult[i], Rounding.HALF_EVEN)
+                    out[i] = self.bias_units(round_fraction(sb * (int(qv[i]) - int(zv[i])) / mult[i],
+                                                            Rounding.HALF_EVEN), i)
                     rounded += 1
             if approx:
                 self.notes.append(f"{self.node.name}: integer bias {c.node!r} has scale s_x*s_w up to float32 "
                                   f"rounding ({approx} channels); added to the accumulator as is")
         else:
+            acc.kernel = ""  # a float bias is no input of onnxruntime's integer kernels (semantics='onnxruntime')
             cv = np.broadcast_to(self.per_channel(c.value.astype(np.float64), acc.shape, "bias"), (n,))
             for i in range(n):
                 f = _frac(cv[i]) / mult[i]
-                out[i] = round_fraction(f, Rounding.HALF_EVEN)
+                out[i] = self.bias_units(round_fraction(f, Rounding.HALF_EVEN), i)
                 rounded += f.denominator != 1
         if rounded:
             self.notes.append(f"{self.node.name}: real bias rounded to accumulator units R(c/(s_x*s_w)) "
@@ -430,7 +515,8 @@ class _Importer:
         if d > _MAX_DEN:
             raise self.error(f"the added constant needs a common denominator {d} > 2^40 relative to the input "
                              f"scale: no exact integer layer")
-        bias = np.array([int(r * d) - d * x.zero_point for r in ratios], dtype=np.int64)
+        bias = np.array([self.bias_units(int(r * d) - d * x.zero_point, i) for i, r in enumerate(ratios)],
+                        dtype=np.int64)
         if len(shape) == 1:
             layer = Dense(d * np.eye(n, dtype=np.int64), bias, name=f"{self.node.name}/identity")
         elif len(shape) == 3:
@@ -459,8 +545,50 @@ class _Importer:
             raise self.error("integer accumulator must be Cast to float before QuantizeLinear")
         etype = _etype(lo, hi)
         lo, hi = self.clipped_range(acc.clip, s, z, lo, hi)
-        self.layers.append(Requantize.affine([m / s for m in acc.mult], z, lo, hi, Rounding.HALF_EVEN, name=name))
+        if self.semantics == "onnxruntime":
+            m32 = self.ort_multiplier(acc, s)
+            try:
+                self.layers.append(Requantize.float32(m32, z, lo, hi, name=name))
+            except ModelError as e:
+                raise self.error(f"semantics='onnxruntime': {e}") from None
+        else:
+            self.layers.append(Requantize.affine([m / s for m in acc.mult], z, lo, hi, Rounding.HALF_EVEN,
+                                                 name=name))
         return _Quant(len(self.layers), acc.shape, lo, hi, s, z, etype)
+
+    def ort_kernel(self, acc: _Acc) -> FusedKernel:
+        """The onnxruntime integer kernel that computes ``acc`` (``semantics='onnxruntime'``), or a ModelError that
+        says why onnxruntime's arithmetic there is not modelled."""
+        k = self.fused.get(acc.kernel) if acc.kernel else None
+        src = self.layers[acc.pos - 1].name if acc.pos else ""
+        if not acc.kernel and src.endswith("/identity"):
+            raise self.error(f"semantics='onnxruntime': node {src.removesuffix('/identity')!r} (an Add of a constant, "
+                             f"QLinearAdd, or a new quantization of a dequantized value) is not one of onnxruntime's "
+                             f"integer matrix kernels: onnxruntime computes it in float32 (QLinearAdd in float or "
+                             f"fixed point depending on the CPU), which qverify does not model; use semantics='exact'")
+        if k is None or (src and k.name and k.name != src):
+            what = f"node {src!r}" if src else "this requantization"
+            raise self.error(f"semantics='onnxruntime': onnxruntime does not run {what} as a fused integer kernel "
+                             f"(QLinearMatMul, QLinearConv, QGemm) but in float32 between DequantizeLinear and "
+                             f"QuantizeLinear (or with a kernel qverify does not model): its result depends on the "
+                             f"float32 evaluation order, so qverify cannot state onnxruntime's function exactly; "
+                             f"use semantics='exact'")
+        return k
+
+    def ort_multiplier(self, acc: _Acc, s: Fraction) -> list[float]:
+        """onnxruntime's float32 multipliers ``m_c`` for requantizing ``acc`` to scale ``s``
+        (:mod:`qverify.io.ort_fusion`), one per tensor or per channel."""
+        k = self.ort_kernel(acc)
+        if k.y_scale == 0.0 or Fraction(k.y_scale) != s:
+            raise self.error(f"semantics='onnxruntime': onnxruntime's kernel {k.name!r} requantizes to scale "
+                             f"{k.y_scale!r}, not to this QuantizeLinear's {float(s)!r}")
+        m = list(k.multiplier)
+        if len(set(m)) == 1:
+            m = m[:1]
+        if len(m) not in (1, acc.shape[0]) or (len(acc.mult) > 1 and len(m) != len(acc.mult)):
+            raise self.error(f"semantics='onnxruntime': kernel {k.name!r} has {len(m)} multipliers for "
+                             f"{acc.shape[0]} channels")
+        return m
 
     def quantize_real(self, x: _Real, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
         if s == x.scale and z == x.zero_point and (lo, hi) == (_INT_RANGES[x.q.etype][1:]):
@@ -484,6 +612,14 @@ class _Importer:
             raise self.error(f"Flatten/Reshape of {_kind(sym)} is not supported")
         if target == q.shape:
             return sym
+        if self.is_raw_input(q) and q.pos == 0 and not self.layers and target != (int(np.prod(q.shape)),):
+            # the integer graph input itself, before any layer: the network's input takes the new shape (C order)
+            if int(np.prod(target)) != int(np.prod(q.shape)):
+                raise self.error(f"cannot reshape the input {q.shape} to {target}")
+            self.net_input_shape = target
+            self.notes.append(f"input reshaped from {self.input_shape_full[1:]} to {target}")
+            nq = replace(q, shape=target)
+            return replace(sym, q=nq) if isinstance(sym, _Real) else nq
         if target != (int(np.prod(q.shape)),):
             raise self.error(f"reshape of {q.shape} to {target} is not a flatten (only [batch, n] is supported)")
         self.take(q)
@@ -491,9 +627,17 @@ class _Importer:
         nq = _Quant(len(self.layers), target, q.lo, q.hi, q.scale, q.zero_point, q.etype)
         return replace(sym, q=nq) if isinstance(sym, _Real) else nq
 
+    def is_raw_input(self, q: _Quant) -> bool:
+        """Whether ``q`` is the integer graph input itself, moved at most by data-movement operators (only
+        ``Flatten`` layers before it)."""
+        return self.input_dtype != "float" and all(isinstance(layer, Flatten) for layer in self.layers[:q.pos])
+
     def use_input_params(self, q: _Quant, s: Fraction, z: int) -> None:
-        """An integer graph input takes its real interpretation from its first consumer."""
-        if q.pos == 0 and self.input_scale is None:
+        """An integer graph input takes its real interpretation ``s (x - z)`` from its first consumer: the first
+        ``DequantizeLinear`` (or quantized operator) it reaches, also after ``Reshape``, ``Flatten``, a ``Transpose``
+        that keeps the memory order, ``Cast`` or ``Identity`` (tf2onnx reshapes an int8 input before its first
+        ``DequantizeLinear``)."""
+        if self.input_scale is None and self.is_raw_input(q):
             self.input_scale, self.input_zero_point = s, z
             q.scale, q.zero_point = s, z
 
@@ -503,7 +647,12 @@ class _Importer:
 
         graph = self.model.graph
         for init in graph.initializer:
-            self.syms[init.name] = _Const(numpy_helper.to_array(init))
+            try:
+                arr = numpy_helper.to_array(init)
+            except Exception as e:
+                raise self.error(f"initializer {init.name!r} (element type {init.data_type}) cannot be read: "
+                                 f"{e}") from None
+            self.syms[init.name] = _Const(self.unpack_narrow(init.name, arr, init.data_type))
         inputs = [i for i in graph.input if i.name not in self.syms]
         if len(inputs) != 1:
             raise self.error(f"expected one graph input, found {len(inputs)} ({[i.name for i in inputs]})")
@@ -528,6 +677,9 @@ class _Importer:
                 raise self.error(f"input {inp.name!r}: dimension {i} is not static ({d.dim_param!r})")
         if len(dims) < 2:
             raise self.error(f"input {inp.name!r} must be [batch, ...], got shape {dims}")
+        if min(dims[1:]) < 1 or math.prod(dims[1:]) > _MAX_INPUT_SIZE or dims[0] == 0:
+            raise self.error(f"input {inp.name!r} has shape {dims}: every dimension must be positive and a sample "
+                             f"at most {_MAX_INPUT_SIZE} values")
         self.input_name = inp.name
         self.input_shape_full = tuple(dims)
         shape = tuple(dims[1:])
@@ -551,7 +703,20 @@ class _Importer:
                 self.fold(node)
                 return
             raise self.error(f"unsupported operator {op!r}" + (f" (domain {dom!r})" if dom else ""))
-        out = handler(node)
+        need = _MIN_INPUTS.get(op, 1)
+        if len(node.input) < need or any(not node.input[k] for k in range(min(need, 2))) or not node.output:
+            raise self.error(f"needs at least {need} inputs (the first {min(need, 2)} named) and an output, got "
+                             f"inputs {list(node.input)} and outputs {list(node.output)}")
+        try:
+            out = handler(node)
+        except ModelError as e:  # raised below the importer (a layer constructor, _frac): add the place
+            if str(e).startswith(f"{self.path}:"):
+                raise
+            raise self.error(str(e)) from None
+        except (ValueError, TypeError, IndexError, OverflowError, ZeroDivisionError, MemoryError) as e:
+            # malformed tensors or attributes that no check above names (e.g. a value beyond int64, or padding
+            # attributes that make a tensor too large to hold)
+            raise self.error(f"malformed node ({type(e).__name__}: {e})") from None
         if out is not None:
             self.syms[node.output[0]] = out
             if isinstance(out, _Quant) and 0 < out.pos == len(self.layers):
@@ -560,12 +725,32 @@ class _Importer:
     def all_const(self, node: Any) -> bool:
         return all(not i or isinstance(self.syms.get(i), _Const) for i in node.input)
 
+    def unpack_narrow(self, name: str, arr: np.ndarray, etype: int | None = None) -> np.ndarray:
+        """An INT4 / UINT4 constant (packed two per byte in the file; ``onnx.numpy_helper.to_array`` unpacks it to
+        an ``ml_dtypes`` array) as an exact int8 / uint8 array; its 4-bit type is remembered in ``narrow`` so that
+        zero points get the 4-bit range and no arithmetic is folded in 8 bits."""
+        kind = {21: "uint4", 22: "int4"}.get(etype or 0, str(arr.dtype))
+        if kind not in ("int4", "uint4"):
+            return arr
+        self.narrow[name] = 22 if kind == "int4" else 21
+        return np.asarray(arr).astype(np.int8 if kind == "int4" else np.uint8)
+
     def fold(self, node: Any) -> None:
         """Evaluate a node whose inputs are all constants (shape arithmetic, weight transposes) with the ONNX
-        reference implementation."""
+        reference implementation. 4-bit constants only move (``Transpose``, ``Reshape``, ...): arithmetic on their
+        unpacked 8-bit copies would not wrap as 4-bit arithmetic does."""
         from onnx import helper
         from onnx.reference import ReferenceEvaluator
 
+        narrow = [i for i in node.input if i in self.narrow]
+        if narrow and node.op_type not in _MOVE_OPS:
+            i = narrow[0]
+            raise self.error(f"initializer {i!r} of type {_INT_RANGES[self.narrow[i]][0].upper()} reaches "
+                             f"{node.op_type}: only DequantizeLinear, QuantizeLinear zero points and the data-"
+                             f"movement operators {', '.join(_MOVE_OPS)} take 4-bit constants here")
+        for i in node.input:  # e.g. Reshape(constant, activation): nothing to fold
+            if i and not isinstance(self.get(i), _Const):
+                raise self.error(f"input {i!r} must be a constant here, got {_kind(self.get(i))}")  # type: ignore
         feeds = {i: self.syms[i].value for i in node.input if i}  # type: ignore[union-attr]
         g = helper.make_graph([node], "fold", [helper.make_tensor_value_info(i, 0, None) for i in feeds],
                               [helper.make_tensor_value_info(o, 0, None) for o in node.output])
@@ -576,7 +761,10 @@ class _Importer:
         except Exception as e:
             raise self.error(f"cannot evaluate constant node: {e}") from None
         for name, v in zip(node.output, outs, strict=True):
-            self.syms[name] = _Const(np.asarray(v))
+            if narrow and node.op_type in _MOVE_OPS and name == node.output[0]:
+                v = np.asarray(v).astype(self.syms[narrow[0]].value.dtype)  # type: ignore[union-attr]
+                self.narrow[name] = self.narrow[narrow[0]]
+            self.syms[name] = _Const(self.unpack_narrow(name, np.asarray(v)))
 
     def move(self, node: Any, sym: _ConstDQ) -> _ConstDQ:
         """A data-movement op on a dequantized constant: applied to ``q``, ``scale`` and ``zp`` alike."""
@@ -587,7 +775,7 @@ class _Importer:
             self.fold(node)
             outs.append(self.syms[node.output[0]].value)  # type: ignore[union-attr]
             self.syms = saved
-        return _ConstDQ(outs[0], outs[1], outs[2], sym.node)
+        return _ConstDQ(outs[0], outs[1], outs[2], sym.node, sym.dtype, sym.init)
 
     # ---------------- quantize / dequantize
     def op_QuantizeLinear(self, node: Any) -> _Sym:
@@ -626,13 +814,19 @@ class _Importer:
         if zv is not None:
             dtype = zv.dtype
             z = self.expand(zv, axis, x.shape, "zero point").astype(np.int64)
+            out_type = self.narrow.get(zname, 0)
         else:
-            dtype = np.dtype({2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16}.get(out_type, np.uint8))
+            dtype = np.dtype({2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 21: np.uint8,
+                              22: np.int8}.get(out_type, np.uint8))
             z = np.zeros(x.shape, dtype=np.int64)
-        lo, hi = _NP_RANGES[np.dtype(dtype)]
+        if np.dtype(dtype) not in _NP_RANGES:
+            raise self.error(f"QuantizeLinear to type {dtype} is not supported")
+        lo, hi = _INT_RANGES[out_type][1:] if out_type in (21, 22) else _NP_RANGES[np.dtype(dtype)]
         flat = [round_fraction(_frac(a) / _frac(b), Rounding.HALF_EVEN) for a, b in zip(x.ravel(), s.ravel(),
                                                                                        strict=True)]
         q = np.clip(np.array(flat, dtype=np.int64).reshape(x.shape) + z, lo, hi)
+        if out_type in (21, 22):
+            self.narrow[node.output[0]] = out_type
         return _Const(q.astype(dtype))
 
     def op_DequantizeLinear(self, node: Any) -> _Sym:
@@ -643,14 +837,15 @@ class _Importer:
         zp_name = node.input[2] if len(node.input) > 2 else ""
         if isinstance(x, _Const):
             if not np.issubdtype(x.value.dtype, np.integer):
-                raise self.error(f"DequantizeLinear of a {x.value.dtype} constant")
+                raise self.error(f"DequantizeLinear of constant {node.input[0]!r} of type {x.value.dtype}: only "
+                                 f"integer constants (int4, uint4, int8, uint8, int16, uint16, int32) dequantize")
             axis = int(self.attr("axis", 1))
             q = x.value.astype(np.int64)
             s = self.expand(self.const(node.input[1], "scale"), axis, q.shape, "scale").astype(np.float64)
             zv = self.const(zp_name, "zero point") if zp_name else None
             z = (self.expand(zv, axis, q.shape, "zero point").astype(np.int64) if zv is not None
                  else np.zeros(q.shape, dtype=np.int64))
-            return _ConstDQ(q, s, z, node.name)
+            return _ConstDQ(q, s, z, node.name, self.type_name(node.input[0], x.value), node.input[0])
         if isinstance(x, _Quant):
             s = self.scalar_scale(node.input[1], "activation scale")
             z, _, _ = self.zero_point(zp_name, "activation zero point")
@@ -736,7 +931,8 @@ class _Importer:
                 fr = fr if len(fr) == n else fr * n
                 am = a.mult if len(a.mult) == n else a.mult * n
                 mult = [m * f for m, f in zip(am, fr, strict=True)]
-            return replace(a, mult=mult)
+            # a float Mul is not part of an onnxruntime integer kernel: semantics='onnxruntime' refuses the result
+            return replace(a, mult=mult, kernel="")
         raise self.error(f"Mul of {_kind(a)} by {_kind(b)} is not supported")
 
     def clip_sym(self, sym: _Sym, lo: Fraction | None, hi: Fraction | None) -> _Sym:
@@ -803,6 +999,9 @@ class _Importer:
         if done is not None:
             return done
         shape = self.const(node.input[1], "Reshape shape")
+        if shape is None or shape.ndim != 1 or not np.issubdtype(shape.dtype, np.integer):
+            raise self.error(f"Reshape shape must be a 1-D integer constant, got "
+                             f"{'nothing' if shape is None else f'{shape.dtype} of shape {shape.shape}'}")
         return self.flatten_to(x, self.target_shape(x, shape, bool(self.attr("allowzero", 0))))
 
     def op_Flatten(self, node: Any) -> _Sym:
@@ -820,10 +1019,27 @@ class _Importer:
         done = self.pass_constant(node, x)
         if done is not None:
             return done
-        raise self.error(f"Transpose of {_kind(x)} is not supported")
+        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        if cur is None:
+            raise self.error(f"Transpose of {_kind(x)} is not supported")
+        full = (1, *cur)
+        perm = [int(p) for p in (self.attr("perm") or range(len(full) - 1, -1, -1))]
+        if sorted(perm) != list(range(len(full))):
+            raise self.error(f"Transpose perm {perm} does not fit a tensor of rank {len(full)}")
+        moved = [p for p in perm if full[p] != 1]
+        if perm[0] != 0 or moved != sorted(moved):
+            raise self.error(f"Transpose of {_kind(x)} with perm {perm} (shape {list(full)}) reorders the data: only "
+                             f"a transpose that keeps the memory order (it moves axes of size 1) is supported")
+        return self.flatten_to(x, tuple(full[p] for p in perm[1:]))
 
-    op_Squeeze = op_Transpose
-    op_Unsqueeze = op_Transpose
+    def op_Squeeze(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        done = self.pass_constant(node, x)
+        if done is not None:
+            return done
+        raise self.error(f"{node.op_type} of {_kind(x)} is not supported")
+
+    op_Unsqueeze = op_Squeeze
 
     def op_Cast(self, node: Any) -> _Sym:
         x = self.get(node.input[0])
@@ -833,6 +1049,10 @@ class _Importer:
             return self.syms[node.output[0]]
         if isinstance(x, _Acc) and x.integer and to in (1, 11):
             return replace(x, integer=False)
+        if isinstance(x, _Quant) and to in _INT_RANGES and _INT_RANGES[to][1] <= x.lo and x.hi <= _INT_RANGES[to][2]:
+            return replace(x, etype=to)  # an integer type that holds every value: the values do not change
+        if isinstance(x, _Input) and to in (1, 10, 11, 16):
+            return x
         raise self.error(f"Cast of {_kind(x)} to type {to} is not supported")
 
     def op_Shape(self, node: Any) -> _Sym:
@@ -859,12 +1079,13 @@ class _Importer:
         q = self.const(name, "weight")
         if q is None or not np.issubdtype(q.dtype, np.integer):
             raise self.error("weight must be an integer constant")
-        q = q.astype(np.int64)
         s = self.expand(self.const(sname, "weight scale"), axis, q.shape, "weight scale").astype(np.float64)
         zv = self.const(zname, "weight zero point") if zname else None
+        dtype = self.type_name(name, q)
+        q = q.astype(np.int64)
         z = (self.expand(zv, axis, q.shape, "weight zero point").astype(np.int64) if zv is not None
              else np.zeros(q.shape, dtype=np.int64))
-        return _ConstDQ(q, s, z, self.node.name)
+        return _ConstDQ(q, s, z, self.node.name, dtype, name)
 
     def output_q(self, acc: _Acc, sname: str, zname: str) -> _Quant:
         s = self.scalar_scale(sname, "output scale")
@@ -917,7 +1138,7 @@ class _Importer:
         zb = self.const(i[3], "b_zero_point") if i[3] else None
         zfull = (self.expand(zb, -1, q.shape, "b_zero_point").astype(np.int64) if zb is not None
                  else np.zeros(q.shape, dtype=np.int64))
-        wdq = _ConstDQ(q.astype(np.int64), np.ones(q.shape), zfull, node.name)
+        wdq = _ConstDQ(q.astype(np.int64), np.ones(q.shape), zfull, node.name, self.type_name(i[1], q))
         acc = self.dense(_Real(x, Fraction(1), z), wdq, transpose=True)
         return replace(acc, integer=True)
 
@@ -959,6 +1180,10 @@ class _Importer:
             if sym.clip != (None, None) or len(set(sym.mult)) != 1 or sym.integer:
                 raise self.error("the graph output is a float accumulator with per-channel scales, a clip or an "
                                  "integer type: no single output scale")
+            if self.semantics == "onnxruntime":
+                raise self.error("semantics='onnxruntime': the graph output is a float accumulator, which "
+                                 "onnxruntime scales in float32 (fl32(acc) * scale, whose ties are not the integer "
+                                 "order); use semantics='exact' or end the graph with QuantizeLinear")
             kind, q = "accumulator", sym
             out_scale = sym.mult[0]
         else:
@@ -973,6 +1198,8 @@ class _Importer:
             raise self.error("the graph output accumulator is not a vector")
         if self.input_scale is None:
             self.input_scale, self.input_zero_point = Fraction(1), 0
+            self.notes.append("the integer input reaches no DequantizeLinear or quantized operator: input units "
+                              "1 * (x - 0)")
         metadata = {
             "format": "onnx",
             "onnx_path": str(self.path.resolve()),
@@ -985,7 +1212,9 @@ class _Importer:
             "onnx_opset": ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in self.model.opset_import),
             "onnx_producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
             "onnx_notes": "; ".join(self.notes),
+            "semantics": self.semantics,
             "onnx_layer_outputs": json.dumps({str(k): list(v) for k, v in sorted(self.tensors.items())}),
+            "onnx_affine_types": json.dumps({str(k): list(v) for k, v in sorted(self.affine_types.items())}),
         }
         try:
             return QNetwork(self.net_input_shape, self.input_lo, self.input_hi, tuple(self.layers),
@@ -998,16 +1227,27 @@ class _Importer:
 
 
 
-def load_onnx(path: str | Path) -> QNetwork:
+#: the requantization arithmetics an ONNX model can be imported with
+SEMANTICS = ("exact", "onnxruntime")
+
+
+def load_onnx(path: str | Path, semantics: str = "exact") -> QNetwork:
     """Import a quantized ONNX model (QDQ or QOperator form) as an exact integer :class:`QNetwork`.
 
     See the module docstring for the mapping. ``metadata`` records ``format='onnx'``, the absolute ``onnx_path``, the
     graph's input and output names, the input element type and full shape, how the integer outputs relate to the
-    graph output (``onnx_output_kind``: ``dequantized``, ``int`` or ``accumulator``), and ``onnx_notes`` (every place
-    where a real constant had to be rounded).
+    graph output (``onnx_output_kind``: ``dequantized``, ``int`` or ``accumulator``), ``onnx_notes`` (every place
+    where a real constant had to be rounded) and ``semantics``.
+
+    ``semantics``: ``"exact"`` (the ONNX specification: the rational multiplier ``s_x s_w / s_y``, round half to
+    even) or ``"onnxruntime"`` (what onnxruntime's CPU kernels compute: every requantization is the float32 one of
+    the integer kernel onnxruntime runs, :mod:`qverify.io.ort_fusion`; a requantization onnxruntime computes in
+    float32 outside such a kernel is a :class:`ModelError` that names the node).
     """
     import onnx
 
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -1015,7 +1255,24 @@ def load_onnx(path: str | Path) -> QNetwork:
         model = onnx.load(str(path))
     except Exception as e:
         raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
+    if semantics == "onnxruntime":
+        net = _Importer(path, model, semantics=semantics, fused=fused_kernels(path)).run()
+        _check_ort_int32(net, path)
+        return net
     return _Importer(path, model).run()
+
+
+def _check_ort_int32(net: QNetwork, path: Path) -> None:
+    """onnxruntime accumulates in int32 and converts ``fl32(acc) m`` back to int32: refuse a model whose worst-case
+    accumulators (over the whole input grid) could wrap or leave that range, where the float32 formula no longer
+    describes the kernel."""
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, Requantize) and layer.float32_scale is not None:
+            lo, hi = net.value_ranges[i]
+            a = max(abs(lo), abs(hi))
+            if a >= 2**31 or a * max(layer.float32_scale) >= 2**31 - 2**16:
+                raise ModelError(f"{path}: layer {i} ({layer.name!r}): semantics='onnxruntime': accumulators may "
+                                 f"reach {a}, beyond onnxruntime's int32 arithmetic")
 
 
 # ---------------------------------------------------------------------------------------------- onnxruntime replay
@@ -1114,12 +1371,64 @@ def ort_u8s8_saturates() -> bool:
     return y != 253
 
 
+def u8s8_pair_bounds(net: QNetwork) -> dict[int, int]:
+    """The affine layers of an ONNX-imported ``net`` that onnxruntime runs through its u8 x s8 integer kernels on
+    x86-64, each with the largest magnitude a pair of adjacent products ``a_1 w_1 + a_2 w_2`` can reach there.
+
+    Which kernel runs a layer (onnxruntime/core/mlas/lib/qgemm.h, ``MlasGemmQuantGetDispatch``, on
+    ``MLAS_TARGET_AMD64_IX86``): uint8 activations x int8 weights take ``GemmU8S8Dispatch`` (on AVX2 without VNNI,
+    ``vpmaddubsw``: pairs saturate to 16 bits); uint8 x uint8 take ``GemmU8U8Dispatch`` (16-bit operands,
+    ``vpmaddwd``: exact); int8 x int8 take ``MlasGemmQuantDispatchDefault`` (portable C++, exact int32 sums); the
+    convolution's symmetric path (convsym) is u8 x s8 only. A QDQ graph's int8 activations are moved to uint8
+    (``+128``) by ``QDQS8ToU8Transformer`` before the QDQ fusion, because ``QDQIsInt8Allowed()`` is false off ARM
+    (onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.h): QDQ int8 x
+    int8 runs on the u8 x s8 kernels, QOperator int8 x int8 does not.
+
+    The kernel multiplies the stored values: uint8 activations ``a`` in the layer's input range (``+128`` for moved
+    int8 ones) and the stored int8 weights (``W' = W - z_w``, equal to them for the symmetric int8 weights that
+    ``quantize_static`` writes). Two products of opposite signs cannot leave 16 bits (``255 * 128 < 32767``); a pair
+    of the same sign reaches ``a_max (|w_1| + |w_2|)``, bounded here by the two largest weights of that sign in each
+    output channel (any pair, whatever the packing order). Clipping is possible iff a bound exceeds ``32767`` (a
+    negative pair's bound is reported one lower: it clips only below ``-32768``).
+    Layers whose types were not recorded (models imported before this was recorded) are not listed.
+    """
+    types = json.loads(net.metadata.get("onnx_affine_types", "{}") or "{}")
+    ranges = net.value_ranges
+    out: dict[int, int] = {}
+    for key, (act, wtype, form) in types.items():
+        k = int(key)
+        layer = net.layers[k]
+        if wtype != "int8" or not isinstance(layer, (Dense, Conv2d)):
+            continue
+        if act == "uint8":
+            shift = 0
+        elif act == "int8" and form == "QDQ":
+            shift = 128
+        else:
+            continue
+        lo, hi = ranges[k]
+        if isinstance(layer, Conv2d):
+            lo, hi = min(lo, layer.pad_value), max(hi, layer.pad_value)
+        a_max = max(0, hi + shift)
+        w = layer.weight.reshape(layer.weight.shape[0], -1)
+        pos = np.sort(np.clip(w, 0, None), axis=1)[:, -2:].sum(axis=1)
+        neg = np.sort(np.clip(-w, 0, None), axis=1)[:, -2:].sum(axis=1)
+        # a negative pair clips below -32768: report it one lower, so that "> 32767" reads the same for both signs
+        out[k] = max(a_max * int(pos.max(initial=0)), a_max * int(neg.max(initial=0)) - 1)
+    return out
+
+
 def ort_may_clip(net: QNetwork) -> bool:
     """Whether onnxruntime on this CPU can part from the integer semantics of ``net`` by 16-bit clipping: the CPU
-    clips (:func:`ort_u8s8_saturates`) and some dense or convolution weight has ``|w| > 64``."""
-    big = any(isinstance(layer, (Dense, Conv2d)) and layer.weight.size and int(np.abs(layer.weight).max()) > 64
-              for layer in net.layers)
-    return big and ort_u8s8_saturates()
+    clips (:func:`ort_u8s8_saturates`) and some layer that runs on the u8 x s8 kernels can reach a pair above
+    ``32767`` (:func:`u8s8_pair_bounds`). For a network whose layer types were not recorded, the old sufficient
+    test: some dense or convolution weight has ``|w| > 64``."""
+    if "onnx_affine_types" in net.metadata:
+        reach = any(v > 32767 for v in u8s8_pair_bounds(net).values())
+    else:
+        reach = any(isinstance(layer, (Dense, Conv2d)) and layer.weight.size
+                    and int(np.abs(layer.weight).max()) > 64 for layer in net.layers)
+    return reach and ort_u8s8_saturates()
 
 
 U8S8_CLIP_NOTE = ("onnxruntime's u8 x s8 kernels clip pairs of products to 16 bits on this CPU (AVX2 without VNNI); "
@@ -1219,4 +1528,4 @@ def onnx_layer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "al
 
 
 __all__ = ["U8S8_CLIP_NOTE", "load_onnx", "onnx_integer_outputs", "onnx_layer_outputs", "onnx_real_inputs",
-           "onnx_session", "ort_may_clip", "ort_u8s8_saturates", "qlinear_matmul_session"]
+           "onnx_session", "ort_may_clip", "ort_u8s8_saturates", "qlinear_matmul_session", "u8s8_pair_bounds"]

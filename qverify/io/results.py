@@ -4,6 +4,11 @@ A result file's first line is ``sat`` / ``unsat`` / ``timeout`` / ``unknown`` / 
 witness in the VNN-COMP form ``((X_0 v) (X_1 v) ... (Y_0 v) ...)`` in the property's real units:
 ``X_i = s_in (x_i - z_in)``, ``Y_j = s_out (y_j - z_out)``, written as exact decimals when the value is a dyadic
 rational (always, for power-of-two scales) and as the shortest float repr otherwise.
+
+A result file that is not ``sat`` may carry comment lines after its first line, ``; ...`` as in SMT-LIB and VNN-LIB:
+VNN-COMP's tools read only the first line of such a file (a ``sat`` file's body is the witness, which their checker
+parses as a whole, so it gets no comment). qverify writes the integer semantics the verdict is about and, for an ONNX
+model, the outcome of the runtime divergence check (:mod:`qverify.divergence`) there.
 """
 
 from __future__ import annotations
@@ -45,11 +50,26 @@ def witness_lines(net: QNetwork, x: np.ndarray, y: np.ndarray) -> str:
     return "(" + "\n ".join(parts) + ")"
 
 
+def comment_lines(details: dict | None) -> str:
+    """The comment lines of a result file that is not ``sat`` (``""`` when there is nothing to say): the semantics
+    and the runtime divergence check recorded in a result's ``details``."""
+    d = details or {}
+    lines = []
+    if d.get("semantics"):
+        lines.append(f"; qverify: verdict about the integer network under {d['semantics']} semantics")
+    div = d.get("divergence") or {}
+    if d.get("warning"):
+        lines.append(f"; qverify warning: {d['warning']}")
+    elif div.get("message"):
+        lines.append(f"; qverify: {div['message']}")
+    return "".join(" ".join(line.splitlines()) + "\n" for line in lines)
+
+
 def result_file_text(net: QNetwork, result: Result) -> str:
     status = result.vnncomp_status()
     if status == "sat" and result.counterexample is not None:
         return f"sat\n{witness_lines(net, result.counterexample.x, result.counterexample.y)}\n"
-    return f"{status}\n"
+    return f"{status}\n{comment_lines(result.details)}"
 
 
 def write_result_file(net: QNetwork, result: Result, path: str | Path) -> None:

@@ -5,29 +5,43 @@ A VNN-LIB file declares real inputs ``X_0 .. X_{n-1}`` (the network's input, fla
 satisfies every assertion together with its outputs. qverify reads it into a :class:`~qverify.property.Property`:
 
 * **Numbers** (``1``, ``-0.5``, ``+.25``, ``6.25e-2``, ``(- 3)``, ``(/ 1 3)``) are exact rationals
-  (:class:`fractions.Fraction` built from the decimal digits, never a float).
+  (:class:`fractions.Fraction` built from the decimal digits, never a float), written with ASCII digits, at most
+  :data:`MAX_DIGITS` digits and a decimal exponent of magnitude at most :data:`MAX_EXPONENT` (``1e260`` is read
+  exactly; ``1e99999`` is a located error rather than a slow exact power). Parentheses nest at most
+  :data:`MAX_DEPTH` levels.
 * **Terms** are linear: ``(+ t ...)``, ``(- t)``, ``(- t u ...)``, ``(* c t)`` / ``(* t c)`` with at most one
   non-constant factor, ``(/ t c)``; anything else (``(* Y_0 Y_1)``) is an error at the offending token.
 * **Formulas**: ``<=``, ``>=``, ``<``, ``>``, ``=`` (chainable, as in SMT-LIB), ``and``, ``or``, ``not`` (pushed to
   the comparisons), ``true``, ``false``. All assertions are conjoined and brought into disjunctive normal form
-  ``OR_d (AND of atoms)``, at most ``max_disjuncts`` disjuncts (also for every intermediate product).
+  ``OR_d (AND of atoms)``, at most ``max_disjuncts`` disjuncts (also for every intermediate product), and at most
+  :data:`WORK_FACTOR` ``* max_disjuncts`` disjuncts built in all.
 * **Input atoms** must bound one input: ``a X_i + k (<=|>=|=) 0``. Each disjunct's input atoms give a real box
   ``[l, u]`` (every ``X_i`` needs both bounds), mapped to the integer grid by
   :func:`~qverify.property.box_to_grid` (native-integer grid: the grid points the box contains; quantizing input: the
   image of the box under the input quantizer). The common VNN-COMP form ``(assert (or (and <X bounds> <Y atoms>)
   ...))`` is supported when every disjunct has the same grid box (the usual case: the bounds are repeated in every
   disjunct) or the bounds are top-level assertions. Disjuncts whose box holds no grid point are dropped (they cannot
-  be satisfied). Different boxes in different disjuncts are a *disjunction of input regions*:
+  be satisfied). Bounds of any size are exact: one beyond the grid (``(<= X_0 1e260)`` on pixels ``[0, 255]``) is
+  the grid's end (:func:`~qverify.property.box_to_grid` clips in exact integers). Different boxes in different
+  disjuncts are a *disjunction of input regions*:
   :func:`parse_vnnlib` rejects it with the place where it starts, :func:`parse_vnnlib_cases` returns one
   property per box (the file is violated iff one of them is).
 * **Output atoms** ``sum_j a_j Y_j + k op 0`` over the real outputs ``Y_j = s_out (y_j - z_out)`` become exact integer
   rows with :func:`~qverify.property.real_row_to_int`: ``<=`` directly, ``>=`` negated into ``<=``; a strict
   ``a.Y < c`` is the negation of ``-a.Y <= -c``, whose integer form ``R y <= r`` gives ``-R y <= -r - 1`` (exact
   because ``R y`` is an integer); ``=`` is two rows. Rows are divided by the gcd of their coefficients (right-hand side
-  floored: exact for integer ``y``). A row with no coefficient left is the constant ``0 <= r``.
+  floored: exact for integer ``y``). A row with no coefficient left is the constant ``0 <= r``. Every output the
+  network can produce has ``|y_j| <= M`` (``M`` from ``net.output_range``), so ``|R y| <= span = M sum_j |R_j|``;
+  a ``span >= 2^62`` (coefficients such as ``(* 1e260 Y_0)``) is a located error, since the row could not be
+  evaluated exactly in int64, and a right-hand side with ``|r| >= 2^62 > span`` (``(<= Y_0 1e260)``) is the
+  constant it is on every output the network can produce: true for ``r > 0``, false for ``r < 0``. Assertions
+  whose normal form has no disjunct left (``(assert false)``, ``(<= Y_0 -1e260)``) can never be violated: a
+  located error says so.
 
-Errors (malformed s-expressions, unknown variables or operators, non-linear terms, missing bounds, bad numbers)
-raise :class:`~qverify.property.PropertyError` naming the file, line and column (1-based) of the offending token.
+Errors (malformed s-expressions, unknown variables or operators, non-linear terms, missing bounds, bad numbers,
+bytes that are not UTF-8) raise :class:`~qverify.property.PropertyError` naming the file, line and column (1-based)
+of the offending token; no other exception leaves the parser (``tests/fuzzing.py`` checks it, and
+``benchmarks/bench_fuzz.py`` fuzzes it for minutes).
 
 Writing (:func:`write_vnnlib`) is exact, in real units, with finite decimal numbers:
 
@@ -83,14 +97,22 @@ from qverify.property import (
 from qverify.quant import INT64_SAFE, threshold
 
 __all__ = ["parse_vnnlib", "parse_vnnlib_cases", "write_vnnlib", "write_robustness_properties", "parse_ids",
-           "MAX_DISJUNCTS"]
+           "MAX_DISJUNCTS", "MAX_DEPTH", "MAX_DIGITS", "MAX_EXPONENT", "WORK_FACTOR"]
 
 #: default limit on the number of disjuncts of the DNF (and of every intermediate product)
 MAX_DISJUNCTS = 10_000
+#: the disjuncts built while normalizing (all intermediate products and unions) are at most this many times
+#: ``max_disjuncts``: a file that repeats a big subformula cannot take minutes
+WORK_FACTOR = 20
+#: deepest nesting of parentheses accepted (the formula and term readers recurse once per level)
+MAX_DEPTH = 200
+#: most digits of a numeral, and largest decimal exponent magnitude (``1e400``): bigger ones are located errors
+MAX_DIGITS = 1000
+MAX_EXPONENT = 400
 
 _TOKEN = re.compile(r"(\s+)|(;[^\n]*)|(\()|(\))|([^\s();]+)")
-_NUMBER = re.compile(r"([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?")
-_VAR = re.compile(r"([XY])_(0|[1-9]\d*)")
+_NUMBER = re.compile(r"([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?", re.ASCII)
+_VAR = re.compile(r"([XY])_(0|[1-9]\d{0,17})", re.ASCII)
 _HEADER = re.compile(r";+\s*(name|description)\s*:\s?(.*)")
 _COMPARISONS = ("<=", ">=", "<", ">", "=")
 _NEGATED = {"<=": ">", ">=": "<", "<": ">=", ">": "<="}
@@ -140,6 +162,8 @@ def _read(src: _Source) -> list[_Node]:
             top.append(_Atom(m.group(5), m.start()))
         elif kind == 3:
             opens.append(m.start())
+            if len(opens) > MAX_DEPTH:
+                raise src.error(m.start(), f"parentheses nested deeper than {MAX_DEPTH} levels")
             top = []
             stack.append(top)
         elif kind == 4:
@@ -153,20 +177,28 @@ def _read(src: _Source) -> list[_Node]:
     return stack[0]
 
 
+class _NumberError(ValueError):
+    """A token that is a number but out of the supported size (the caller adds the place)."""
+
+
 @functools.lru_cache(maxsize=65536)
 def _number(text: str) -> Fraction | None:
-    """The exact value of a numeral/decimal token (``None`` when the token is not a number)."""
+    """The exact value of a numeral/decimal token (``None`` when the token is not a number; ASCII digits only).
+
+    Raises :class:`_NumberError` for more than :data:`MAX_DIGITS` digits or an exponent beyond
+    :data:`MAX_EXPONENT` (exact, but such sizes only make the rational arithmetic slow)."""
     m = _NUMBER.fullmatch(text)
     if m is None or not (m.group(2) or m.group(3)):
         return None
     sign, whole, frac, exp = m.groups()
     frac = frac or ""
+    if len(whole) + len(frac) > MAX_DIGITS:
+        raise _NumberError(f"number with {len(whole) + len(frac)} digits (at most {MAX_DIGITS} are supported)")
     v = Fraction(int((whole or "0") + frac), 10 ** len(frac))
     if exp is not None:
-        e = int(exp)
-        if abs(e) > 400:
-            return None
-        v *= Fraction(10) ** e
+        if len(exp.lstrip("+-").lstrip("0")) > 6 or abs(int(exp)) > MAX_EXPONENT:
+            raise _NumberError(f"exponent of {text[:40]!r} out of range (|exponent| <= {MAX_EXPONENT})")
+        v *= Fraction(10) ** int(exp)
     return -v if sign == "-" else v
 
 
@@ -184,6 +216,16 @@ class _Parser:
         self.limit = max_disjuncts
         self.decl: dict[_Var, _Atom] = {}
         self.where: dict[_Key, _Node] = {}  # first place of each atom
+        self.assert_nodes: list[_List] = []
+        self.work = 0  # disjuncts built so far (see spend)
+        lo, hi = net.output_range
+        self.out_max = max(abs(lo), abs(hi))  # |y_j| <= out_max for every output the network can produce
+
+    def number(self, node: _Atom) -> Fraction | None:
+        try:
+            return _number(node.text)
+        except _NumberError as e:
+            raise self.src.error(node, str(e)) from None
 
     # ------------------------------------------------------------------ commands
     def run(self) -> list[_Dnf]:
@@ -198,6 +240,7 @@ class _Parser:
                 if len(node.items) != 2:
                     raise self.src.error(node, f"assert takes one formula, got {len(node.items) - 1}")
                 asserts.append(self.dnf(node.items[1], False))
+                self.assert_nodes.append(node)
             elif head in _IGNORED_COMMANDS:
                 continue
             else:
@@ -241,7 +284,7 @@ class _Parser:
     # ------------------------------------------------------------------ terms
     def linear(self, node: _Node) -> _Linear:
         if isinstance(node, _Atom):
-            v = _number(node.text)
+            v = self.number(node)
             if v is not None:
                 return {}, v
             m = _VAR.fullmatch(node.text)
@@ -344,7 +387,7 @@ class _Parser:
             op = {"<=": ">=", ">=": "<=", "=": "="}[op]
         if m.group(1) != "X" or ("X", int(m.group(2))) not in self.decl:
             return None
-        v = _number(num.text)
+        v = self.number(num)
         if v is None:
             return None
         i = int(m.group(2))
@@ -368,10 +411,21 @@ class _Parser:
             if len(out) * len(d) > self.limit:
                 raise self.src.error(where, f"the disjunctive normal form has more than {self.limit} disjuncts "
                                             f"({len(out)} x {len(d)} here); split the property")
+            self.spend(len(out) * len(d), where)
             out = list(dict.fromkeys(a | b for a in out for b in d))
         return out
 
+    def spend(self, n: int, where: _Node | int) -> None:
+        """Count ``n`` disjuncts built; more than ``WORK_FACTOR * max_disjuncts`` in all is a located error (each
+        subformula's normal form is within the limit, but a file can repeat big ones many times)."""
+        self.work += n
+        if self.work > WORK_FACTOR * self.limit:
+            raise self.src.error(where, f"the formula is too complex: bringing it into disjunctive normal form "
+                                        f"builds more than {WORK_FACTOR * self.limit} disjuncts in all (here); "
+                                        f"split the property")
+
     def disjoin(self, parts: list[_Dnf], where: _Node) -> _Dnf:
+        self.spend(sum(len(d) for d in parts), where)
         out = list(dict.fromkeys(c for d in parts for c in d))
         if len(out) > self.limit:
             raise self.src.error(where, f"the disjunctive normal form has more than {self.limit} disjuncts; "
@@ -421,8 +475,13 @@ class _Parser:
         g = math.gcd(*nz)
         row = row // g
         r = r // g
-        if abs(r) >= INT64_SAFE:
-            raise self.src.error(where, "right-hand side too large for exact int64 arithmetic")
+        # every output the network can produce has |y_j| <= out_max, so |row . y| <= span
+        span = self.out_max * (sum(nz) // g)
+        if span >= INT64_SAFE:
+            raise self.src.error(where, f"coefficients too large for exact int64 arithmetic (sum |a_j| * max |y_j| "
+                                        f"= {span} >= 2^62 on the outputs of network {self.net.name!r})")
+        if abs(r) >= INT64_SAFE:  # then |r| > span: true for every output the network can produce
+            return r > 0  # (Y_0 <= 1e260), or for none (Y_0 <= -1e260)
         key = ("Y", tuple(int(v) for v in row), int(r))
         self.where.setdefault(key, where)
         return key
@@ -446,14 +505,30 @@ def _literal_dnf(lit: _Key | bool) -> _Dnf:
     return [frozenset([lit])]
 
 
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
 def _read_text(path_or_text: str | Path) -> tuple[str, str]:
-    """``(text, name)``: a :class:`Path`, or a string without ``(`` and newlines, is a file name."""
-    if isinstance(path_or_text, Path) or ("(" not in path_or_text and "\n" not in path_or_text):
+    """``(text, name)``: a :class:`Path`, a string without ``(`` and newlines, or a one-line string naming an
+    existing file (``prop (1).vnnlib``), is a file name."""
+    if isinstance(path_or_text, Path) or ("(" not in path_or_text and "\n" not in path_or_text) or \
+            ("\n" not in path_or_text and _is_file(path_or_text)):
         p = Path(path_or_text)
         try:
-            return p.read_text(encoding="utf-8"), str(p)
-        except (OSError, UnicodeDecodeError) as e:
+            data = p.read_bytes()
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
             raise PropertyError(f"{p}: cannot read the VNN-LIB file ({e})") from None
+        try:
+            return data.decode("utf-8"), str(p)
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            col = len(data[data.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", "replace")) + 1
+            raise PropertyError(f"{p}, line {line}, column {col}: not UTF-8 text (byte {data[e.start]:#04x})") \
+                from None
     return path_or_text, "<vnnlib>"
 
 
@@ -500,6 +575,12 @@ def _parse(text: str, source: str, net: QNetwork, max_disjuncts: int, name: str 
     parser = _Parser(src, net, max_disjuncts)
     asserts = parser.run()
     dnf = parser.conjoin(asserts, 0) if asserts else [frozenset()]
+    if not dnf:
+        first = next((n for n, d in zip(parser.assert_nodes, asserts, strict=True) if not d), None)
+        raise src.error(first if first is not None else 0,
+                        "the assertions are unsatisfiable" + (" (this one is false for every input and every output "
+                                                               "the network can produce)" if first else "")
+                        + ": the property can never be violated, so there is nothing to verify")
     header = _header(text)
     n_in, n_out = net.num_inputs, net.num_outputs
 

@@ -30,7 +30,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from qverify.certify import MISCLASSIFIED, VERDICTS, ResultsFile, read_results, summarize
-from qverify.io.results import witness_lines
+from qverify.io.results import comment_lines, witness_lines
 from qverify.report import images, plots
 
 
@@ -118,7 +118,7 @@ def vnncomp_text(header: dict, rec: dict) -> str:
     w = rec.get("witness")
     if status == "sat" and w:
         return f"sat\n{witness_lines(_scales(header), w['x'], w['y'])}\n"  # type: ignore[arg-type]
-    return f"{status}\n"
+    return f"{status}\n{comment_lines(rec.get('details'))}"
 
 
 SUMMARY_FIELDS = [("radius", "radius"), ("n", "samples"), ("clean_accuracy", "clean accuracy"),
@@ -126,6 +126,40 @@ SUMMARY_FIELDS = [("radius", "radius"), ("n", "samples"), ("clean_accuracy", "cl
                   ("counterexample", "falsified"), ("unknown", "unknown"), ("timeouts", "of which timeout"),
                   ("error", "error"), (MISCLASSIFIED, "misclassified"), ("time_mean", "mean s"),
                   ("time_median", "median s"), ("time_max", "max s"), ("time_total", "total s")]
+
+
+#: the summary column of a run whose instances were checked against onnxruntime (:mod:`qverify.divergence`)
+DIVERGENCE_FIELD = ("robust_runtime_differs", "robust, onnxruntime differs")
+
+
+def checked_runtime(run: Run) -> bool:
+    """Whether the run's instances were compared with onnxruntime (the header's ``divergence_check``)."""
+    return bool((run.header.get("divergence_check") or {}).get("runtime"))
+
+
+def summary_fields(run: Run) -> list[tuple[str, str]]:
+    return SUMMARY_FIELDS + ([DIVERGENCE_FIELD] if checked_runtime(run) else [])
+
+
+def _warned(run: Run) -> list[dict]:
+    """Instance records whose box holds a point where onnxruntime and the executor differ."""
+    return sorted((r for r in run.records if (r.get("details") or {}).get("warning")),
+                  key=lambda r: (r["radius"], r["id"]))
+
+
+def semantics_text(run: Run) -> str:
+    """The semantics the run's verdicts are about, and how the runtime was checked against them."""
+    h = run.header
+    sem = h.get("semantics") or "exact"
+    dc = h.get("divergence_check") or {}
+    if dc.get("runtime"):
+        chk = (f"each instance's box was sampled at up to {dc.get('points')} points (center, corners, random grid "
+               f"points) and run on {dc['runtime']}")
+    elif dc:
+        chk = f"no runtime divergence check ({dc.get('skipped') or 'switched off'})"
+    else:
+        chk = "no runtime divergence check recorded"
+    return f"verdicts about the integer network under {sem} semantics; {chk}"
 
 
 def _cell(key: str, v: object) -> str:
@@ -149,6 +183,9 @@ def summary_json(runs: list[Run]) -> dict:
             "data": h.get("data"), "radii": h.get("radii"), "selection": h.get("selection"),
             "settings": h.get("settings"), "seed": h.get("seed"), "versions": h.get("versions"),
             "command": h.get("command"), "instances": len(run.records),
+            "semantics": h.get("semantics") or "exact", "divergence_check": h.get("divergence_check"),
+            "runtime_differs": [{"id": r["id"], "radius": r["radius"], "verdict": r["verdict"],
+                                 "warning": r["details"]["warning"]} for r in _warned(run)],
             "totals": {v: totals.get(v, 0) for v in VERDICTS}, "per_radius": run.rows,
             "truncated_last_line": run.file.truncated, "duplicate_records": run.file.duplicates,
             "wall_seconds": sum(float(s.get("wall_seconds", 0)) for s in run.file.sessions
@@ -194,7 +231,7 @@ figure.cex figcaption{font-size:.85em;margin-bottom:.3em}
 .pics{display:flex;gap:.6em}.pics div{text-align:center;font-size:.75em}
 .pics img{image-rendering:pixelated;image-rendering:crisp-edges;border:1px solid #999;display:block}
 table.scores{font-size:.75em}.hl{font-weight:bold}
-.plot img{max-width:100%;height:auto}.note{color:#a33}
+.plot img{max-width:100%;height:auto}.note{color:#a33}.warn{color:#b60}
 details{margin:.5em 0}summary{cursor:pointer}
 """
 
@@ -208,10 +245,11 @@ def _svg_img(svg: bytes, alt: str, ident: str) -> str:
 
 
 def _summary_table(run: Run, ident: str) -> str:
-    head = "".join(f"<th>{esc(t)}</th>" for _, t in SUMMARY_FIELDS)
+    fields = summary_fields(run)
+    head = "".join(f"<th>{esc(t)}</th>" for _, t in fields)
     body = []
     for r in run.rows:
-        cells = "".join(f'<td data-field="{esc(k)}">{esc(_cell(k, r[k]))}</td>' for k, _ in SUMMARY_FIELDS)
+        cells = "".join(f'<td data-field="{esc(k)}">{esc(_cell(k, r[k]))}</td>' for k, _ in fields)
         body.append(f'<tr data-radius="{r["radius"]}">{cells}</tr>')
     return (f'<table class="summary" id="{esc(ident)}" data-run="{esc(run.label)}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
@@ -337,6 +375,36 @@ def _unknown_table(run: Run) -> str:
             + "</tbody></table>")
 
 
+def _divergence_html(run: Run) -> str:
+    """The instances whose box holds a point where onnxruntime and the executor differ."""
+    out = [f"<p>{esc(semantics_text(run))}.</p>"]
+    warned = _warned(run)
+    if not checked_runtime(run):
+        return out[0]
+    if not warned:
+        return out[0] + "<p>onnxruntime agreed with the executor on every point checked.</p>"
+    robust = sum(r["verdict"] == "robust" for r in warned)
+    out.append(f'<p class="note">onnxruntime differs from the executor inside the box of {len(warned)} instances, '
+               f"{robust} of them <b>robust</b>: those proofs hold for the executor's function, not for what "
+               "onnxruntime computes on this machine.</p>")
+    rows = []
+    for r in warned[:500]:
+        d = (r.get("details") or {}).get("divergence") or {}
+        ex = d.get("example") or {}
+        rows.append(f'<tr><td>{r["id"]}</td><td>{r["radius"]}</td><td class="l v-{esc(r["verdict"])}">'
+                    f'{esc(r["verdict"])}</td><td>{esc(d.get("differing"))} / {esc(d.get("checked"))}</td>'
+                    f'<td>{esc(d.get("classes_differing"))}</td>'
+                    f'<td class="l">{esc(" ".join(map(str, ex.get("executor") or [])))}</td>'
+                    f'<td class="l">{esc(" ".join(map(str, ex.get("runtime") or [])))}</td>'
+                    f'<td class="l">{esc(d.get("cause") or "not identified")}</td></tr>')
+    more = f"<p>({len(warned) - 500} more in the results file.)</p>" if len(warned) > 500 else ""
+    out.append(f'<table class="divergence" id="divergence-{esc(run.label)}"><thead><tr><th>id</th><th>radius</th>'
+               "<th class=\"l\">verdict</th><th>points differing / checked</th><th>of which another class</th>"
+               "<th class=\"l\">executor outputs (example)</th><th class=\"l\">onnxruntime outputs</th>"
+               "<th class=\"l\">likely cause</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>" + more)
+    return "\n".join(out)
+
+
 def _per_sample_table(run: Run) -> str:
     radii = sorted({r["radius"] for r in run.records})
     by: dict[int, dict[int, dict]] = {}
@@ -360,8 +428,12 @@ def _per_sample_table(run: Run) -> str:
             sl = _slack_of(r)
             if sl:
                 tip += f"; least slack in {_bracket_text(sl)}"
+            warn = (r.get("details") or {}).get("warning")
+            if warn:
+                tip += f"; warning: {warn}"
+            mark = ' <span class="warn">&#9888;</span>' if warn else ""
             cells.append(f'<td class="l v-{esc(r["verdict"])}" title="{esc(tip)}">'
-                         f"{esc(VERDICT_SHORT.get(r['verdict'], r['verdict']))}</td>")
+                         f"{esc(VERDICT_SHORT.get(r['verdict'], r['verdict']))}{mark}</td>")
         rows.append(f'<tr><td>{i}</td><td>{any_rec["label"]}</td><td>{any_rec["prediction"]}</td>{"".join(cells)}</tr>')
     return (f'<table class="per-sample" id="per-sample-{esc(run.label)}"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
@@ -383,7 +455,8 @@ def _repro(run: Run) -> str:
              ("network sha256 (native serialization)", m.get("network_sha256")),
              ("input", f"shape {m.get('input_shape')}, integer grid {m.get('input_grid')}, real = "
                        f"{m.get('input_scale')} * (x - {m.get('input_zero_point')})"),
-             ("argmax ties", m.get("tie_rule")), ("data file", d.get("path")), ("data sha256", d.get("sha256")),
+             ("argmax ties", m.get("tie_rule")), ("semantics", semantics_text(run)),
+             ("data file", d.get("path")), ("data sha256", d.get("sha256")),
              ("samples", how), ("radii", h.get("radii")), ("seed", h.get("seed"))]
     rows = "".join(f'<tr><th class="l">{esc(k)}</th><td class="l"><code>{esc(v)}</code></td></tr>' for k, v in facts)
     vers = "".join(f'<tr><th class="l">{esc(k)}</th><td class="l">{esc(v)}</td></tr>'
@@ -451,6 +524,14 @@ def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100
         if len(runs) > 1:
             parts.append(f"<h3>{esc(r.label)}: {esc(r.header['model'].get('name'))}</h3>")
         parts.append(_unknown_table(r))
+    parts.append('<h2 id="divergence">Runtime divergence</h2>'
+                 "<p>For a model imported from ONNX, the points of each instance's box checked on onnxruntime: where "
+                 "an integer output differs from the executor's, the verdict is about another function than the one "
+                 "onnxruntime computes here (marked &#9888; in the per-sample table).</p>")
+    for r in runs:
+        if len(runs) > 1:
+            parts.append(f"<h3>{esc(r.label)}: {esc(r.header['model'].get('name'))}</h3>")
+        parts.append(_divergence_html(r))
     parts.append('<h2 id="per-sample">Per-sample verdicts</h2>')
     for r in runs:
         parts.append(f"<details{' open' if len(r.records) <= 400 else ''}><summary>{esc(r.label)}: "
@@ -477,11 +558,23 @@ def markdown_report(runs: list[Run], title: str | None = None) -> str:
                 f"(sha256 {md(h['data'].get('sha256'))}); radii {md(h.get('radii'))}; seed {md(h.get('seed'))}.", ""]
         if r.file.truncated:
             out += [f"Note: {md(r.file.truncated)}.", ""]
-        out.append("| " + " | ".join(t for _, t in SUMMARY_FIELDS) + " |")
-        out.append("|" + "---|" * len(SUMMARY_FIELDS))
+        fields = summary_fields(r)
+        out += [f"Semantics: {md(semantics_text(r))}.", ""]
+        out.append("| " + " | ".join(t for _, t in fields) + " |")
+        out.append("|" + "---|" * len(fields))
         for row in r.rows:
-            out.append("| " + " | ".join(_cell(k, row[k]) for k, _ in SUMMARY_FIELDS) + " |")
+            out.append("| " + " | ".join(_cell(k, row[k]) for k, _ in fields) + " |")
         out.append("")
+        warned = _warned(r)
+        if warned:
+            robust = sum(x["verdict"] == "robust" for x in warned)
+            out += [f"Warning: onnxruntime differs from the executor inside the box of {len(warned)} instances "
+                    f"({robust} robust: those proofs hold for the executor's function, not for onnxruntime's): "
+                    + ", ".join(f"{x['id']}@r{x['radius']} ({md(x['verdict'])}, "
+                                f"{md((x['details'].get('divergence') or {}).get('differing'))}/"
+                                f"{md((x['details'].get('divergence') or {}).get('checked'))} points)"
+                                for x in warned[:200])
+                    + (" ..." if len(warned) > 200 else ""), ""]
         cex = sorted((x for x in r.records if x["verdict"] == "counterexample"), key=lambda x: (x["radius"], x["id"]))
         if cex:
             out += [f"Counterexamples ({len(cex)}): "

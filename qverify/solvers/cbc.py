@@ -1,7 +1,8 @@
 """CBC through PuLP (its bundled ``cbc`` binary; a floating-point MIP solver with tolerances).
 
 Indicators are linearized with exact big-M constants. Status mapping (PuLP's reading of CBC's solution file):
-``Infeasible`` -> proof (robust) unless the time limit was used up (then timeout); ``Optimal`` or a solution
+``Infeasible`` -> ``UNCONFIRMED`` (a floating-point claim that :func:`qverify.solvers.base.solve` has an exact back
+end confirm) unless the time limit was used up (then timeout); ``Optimal`` or a solution
 found before a stop -> candidate (rounded values, replayed by the caller); ``Not Solved`` (stopped on time
 without a solution) -> timeout; anything else -> unknown. Threads, the time limit and CBC's random seed come from
 the settings.
@@ -26,6 +27,7 @@ from qverify.solvers.base import SolveOutcome, SolveStatus, round_values, stoppe
 
 class CbcBackend:
     name = "cbc"
+    exact = False  # tolerances: its infeasible is a claim (UNCONFIRMED), see qverify.solvers.base
     overruns = False  # PuLP runs the CBC binary with its own time limit
 
     def solve(self, program: Program, settings: SolverSettings, time_limit: float) -> SolveOutcome:
@@ -69,7 +71,7 @@ class CbcBackend:
             if stopped_by_time(secs - build, time_limit):
                 return SolveOutcome(SolveStatus.TIMEOUT, self.name, secs, raw_name, stats=stats,
                                     message="Infeasible reported at the time limit: not trusted as a proof")
-            return SolveOutcome(SolveStatus.INFEASIBLE, self.name, secs, raw_name, stats=stats)
+            return SolveOutcome(SolveStatus.UNCONFIRMED, self.name, secs, raw_name, stats=stats)
         if has_solution or prob.status == pulp.LpStatusOptimal:
             # a variable in no row is not passed to CBC (PuLP drops it): any value of its domain will do
             raw = [float(x.varValue) if x.varValue is not None else float(v.lo) for x, v in zip(xs, lin.vars,

@@ -38,6 +38,7 @@ def build_cpsat(program: Program) -> tuple[cp_model.CpModel, list]:
 
 class CpSatBackend:
     name = "cpsat"
+    exact = True  # integer arithmetic: INFEASIBLE is a proof
     overruns = False  # stops within milliseconds of max_time_in_seconds
 
     def solve(self, program: Program, settings: SolverSettings, time_limit: float) -> SolveOutcome:

@@ -1,7 +1,8 @@
 """SCIP and HiGHS through OR-Tools ``pywraplp`` (floating-point MIP solvers with tolerances).
 
 Indicators are linearized with exact big-M constants (:meth:`Program.linearized`). Status mapping:
-``INFEASIBLE`` -> proof (robust) unless the run used up its time limit (then it is not trusted: timeout);
+``INFEASIBLE`` -> ``UNCONFIRMED`` (a floating-point claim, not a proof: :func:`qverify.solvers.base.solve` has it
+confirmed by an exact back end) unless the run used up its time limit (then it is not trusted at all: timeout);
 ``OPTIMAL``/``FEASIBLE`` -> candidate (values rounded to the nearest integer; with integrality tolerances a
 solution may not replay, which the caller reports as ``unknown``/``replay-failed``, never as a verdict);
 any other status (``NOT_SOLVED``, HiGHS's unnamed 99, ``ABNORMAL``, ``UNBOUNDED``) -> timeout when the time is used
@@ -47,6 +48,7 @@ def fill_solver(s: pywraplp.Solver, program: Program, integer: bool = True) -> l
 
 
 class OrToolsMipBackend:
+    exact = False  # tolerances: its infeasible is a claim (UNCONFIRMED), see qverify.solvers.base
     overruns = True  # both check the time limit only between phases (see qverify.solvers.watchdog)
 
     def __init__(self, which: str = "scip") -> None:
@@ -85,7 +87,7 @@ class OrToolsMipBackend:
             if stopped_by_time(solve_secs, time_limit):
                 return SolveOutcome(SolveStatus.TIMEOUT, self.name, secs, name, stats=stats,
                                     message="INFEASIBLE reported at the time limit: not trusted as a proof")
-            return SolveOutcome(SolveStatus.INFEASIBLE, self.name, secs, name, stats=stats)
+            return SolveOutcome(SolveStatus.UNCONFIRMED, self.name, secs, name, stats=stats)
         if st in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
             raw = [x.solution_value() for x in xs]
             return SolveOutcome(SolveStatus.FEASIBLE, self.name, secs, name, values=round_values(raw),
