@@ -30,7 +30,7 @@ def _load(args: argparse.Namespace, path: str | None = None):
     from qverify.io import load_model
 
     return load_model(path or args.model, fmt=getattr(args, "format", None), bits=getattr(args, "bits", None),
-                      input_bits=getattr(args, "input_bits", None))
+                      input_bits=getattr(args, "input_bits", None), semantics=getattr(args, "semantics", None))
 
 
 def _load_data(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +58,13 @@ def _model_args(p: argparse.ArgumentParser, name: str = "model") -> None:
                    help="model format (default: from the extension)")
     p.add_argument("--bits", type=int, default=None, help="Q, bit width of a QVIP .h5 model (default: from the name)")
     p.add_argument("--input-bits", type=int, default=None, help="IN, input bits of a QVIP .h5 model")
+    _semantics_arg(p)
+
+
+def _semantics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--semantics", choices=["exact", "onnxruntime"], default=None,
+                   help="requantization arithmetic of an ONNX model: exact (the ONNX specification, the default) or "
+                        "onnxruntime (its CPU kernels' float32 requantization, bit for bit); a .qnn file keeps its own")
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -179,6 +186,9 @@ def _print_result(prop_name: str, result) -> None:
     if result.reason:
         line += f" ({result.reason})"
     line += f"  method={result.method}  time={result.seconds:.3f}s"
+    sem = (result.details or {}).get("semantics")
+    if sem:
+        line += f"  semantics={sem}"
     print(line)
     slack = (result.details or {}).get("slack")
     if slack:
@@ -615,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["native", "onnx", "qvip-h5"], default=None, help="model format")
     c.add_argument("--bits", type=int, default=None, help="Q of a QVIP .h5 model")
     c.add_argument("--input-bits", type=int, default=None, help="IN of a QVIP .h5 model")
+    _semantics_arg(c)
     c.add_argument("--ids", default=None, help="samples, e.g. 0:100 (default: all)")
     c.add_argument("--radius", type=int, default=None, help="L-inf radius in input units (pixels)")
     c.add_argument("--eps", default=None, help="L-inf radius in real input units (e.g. 0.02)")
@@ -631,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["native", "onnx", "qvip-h5"], default=None, help="model format")
     c.add_argument("--bits", type=int, default=None, help="Q of a QVIP .h5 model")
     c.add_argument("--input-bits", type=int, default=None, help="IN of a QVIP .h5 model")
+    _semantics_arg(c)
     _solver_args(c)
     c.add_argument("--result-file", default=None, help="write the VNN-COMP result file here")
     c.add_argument("--json", default=None, help="write the JSON result here")

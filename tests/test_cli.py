@@ -307,3 +307,30 @@ def test_certify_records_the_divergence_and_warns(tie_models, tmp_path, capsys):
     assert ("warning: onnxruntime differs" in cap.err) == bool(warned)
     html = (out / "report" / "report.html").read_text()
     assert 'id="divergence"' in html
+
+
+def test_semantics_flag_is_stated_and_changes_the_function(tmp_path, capsys):
+    """``--semantics onnxruntime`` loads onnxruntime's float32 requantization: on the near-tie model the exact
+    semantics differs from onnxruntime inside the box (a warning), onnxruntime's does not; the verdict line and the
+    result file say which semantics the verdict is about."""
+    from qverify.io.onnx import load_onnx
+    from qverify.io.vnnlib import write_vnnlib
+    from qverify.property import robustness_property
+    from tests.onnx_builders import near_tie_model
+
+    model = near_tie_model(tmp_path / "ties.onnx")
+    net = load_onnx(model)
+    write_vnnlib(robustness_property(net, np.array([100, 101, 99]), 0, radius=3), net, tmp_path / "p.vnnlib")
+    for sem, warned in (("exact", True), ("onnxruntime", False)):
+        rf = tmp_path / f"{sem}.txt"
+        args = ["verify", str(model), str(tmp_path / "p.vnnlib"), "--timeout", "20", "--result-file", str(rf)]
+        main(args + ([] if sem == "exact" else ["--semantics", sem]))
+        cap = capsys.readouterr()
+        assert f"semantics={sem}" in cap.out
+        assert ("onnxruntime" in (cap.out + cap.err) and "warning" in (cap.out + cap.err)) == warned, cap
+        assert sem in rf.read_text()
+    assert main(["info", str(model), "--semantics", "onnxruntime"]) == 0
+    assert "float32" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(model), "--semantics", "bogus"])
+    assert e.value.code == 2
