@@ -670,10 +670,10 @@ def parse_vnnlib(path_or_text: str | Path, net: QNetwork, max_disjuncts: int = M
                  name: str | None = None) -> Property:
     """Parse a VNN-LIB 1.0 property for ``net`` into a :class:`Property` (see the module docstring).
 
-    ``path_or_text`` is a :class:`~pathlib.Path`, a file name, or the text itself (a string containing ``(`` or
-    a newline). The name is ``name``, else the ``; name:`` header comment, else the file's stem. Raises
-    :class:`PropertyError` (file, line, column) on malformed input, and when the file is a disjunction of
-    different input boxes (:func:`parse_vnnlib_cases` splits those).
+    ``path_or_text`` is a :class:`~pathlib.Path`, a file name (a string without ``(`` and newlines, or one line
+    naming an existing file), or the text itself. The name is ``name``, else the ``; name:`` header comment, else
+    the file's stem. Raises :class:`PropertyError` (file, line, column) on malformed input, and when the file is a
+    disjunction of different input boxes (:func:`parse_vnnlib_cases` splits those).
     """
     text, source = _read_text(path_or_text)
     cases, where_of = _parse(text, source, net, max_disjuncts, name)
