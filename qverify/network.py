@@ -60,7 +60,21 @@ def _int_array(value: object, what: str) -> np.ndarray:
         a = a.astype(np.int64)
     if not np.issubdtype(a.dtype, np.integer):
         raise ModelError(f"{what}: integer array expected, got dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise ModelError(f"{what}: values out of int64 range (unsigned values up to {int(a.max())})")
     return a.astype(np.int64, copy=False)
+
+
+def _int_scalar(value: object, what: str) -> int:
+    """An integer field (a clamp bound, a stride, a padding): an int, a numpy integer, or an integral float;
+    anything else (a fraction, NaN, a string, a bool) is a :class:`ModelError` instead of a silent ``int()``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ModelError(f"{what}: integer expected, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise ModelError(f"{what}: integer expected, got {value!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,10 +119,14 @@ class Conv2d:
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", _int_array(self.weight, f"Conv2d {self.name!r} weight"))
         object.__setattr__(self, "bias", _int_array(self.bias, f"Conv2d {self.name!r} bias"))
-        object.__setattr__(self, "stride", tuple(int(s) for s in self.stride))
-        object.__setattr__(self, "padding", tuple(int(s) for s in self.padding))
-        object.__setattr__(self, "dilation", tuple(int(s) for s in self.dilation))
-        object.__setattr__(self, "pad_value", int(self.pad_value))
+        for field_name in ("stride", "padding", "dilation"):
+            what = f"Conv2d {self.name!r} {field_name}"
+            try:
+                vals = tuple(_int_scalar(v, what) for v in getattr(self, field_name))
+            except TypeError:
+                raise ModelError(f"{what}: a sequence of integers expected") from None
+            object.__setattr__(self, field_name, vals)
+        object.__setattr__(self, "pad_value", _int_scalar(self.pad_value, f"Conv2d {self.name!r} pad_value"))
         if self.weight.ndim != 4:
             raise ModelError(f"Conv2d {self.name!r}: weight must be 4-D [out, in, kh, kw], got {self.weight.shape}")
         if self.bias.shape != (self.weight.shape[0],):
@@ -178,9 +196,12 @@ class Requantize:
         object.__setattr__(self, "num", tuple(f.numerator for f in red))
         object.__setattr__(self, "den", tuple(f.denominator for f in red))
         zp = np.atleast_1d(_int_array(self.zero_point, f"Requantize {self.name!r} zero_point"))
+        if zp.ndim != 1:
+            raise ModelError(f"Requantize {self.name!r}: zero_point must be a scalar or one value per channel, "
+                             f"got shape {zp.shape}")
         object.__setattr__(self, "zero_point", zp)
-        object.__setattr__(self, "lo", int(self.lo))
-        object.__setattr__(self, "hi", int(self.hi))
+        object.__setattr__(self, "lo", _int_scalar(self.lo, f"Requantize {self.name!r} lo"))
+        object.__setattr__(self, "hi", _int_scalar(self.hi, f"Requantize {self.name!r} hi"))
         try:
             object.__setattr__(self, "rounding", Rounding(self.rounding))
         except ValueError:
@@ -273,8 +294,8 @@ class Clamp:
     name: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lo", int(self.lo))
-        object.__setattr__(self, "hi", int(self.hi))
+        object.__setattr__(self, "lo", _int_scalar(self.lo, f"Clamp {self.name!r} lo"))
+        object.__setattr__(self, "hi", _int_scalar(self.hi, f"Clamp {self.name!r} hi"))
         if self.lo > self.hi:
             raise ModelError(f"Clamp {self.name!r}: empty range [{self.lo}, {self.hi}]")
 

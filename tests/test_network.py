@@ -93,3 +93,25 @@ def test_float32_requantize_validation_and_describe():
         "onnxruntime"
     with pytest.raises(ModelError, match="semantics 'exact' but some requantization is float32"):
         QNetwork((2,), 0, 3, net.layers, metadata={"semantics": "exact"})
+
+
+def test_constructors_refuse_what_int_would_silently_change():
+    """Found by the reader fuzzers (the .qnn loader guards them too): a zero point of rank 2, uint64 values beyond
+    int64, fractional clamp bounds and strides are located ModelErrors, not wrapped or truncated values."""
+    import numpy as np
+    import pytest
+
+    from qverify.network import Clamp, Conv2d, Dense, ModelError, Requantize
+
+    with pytest.raises(ModelError, match="zero_point must be"):
+        Requantize((1,), (2,), np.zeros((2, 2), np.int64), 0, 7)
+    with pytest.raises(ModelError, match="int64 range"):
+        Dense(np.array([[2**63 + 5]], dtype=np.uint64), np.zeros(1, np.int64))
+    with pytest.raises(ModelError, match="lo: integer expected"):
+        Clamp(0.5, 3)
+    with pytest.raises(ModelError, match="hi: integer expected"):
+        Requantize((1,), (2,), np.array([0]), 0, float("nan"))
+    with pytest.raises(ModelError, match="stride: integer expected"):
+        Conv2d(np.zeros((1, 1, 2, 2), np.int64), np.zeros(1, np.int64), stride=(1.5, 1))
+    assert Clamp(np.int32(1), 6.0).hi == 6 and Conv2d(np.zeros((1, 1, 2, 2), np.int64), np.zeros(1, np.int64),
+                                                       stride=(np.int64(2), 2.0)).stride == (2, 2)
