@@ -203,12 +203,16 @@ def box_to_grid(net: QNetwork, real_lo: Sequence[Fraction], real_hi: Sequence[Fr
     """
     s, z = net.input_scale, net.input_zero_point
     glo, ghi = net.input_lo, net.input_hi
+    f32 = net.input_rounding is not None and net.metadata.get("semantics") == "onnxruntime"
     lo, hi = [], []
     for l, u in zip(real_lo, real_hi, strict=True):
         lq, uq = as_fraction(l) / s, as_fraction(u) / s
         if net.input_rounding is None:  # points of the grid inside the box (may be empty: Property says where)
             lo.append(min(max(math.ceil(lq) + z, glo), ghi + 1))
             hi.append(max(min(math.floor(uq) + z, ghi), glo - 1))
+        elif f32:  # onnxruntime's quantizer of the float32 inputs of the box (saturating)
+            lo.append(min(max(_f32_quantize(as_fraction(l), s, up=True) + z, glo), ghi))
+            hi.append(min(max(_f32_quantize(as_fraction(u), s, up=False) + z, glo), ghi))
         else:  # the quantizer saturates
             lo.append(min(max(round_fraction(lq, net.input_rounding) + z, glo), ghi))
             hi.append(min(max(round_fraction(uq, net.input_rounding) + z, glo), ghi))
@@ -217,10 +221,35 @@ def box_to_grid(net: QNetwork, real_lo: Sequence[Fraction], real_hi: Sequence[Fr
     if net.input_rounding is None:
         how = (f"the real box is mapped to the integer grid points it contains (real = {s} * (x - {z}), "
                f"x in [{net.input_lo}, {net.input_hi}])")
+    elif f32:
+        how = (f"the real box is mapped to the image of its float32 inputs under onnxruntime's input quantizer "
+               f"x = clamp(rne(fl32(real / {s})) + {z}, {net.input_lo}, {net.input_hi})")
     else:
         how = (f"the real box is mapped to its image under the input quantizer x = clamp({Rounding(net.input_rounding)}"
                f"(real / {s}) + {z}, {net.input_lo}, {net.input_hi})")
     return lo_a, hi_a, how
+
+
+#: the largest finite float32
+_F32_MAX = Fraction(float(np.finfo(np.float32).max))
+
+
+def _f32_quantize(bound: Fraction, s: Fraction, up: bool) -> int:
+    """onnxruntime's ``rne(fl32(v / s))`` (MLAS ``MlasQuantizeLinear``: a float32 division, rounded half to even) at
+    the float32 input ``v`` of the box end ``bound`` nearest to it on the box's side: the smallest float32 ``>=
+    bound`` for a lower end (``up``), the largest ``<= bound`` for an upper end. The quantizer is monotone, so the
+    box's float32 inputs quantize exactly into ``[q(lower end), q(upper end)]``. Ends beyond the float32 range are
+    the range's ends (the grid clip follows)."""
+    b = min(max(bound, -_F32_MAX), _F32_MAX)
+    v = np.float32(float(b))
+    while up and Fraction(float(v)) < b:
+        v = np.nextafter(v, np.float32(np.inf))
+    while not up and Fraction(float(v)) > b:
+        v = np.nextafter(v, np.float32(-np.inf))
+    q = np.float32(v) / np.float32(float(s))  # one IEEE float32 division (the scale is a float32 value)
+    if not np.isfinite(q):
+        return -(2**62) if q < 0 else 2**62
+    return int(np.rint(q))  # half to even, exact on float32 values
 
 
 def real_row_to_int(net: QNetwork, coeffs: dict[int, Fraction], rhs: Fraction) -> tuple[np.ndarray, int]:

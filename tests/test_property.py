@@ -104,3 +104,46 @@ def test_robustness_slack_counts_the_tie_rule() -> None:
                                radius=0)
     y = np.array([[5, 7, 7], [7, 7, 5], [5, 7, 6], [8, 7, 5]])
     np.testing.assert_array_equal(prop.slack(y), [1, 0, 2, -1])  # min_j (y_1 - y_j + [j > 1])
+
+
+def test_onnxruntime_input_quantizer_maps_the_box_as_onnxruntime_does(tmp_path):
+    """Under ``semantics='onnxruntime'`` a real box end maps through onnxruntime's own ``QuantizeLinear`` of the
+    nearest float32 input inside the box (``rne(fl32(v / s))``), not the exact quotient: checked against onnxruntime
+    on ends placed exactly at quantizer ties ``(k + 1/2) s`` and next to them, where the two can differ by one."""
+    from fractions import Fraction
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qverify.io.onnx import load_onnx
+    from qverify.property import _f32_quantize, box_to_grid
+    from tests.onnx_builders import near_tie_model
+
+    path = near_tie_model(tmp_path / "ties.onnx")
+    net_x, net_o = load_onnx(path), load_onnx(path, semantics="onnxruntime")
+    s, z = net_o.input_scale, net_o.input_zero_point
+    q = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
+    g = helper.make_graph([q], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, [None])],
+                          [helper.make_tensor("s", TensorProto.FLOAT, [], [float(s)]),
+                           helper.make_tensor("z", TensorProto.UINT8, [], [z])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    tiny = Fraction(1, 10**9)
+    ends = [(k + Fraction(1, 2)) * s + d for k in range(0, 250, 7) for d in (0, tiny, -tiny)]
+    differ = 0
+    for b in ends:
+        for up in (True, False):
+            v = np.float32(float(b))
+            while up and Fraction(float(v)) < b:
+                v = np.nextafter(v, np.float32(np.inf))
+            while not up and Fraction(float(v)) > b:
+                v = np.nextafter(v, np.float32(-np.inf))
+            theirs = int(sess.run(None, {"x": np.array([v], np.float32)})[0][0])
+            assert min(max(_f32_quantize(b, s, up) + z, 0), 255) == theirs
+        lo_o, hi_o, how = box_to_grid(net_o, [b] * 3, [b + s] * 3)
+        lo_x, _, _ = box_to_grid(net_x, [b] * 3, [b + s] * 3)
+        assert "onnxruntime" in how and lo_o[0] <= hi_o[0] + 1
+        differ += int(lo_o[0] != lo_x[0])
+    assert differ > 0  # the exact quotient and onnxruntime's float32 quantizer do part at some ties
