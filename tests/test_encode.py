@@ -157,9 +157,7 @@ def test_single_neuron_exhaustively(encoding, mode):
     """One requantized neuron ``y = clamp(R((w x + b) p / q) + z, lo, hi)`` over a whole input range, for many
     multipliers, zero points and clamp ranges (ties, saturation, both signs): CP-SAT finds no input whose ``y``
     differs from the executor's (the table of the executor is an element constraint on the input)."""
-    from ortools.sat.python import cp_model
 
-    from qverify.solvers.cpsat import build_cpsat
 
     for (p, q), z, (lo, hi), (w, b) in itertools.product(
             [(1, 1), (1, 2), (1, 4), (3, 4), (1, 3), (5, 6), (2, 1), (7, 2)], (-2, 0, 1),
@@ -172,15 +170,7 @@ def test_single_neuron_exhaustively(encoding, mode):
         if not isinstance(y, LinExpr):
             assert np.all(table == y)
             continue
-        model, xv = build_cpsat(enc.program)
-        (xi,) = enc.inputs[0].terms
-        fx = model.new_int_var(int(table.min()), int(table.max()), "fx")
-        model.add_element(xv[xi], [int(t) for t in table], fx)
-        (yi,) = y.terms
-        model.add(xv[yi] != fx)
-        solver = cp_model.CpSolver()
-        solver.parameters.num_workers = 1
-        assert solver.solve(model) == cp_model.INFEASIBLE, (p, q, z, lo, hi, w, b)
+        assert _no_input_differs(enc, y, table), (p, q, z, lo, hi, w, b)
 
 
 @given(net=tiny_networks(), seed=st.integers(0, 2**32 - 1))
@@ -309,9 +299,7 @@ def test_float32_single_neuron_exhaustively_beyond_2_24(encoding):
     """One float32 neuron over accumulators around 2^25 (fl32(acc) rounds to multiples of 4 there) and at the issue's
     near-tie (acc 93843, exact 138.50001 -> 139, float32 138.5 -> 138): CP-SAT finds no input whose ``y`` differs
     from the executor's, and the rational requantization of the same multiplier differs from it."""
-    from ortools.sat.python import cp_model
 
-    from qverify.solvers.cpsat import build_cpsat
 
     m_tie = np.float32(138.5 / 93843)
     while Fraction(93843) * Fraction(float(m_tie)) <= Fraction(277, 2):
@@ -332,15 +320,7 @@ def test_float32_single_neuron_exhaustively_beyond_2_24(encoding):
         assert encoding == "onehot" or enc.stats["range_fallback"] == 1
         y = enc.outputs[0]
         assert isinstance(y, LinExpr) and len(set(table.tolist())) > 2
-        model, xv = build_cpsat(enc.program)
-        (xi,) = enc.inputs[0].terms
-        fx = model.new_int_var(int(table.min()), int(table.max()), "fx")
-        model.add_element(xv[xi], [int(t) for t in table], fx)
-        (yi,) = y.terms
-        model.add(xv[yi] != fx)
-        solver = cp_model.CpSolver()
-        solver.parameters.num_workers = 1
-        assert solver.solve(model) == cp_model.INFEASIBLE, (m, b, z)
+        assert _no_input_differs(enc, y, table), (m, b, z)
 
 
 def test_float32_cut_points_of_the_encoder():
@@ -348,3 +328,21 @@ def test_float32_cut_points_of_the_encoder():
     for v in range(-7, 8):
         c = f.cut(v)
         assert f(c) >= v > f(c - 1)
+
+
+def _no_input_differs(enc, y, table: np.ndarray) -> bool:
+    """CP-SAT finds no input of the one-input program ``enc`` whose output ``y`` differs from the executor's table
+    (an element constraint on the input)."""
+    from ortools.sat.python import cp_model
+
+    from qverify.solvers.cpsat import build_cpsat
+
+    model, xv = build_cpsat(enc.program)
+    (xi,) = enc.inputs[0].terms
+    fx = model.new_int_var(int(table.min()), int(table.max()), "fx")
+    model.add_element(xv[xi], [int(t) for t in table], fx)
+    (yi,) = y.terms
+    model.add(xv[yi] != fx)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    return solver.solve(model) == cp_model.INFEASIBLE

@@ -353,6 +353,16 @@ def _unknowns(run: Run) -> list[dict]:
     return sorted((x for x in run.records if x["verdict"] == "unknown"), key=lambda x: (x["radius"], x["id"]))
 
 
+def _per_run(runs: list, section) -> list[str]:
+    """One report section per run: ``section(run)``, headed by the run's label and model when there are several."""
+    out: list[str] = []
+    for r in runs:
+        if len(runs) > 1:
+            out.append(f"<h3>{esc(r.label)}: {esc(r.header['model'].get('name'))}</h3>")
+        out.append(section(r))
+    return out
+
+
 def _unknown_table(run: Run) -> str:
     """The undecided instances: reason and the bracket ``[L, U]`` of the least slack over the box (a violation is
     slack <= 0; ``U`` is attained by the attack's nearest miss, ``L`` is the symbolic bounds' lower bound)."""
@@ -520,18 +530,12 @@ def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100
                  "proved by the symbolic bounds; the upper end is the exact slack of the nearest miss the attack "
                  "evaluated (for a robustness property, <code>y_c - y_j</code> plus 1 when the tie goes to the "
                  "label).</p>")
-    for r in runs:
-        if len(runs) > 1:
-            parts.append(f"<h3>{esc(r.label)}: {esc(r.header['model'].get('name'))}</h3>")
-        parts.append(_unknown_table(r))
+    parts += _per_run(runs, _unknown_table)
     parts.append('<h2 id="divergence">Runtime divergence</h2>'
                  "<p>For a model imported from ONNX, the points of each instance's box checked on onnxruntime: where "
                  "an integer output differs from the executor's, the verdict is about another function than the one "
                  "onnxruntime computes here (marked &#9888; in the per-sample table).</p>")
-    for r in runs:
-        if len(runs) > 1:
-            parts.append(f"<h3>{esc(r.label)}: {esc(r.header['model'].get('name'))}</h3>")
-        parts.append(_divergence_html(r))
+    parts += _per_run(runs, _divergence_html)
     parts.append('<h2 id="per-sample">Per-sample verdicts</h2>')
     for r in runs:
         parts.append(f"<details{' open' if len(r.records) <= 400 else ''}><summary>{esc(r.label)}: "
