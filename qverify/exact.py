@@ -254,9 +254,8 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
 def _confirmer(settings: SolverSettings, prog: Program) -> SolverSettings:
     """The settings that solve a claimed disjunct's ``prog`` with the exact confirmer in a later round: the last of
     :func:`qverify.solvers.base.confirmers` (the checked branch and bound under ``auto``; CP-SAT takes no continuous
-    variables)."""
-    chain = confirmers(prog, settings.confirm) or ["checked"]
-    return replace(settings, backend=chain[-1])
+    variables). A disjunct is only claimed when that chain is not empty."""
+    return replace(settings, backend=confirmers(prog, settings.confirm)[-1])
 
 
 def _conclude(net: QNetwork, prop: Property, enc: NetworkEncoding, prog: Program, out: SolveOutcome,

@@ -86,9 +86,6 @@ def stopped_by_time(seconds: float, time_limit: float) -> bool:
 
 
 BACKENDS = ("cpsat", "scip", "highs", "cbc", "checked")
-#: back ends whose infeasibility is an exact proof
-EXACT_BACKENDS = ("cpsat", "checked")
-CONFIRMERS = ("auto", "checked", "cpsat", "none")
 
 
 def get_backend(name: str) -> Backend:

@@ -156,9 +156,9 @@ class _Rows:
                           np.where(hh, np.where(integ, ce_hi, fl_hi), -big))
             nu = u.copy()
             nl = l.copy()
-            cu, cl = self.col_ids, self.col_ids
-            nu[cu] = np.minimum(u[cu], np.minimum.reduceat(up[self.perm], self.starts))
-            nl[cl] = np.maximum(l[cl], np.maximum.reduceat(dn[self.perm], self.starts))
+            cols = self.col_ids
+            nu[cols] = np.minimum(u[cols], np.minimum.reduceat(up[self.perm], self.starts))
+            nl[cols] = np.maximum(l[cols], np.maximum.reduceat(dn[self.perm], self.starts))
             if np.any(nl > nu):
                 return False
             if np.array_equal(nl, l) and np.array_equal(nu, u):
@@ -202,19 +202,18 @@ class _Lp:
     def __init__(self, rows: _Rows) -> None:
         from ortools.linear_solver import pywraplp
 
+        from qverify.solvers.ortools_mip import fill_solver
+
         self.s = pywraplp.Solver.CreateSolver("GLOP")
         if self.s is None:  # pragma: no cover - OR-Tools always ships GLOP
             raise RuntimeError("OR-Tools GLOP is unavailable")
         s = self.s
         inf = s.infinity()
-        lin = rows.lin
-        self.xs = [s.NumVar(float(v.lo), float(v.hi), f"x{v.index}") for v in lin.vars]
+        self.xs = fill_solver(s, rows.lin, integer=False)  # the LP relaxation, rows in the order of rows.lin.cons
+        self.cons = s.constraints()
         obj = s.Objective()
-        self.cons = []
-        for c in lin.cons:
-            row = s.RowConstraint(-inf if c.lo is None else float(c.lo), inf if c.hi is None else float(c.hi), "")
-            for k, a in c.terms:
-                row.SetCoefficient(self.xs[k], float(a))
+        obj.Clear()  # phase one: the program's own objective is replaced by the total slack
+        for c, row in zip(rows.lin.cons, self.cons, strict=True):
             if c.lo is not None:
                 sp = s.NumVar(0.0, inf, "")
                 row.SetCoefficient(sp, 1.0)
@@ -223,12 +222,11 @@ class _Lp:
                 sm = s.NumVar(0.0, inf, "")
                 row.SetCoefficient(sm, -1.0)
                 obj.SetCoefficient(sm, 1.0)
-            self.cons.append(row)
         obj.SetMinimization()
         # after a branching step only variable bounds change: the dual simplex restarts from the last basis
         s.SetSolverSpecificParametersAsString(GLOP_PARAMETERS)
-        self.cur_l = np.array(rows.lo0, dtype=np.int64) if rows.fits else None
-        self.cur_u = np.array(rows.hi0, dtype=np.int64) if rows.fits else None
+        self.cur_l = np.array(rows.lo0, dtype=np.int64)
+        self.cur_u = np.array(rows.hi0, dtype=np.int64)
 
     def solve(self, l: np.ndarray, u: np.ndarray, seconds: float) -> tuple[bool, np.ndarray, np.ndarray, float]:
         """Solve at the node ``[l, u]``: (solved, x, row duals, objective)."""
