@@ -712,17 +712,25 @@ def run_qnn(case: QnnCase, tmp: Path) -> Outcome:
 
     path = tmp / "fuzz.qnn"
     path.write_bytes(case.data)
+    net = _load_model(load_native, path)
+    if isinstance(net, Outcome):
+        return net
+    if case.must_fail:
+        return Outcome(CRASH, f"wrong object: {case.mutation} was read as a valid network")
+    return _check_runs(net)
+
+
+def _load_model(load, path: Path) -> QNetwork | Outcome:
+    """``load(path)``, or the outcome of its failure: a ModelError that names the file is documented, one that does
+    not, and any other exception, is a crash."""
     try:
-        net = load_native(path)
+        return load(path)
     except ModelError as e:
         if not str(e).startswith(str(path)):
             return Outcome(CRASH, f"ModelError without the file: {str(e)[:300]}")
         return Outcome(DOCUMENTED, str(e)[:200])
     except Exception as e:
         return _crash(e)
-    if case.must_fail:
-        return Outcome(CRASH, f"wrong object: {case.mutation} was read as a valid network")
-    return _check_runs(net)
 
 
 def _check_runs(net: QNetwork) -> Outcome:
@@ -982,14 +990,9 @@ def run_onnx(case: OnnxCase, tmp: Path, compare: bool = False) -> Outcome:
     path = tmp / f"fuzz{_ONNX_COUNT[0]}.onnx"
     path.write_bytes(case.data)
     try:
-        try:
-            net = load_onnx(path)
-        except ModelError as e:
-            if not str(e).startswith(str(path)):
-                return Outcome(CRASH, f"ModelError without the file: {str(e)[:300]}")
-            return Outcome(DOCUMENTED, str(e)[:200])
-        except Exception as e:
-            return _crash(e)
+        net = _load_model(load_onnx, path)
+        if isinstance(net, Outcome):
+            return net
         out = _check_runs(net)
         if out.crashed or not compare:
             return out

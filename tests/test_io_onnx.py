@@ -772,6 +772,17 @@ def test_property_eps_builds_a_real_box_on_an_integer_input_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- int4 / uint4
+def qdq_matmul_chain() -> list:
+    """The QDQ form of one quantized MatMul, ``y = DQ(Q(MatMul(DQ(Q(x; sx, zx)), DQ(w; sw, zw, axis 1)); sy, zy))``,
+    over the initializers ``sx, zx, w, sw, zw, sy, zy`` (per-tensor or per-channel weight parameters)."""
+    return [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_in"),
+            helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq_in"),
+            helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="dq_w", axis=1),
+            helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm"),
+            helper.make_node("QuantizeLinear", ["m", "sy", "zy"], ["mq"], name="q_m"),
+            helper.make_node("DequantizeLinear", ["mq", "sy", "zy"], ["y"], name="dq_out")]
+
+
 def _int4_model(path, wtype, per_channel, act4=False):
     """float x -> Q(uint8) -> DQ -> MatMul(DQ(W 4-bit [5, 3], per tensor or per channel, with zero points)) -> Q ->
     DQ (opset 21, onnx's own packing: helper.make_tensor with INT4 / UINT4)."""
@@ -788,12 +799,7 @@ def _int4_model(path, wtype, per_channel, act4=False):
         inits.append(helper.make_tensor("zy", TensorProto.INT4, [], [-2]))
     else:
         inits.append(_init("zy", np.uint8(100)))
-    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_in"),
-             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq_in"),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="dq_w", axis=1),
-             helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm"),
-             helper.make_node("QuantizeLinear", ["m", "sy", "zy"], ["mq"], name="q_out"),
-             helper.make_node("DequantizeLinear", ["mq", "sy", "zy"], ["y"], name="dq_out")]
+    nodes = qdq_matmul_chain()
     g = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)

@@ -25,7 +25,7 @@ from qverify.io import load_model, save_model  # noqa: E402
 from qverify.io.onnx import load_onnx, onnx_integer_outputs, ort_u8s8_saturates  # noqa: E402
 from qverify.io.ort_fusion import fused_kernels, kernel_multiplier  # noqa: E402
 from qverify.network import ModelError, Requantize  # noqa: E402
-from tests.test_io_onnx import _grid, _quantize, _save, _torch_export, models  # noqa: E402, F401
+from tests.test_io_onnx import _grid, _quantize, _save, _torch_export, models, qdq_matmul_chain  # noqa: E402, F401
 
 F32 = np.float32
 #: weights magnitude bound: 7-bit where onnxruntime's u8 x s8 kernels clip pairs of products
@@ -152,13 +152,7 @@ def test_qdq_matmul_with_decimal_scales(tmp_path, per_channel):
     inits = {"sx": sx, "zx": np.uint8(3), "w": rng.integers(-2, 3, size=(n_in, n_out)).astype(np.int8),
              "sw": sw, "zw": np.zeros(n_out, np.int8) if per_channel else np.int8(0), "sy": sy,
              "zy": np.uint8(128)}
-    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_in"),
-             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq_in"),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="dq_w", axis=1),
-             helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm"),
-             helper.make_node("QuantizeLinear", ["m", "sy", "zy"], ["mq"], name="q_m"),
-             helper.make_node("DequantizeLinear", ["mq", "sy", "zy"], ["y"], name="dq_out")]
-    path = _save(nodes, inits, tmp_path / "mm.onnx", ("N", n_in), ("N", n_out))
+    path = _save(qdq_matmul_chain(), inits, tmp_path / "mm.onnx", ("N", n_in), ("N", n_out))
     assert fused_kernels(path)["w"].op_type == "QLinearMatMul"
     ne, no, x, theirs = _both(path, 6000, seed=4)
     np.testing.assert_array_equal(forward(no, x), theirs)
