@@ -2,6 +2,7 @@
 
     python benchmarks/bench_knife_edge.py --cases 2000 [--paths all|milp-scip-range,...] [--seed 0] [--timeout 20]
     python benchmarks/bench_knife_edge.py --cases 2000 --float32     # onnxruntime's float32 requantizations
+    python benchmarks/bench_knife_edge.py --cases 500 --graphs       # half the networks random graphs
 
 Each case (:func:`tests.fixtures.random_knife_edge_case`, seed ``seed + k``) gives two properties at the exact
 minimum of a random output row over the box (violated only at the minimizers / robust with zero margin); every
@@ -36,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per property and path")
     ap.add_argument("--max-points", type=int, default=1500, help="largest input box (points)")
     ap.add_argument("--float32", action="store_true", help="onnxruntime's float32 requantizations")
+    ap.add_argument("--graphs", action="store_true", help="half the networks random graphs (residual, pooling, "
+                                                           "depthwise, concat, step, lookup, data movement)")
     ap.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run")
     args = ap.parse_args(argv)
     paths = sorted(VERDICT_PATHS) if args.paths == "all" else args.paths.split(",")
     unknown_paths = [p for p in paths if p not in VERDICT_PATHS]
     if unknown_paths:
         ap.error(f"unknown paths {unknown_paths} (known: {', '.join(sorted(VERDICT_PATHS))})")
-    tag = "knife_edge" + ("_f32" if args.float32 else "")
+    tag = "knife_edge" + ("_f32" if args.float32 else "") + ("_graphs" if args.graphs else "")
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / f"{tag}.jsonl"
     done: set[tuple[int, str]] = set()
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             if not todo:
                 continue
             net, edge, tight, count = random_knife_edge_case(np.random.default_rng(seed), args.max_points,
-                                                              args.float32)
+                                                              args.float32, args.graphs)
             truth = {"edge": False, "tight": True}
             for which, prop in (("edge", edge), ("tight", tight)):
                 assert brute_force(net, prop)[0] == truth[which]
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table([*table, total], ["path", "properties", "ok", "unknown", "wrong", "median s", "max s"])
     out = write_json(tag, {"command": " ".join(sys.argv), "cases": args.cases, "seed": args.seed,
                            "timeout": args.timeout, "max_points": args.max_points, "float32": args.float32,
-                           "table": [*table, total]})
+                           "graphs": args.graphs, "table": [*table, total]})
     print(f"wrote {out}")
     return 1 if total["wrong"] else 0
 

@@ -36,6 +36,7 @@ Deadlines are absolute :func:`time.monotonic` timestamps (``None``: no limit).
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from qverify.execute import forward
-from qverify.network import Dense, Flatten, QNetwork
+from qverify.network import LinearMap, QNetwork
 from qverify.property import Property
 from qverify.quant import FLOAT64_EXACT
 from qverify.replay import replay
@@ -404,14 +405,50 @@ def _pgd_chunk(tn: TorchNet, props: Sequence[Property], regions: PaddedRegions, 
     return steps
 
 
-def _first_dense(net: QNetwork) -> int | None:
-    """Index of the first layer when it is ``Dense`` (after ``Flatten`` layers only), else ``None``."""
-    for i, layer in enumerate(net.layers):
-        if isinstance(layer, Dense):
-            return i
-        if not isinstance(layer, Flatten):
+def _first_linear(net: QNetwork) -> int | None:
+    """The node ``k`` through which alone the input reaches the rest of the network, when it is a linear map with
+    coefficients (dense, convolution, sum pooling) reached from the input through order-preserving data movement
+    only (``Flatten``, ``Reshape``: flat index ``j`` of the input is flat index ``j`` of ``k``'s input), every value
+    on the way read by exactly one node; else ``None``.
+
+    Then the values ``0 .. k`` are read by these nodes alone, so every later node reads values ``>= k + 1`` only
+    (a node ``i <= k`` off the way would read some value ``<= i``, all taken): the rest of the network is a
+    function of value ``k + 1``, the accumulator of ``k``."""
+    consumers = net.consumers()
+    j = 0
+    while True:
+        readers = consumers[j]
+        if len(readers) != 1 or net.node_inputs(readers[0]) != (j,):
             return None
-    return None
+        i = readers[0]
+        op = net.layers[i]
+        if not isinstance(op, LinearMap):
+            return None
+        if not op.movement:
+            return i
+        n = net.num_inputs
+        if not np.array_equal(op.index_map(net.in_shapes(i)), np.arange(n)):
+            return None
+        j = i + 1
+
+
+_COLUMNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: a linear map's columns are kept as a dense float64 matrix up to this many entries (else as sparse rows)
+_DENSE_COLUMNS = 1 << 22
+
+
+def _columns(net: QNetwork, k: int):
+    """``L^T`` of linear node ``k``, ``[in_n, out_n]`` (row ``j``: the column of input ``j``): a float64 tensor
+    (exact: integer entries below ``2^53``) when it has at most ``_DENSE_COLUMNS`` entries, else exact int64 CSR;
+    cached per op and input shape."""
+    op = net.layers[k]
+    shape = tuple(net.in_shapes(k)[0])
+    cache = _COLUMNS.setdefault(op, {})
+    if shape not in cache:
+        m = op.matrices([shape])[0].T.tocsr()
+        cache[shape] = torch.from_numpy(m.toarray().astype(np.float64)) if m.shape[0] * m.shape[1] <= \
+            _DENSE_COLUMNS else m
+    return cache[shape]
 
 
 def _neighbours(tn: TorchNet, x: np.ndarray, coords: np.ndarray, vals: np.ndarray, clamp: bool, max_rows: int
@@ -419,17 +456,19 @@ def _neighbours(tn: TorchNet, x: np.ndarray, coords: np.ndarray, vals: np.ndarra
     """Exact outputs and soft logits of the ``V * c`` points that change coordinate ``coords[i]`` of ``x`` to
     ``vals[v, i]`` (row ``v * c + i``).
 
-    When the first layer is dense its accumulators are updated by one column each, ``acc(x) + (v - x_j) W[:, j]``
-    (exact: integers below ``2^53``, as the accumulator of a grid point), instead of ``V * c`` full products;
-    otherwise the points are evaluated in blocks of ``max_rows``.
+    When the input reaches the network through one linear map ``k`` (:func:`_first_linear`), its accumulators are
+    updated by one column each, ``acc(x') = acc(x) + (v - x_j) L[:, j]`` (``L`` the map's exact integer matrix;
+    exact: every term and the result are integers below ``2^53``, as the accumulator of a grid point and its
+    validated bound), and only the nodes after ``k`` run; otherwise the points are evaluated in full. Rows go in
+    blocks of ``max_rows`` (of more when the accumulator is narrow: ``2^22`` accumulator entries a block).
     """
     net = tn.net
     V, c = vals.shape
-    k = _first_dense(net)
+    k = _first_linear(net)
+    rows = np.arange(V * c)
+    ys, us = [], []
     with torch.no_grad():
         if k is None:
-            ys, us = [], []
-            rows = np.arange(V * c)
             for r0 in range(0, V * c, max(1, max_rows)):
                 r = rows[r0:r0 + max_rows]
                 cand = np.repeat(x[None], len(r), axis=0)
@@ -438,13 +477,25 @@ def _neighbours(tn: TorchNet, x: np.ndarray, coords: np.ndarray, vals: np.ndarra
                 ys.append(y)
                 us.append(uc if clamp else uu)
             return np.concatenate(ys), torch.cat(us)
-        acc0 = tn.layer_values(torch.as_tensor(x[None], dtype=torch.float64))[k + 1]  # [1, out]
-        w = torch.as_tensor(net.layers[k].weight[:, coords], dtype=torch.float64)  # [out, c]
-        delta = torch.as_tensor(vals - x[coords][None], dtype=torch.float64)  # [V, c]
-        acc = (acc0[None] + delta[:, :, None] * w.T[None]).reshape(V * c, -1)
-        vals_all: list = [None] * (k + 1) + [acc, *tn.layer_values_from(k + 1, acc)]
-        y = vals_all[-1].reshape(V * c, -1)
-        return y.numpy().astype(np.int64), tn.soft_logits(vals_all, clamp=clamp)
+        from scipy.sparse import diags
+
+        shape = net.shapes[k + 1]
+        acc0 = tn.layer_values(torch.as_tensor(x[None], dtype=torch.float64))[k + 1].reshape(1, -1)  # [1, out]
+        cols = _columns(net, k)[coords]  # [c, out]: row i is L[:, coords[i]]
+        delta = (vals - x[coords][None]).ravel()  # [V * c]
+        block = max(1, max_rows, (1 << 22) // max(1, acc0.shape[1]))
+        for r0 in range(0, V * c, block):
+            r = rows[r0:r0 + block]
+            if isinstance(cols, torch.Tensor):  # exact float64 products of integers
+                upd = torch.from_numpy(delta[r].astype(np.float64))[:, None] * cols[r % c]
+            else:  # exact int64 products
+                upd = torch.from_numpy((diags(delta[r], dtype=np.int64) @ cols[r % c]).toarray().astype(np.float64))
+            acc = (acc0 + upd.to(acc0.device)).reshape(len(r), *shape)
+            vals_all: list = [None] * (k + 1) + [acc, *tn.layer_values_from(k + 1, acc)]
+            y = vals_all[-1].reshape(len(r), -1)
+            ys.append(y.cpu().numpy().astype(np.int64))
+            us.append(tn.soft_logits(vals_all, clamp=clamp))
+        return np.concatenate(ys), torch.cat(us)
 
 
 def _local_search(tn: TorchNet, props: Sequence[Property], regions: PaddedRegions, found: list, nearest: _Nearest,

@@ -52,12 +52,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from qverify import graph
 from qverify.attack import AttackSettings, PaddedRegions, attack_batch
 from qverify.bounds.interval import interval_bounds, row_lower_bounds
-from qverify.execute import forward
-from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
+from qverify.execute import forward, lookup
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    LinearMap,
+    Lookup,
+    MaxPool2d,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
+)
 from qverify.property import Property
 from qverify.replay import replay
 from qverify.result import Counterexample, Reason, Result, StageTime, Verdict
@@ -138,47 +155,114 @@ def disjunct_scores(prop: Property, ylo: np.ndarray, yhi: np.ndarray) -> tuple[n
 
 
 class _LinearChain:
-    """The network's linear parts for the ``bound`` heuristic and the bound vertex (module docstring)."""
+    """The network's linear parts for the ``bound`` heuristic and the bound vertex (module docstring), pulled back
+    through the graph by :func:`qverify.graph.backward` with the rule table :data:`PULL`.
+
+    Each rule maps rows ``lam [N, *out]`` over a node's output to rows over each of its inputs ``[N, *in_k]``:
+
+    * linear maps: ``L_k^T lam`` (``|L_k|^T lam`` with ``absolute``), the op's own :meth:`transpose`, so a residual
+      branch's rows add up where the branches meet;
+    * requantization: ``m_c lam`` on the neurons the bounds leave unfixed (``lo < hi``), ``0`` on fixed ones
+      (``m_c = p_c / q_c``, the slope with which interval widths pass the rounding); clamp: the 0/1 mask alone;
+    * step functions: the secant slope ``(f(hi) - f(lo)) / (hi - lo)`` of the neuron over its input bounds
+      (exactly the factor by which interval propagation maps the input width to the output width), ``0`` when
+      fixed;
+    * lookup tables (any function): with ``absolute`` the width ratio ``(y_hi - y_lo) / (x_hi - x_lo)`` of the
+      interval bounds (as for a step function); signed, the table's secant ``(f(x_hi) - f(x_lo)) / (x_hi - x_lo)``
+      between the input's ends (a heuristic direction for the bound vertex; a non-monotone table has no sign);
+    * max pooling: ``lam`` goes to the cell of largest upper bound of each window whose output is unfixed (first on
+      ties): the subgradient of the interval upper bound ``max_j hi_j``; ``0`` for a fixed output.
+    """
 
     def __init__(self, net: QNetwork) -> None:
         self.net = net
-        self.w: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.m: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(net.layers):
-            if isinstance(layer, (Dense, Conv2d)):
-                w = torch.as_tensor(layer.weight, dtype=torch.float64)
-                self.w[i] = (w, w.abs())
-            elif isinstance(layer, Requantize):
-                self.m[i] = torch.tensor([n / d for n, d in zip(layer.num, layer.den, strict=True)],
-                                         dtype=torch.float64)
 
     def coefficients(self, rows: np.ndarray, ivb: list, idx: np.ndarray, absolute: bool) -> np.ndarray:
-        """``rows [B, n_out]`` pulled back to the input, ``[B, n]``: ``rows^T W_L M ... W_1`` (``absolute``: with
-        ``|rows|`` and ``|W|``). ``M`` keeps the neurons that the bounds ``ivb`` (of boxes ``idx``) leave unfixed."""
+        """``rows [B, n_out]`` pulled back to the input, ``[B, n]``: ``rows^T W_L M ... W_1`` over the graph
+        (``absolute``: with ``|rows|`` and ``|W|``). ``M`` keeps the neurons that the bounds ``ivb`` (of boxes
+        ``idx``) leave unfixed."""
         net = self.net
-        x = torch.zeros((len(idx), *net.input_shape), dtype=torch.float64, requires_grad=True)
-        v = x
-        for i, layer in enumerate(net.layers):
-            if isinstance(layer, Dense):
-                v = F.linear(v, self.w[i][1 if absolute else 0])
-            elif isinstance(layer, Conv2d):
-                pt, pl, pb, pr = layer.padding
-                if any(layer.padding):
-                    v = F.pad(v, (pl, pr, pt, pb))
-                v = F.conv2d(v, self.w[i][1 if absolute else 0], stride=layer.stride, dilation=layer.dilation)
-            elif isinstance(layer, (Requantize, Clamp)):
-                lo, hi = ivb[i + 1]
-                mask = torch.from_numpy(lo[idx] < hi[idx])
-                if isinstance(layer, Requantize):
-                    m = self.m[i]
-                    v = v * (m.reshape(()) if m.numel() == 1 else m.reshape((1, -1) + (1,) * (v.ndim - 2)))
-                v = v * mask
-            elif isinstance(layer, Flatten):
-                v = v.reshape(v.shape[0], -1)
-        r = torch.as_tensor(rows, dtype=torch.float64)
-        out = (v.reshape(len(idx), -1) * (r.abs() if absolute else r)).sum()
-        (g,) = torch.autograd.grad(out, x)
-        return g.reshape(len(idx), -1).numpy()
+        part = "abs" if absolute else "w"
+        r = np.asarray(rows, dtype=np.float64)
+        seed = (np.abs(r) if absolute else r).reshape(len(idx), *net.shapes[-1])
+
+        def pull(i: int, op: object, lam: np.ndarray) -> list[np.ndarray]:
+            return graph.rule(PULL, op, "branch and bound coefficients")(net, i, op, lam, ivb, idx, part)
+
+        rows_at = graph.backward(net, len(net.layers), seed, pull, lambda j, a, b: a + b)
+        out = rows_at.get(0)
+        if out is None:  # the output does not depend on the input
+            return np.zeros((len(idx), net.num_inputs))
+        return np.asarray(out).reshape(len(idx), -1)
+
+
+def _unfixed(ivb: list, value: int, idx: np.ndarray) -> np.ndarray:
+    lo, hi = ivb[value]
+    return (lo[idx] < hi[idx]).astype(np.float64)
+
+
+def _pull_linear(net: QNetwork, i: int, op: LinearMap, lam: np.ndarray, ivb: list, idx: np.ndarray,
+                 part: str) -> list[np.ndarray]:
+    return op.transpose(lam, net.in_shapes(i), part)
+
+
+def _channels(t: np.ndarray, ndim: int) -> np.ndarray:
+    return t.reshape(()) if t.size == 1 else t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _pull_requantize(net: QNetwork, i: int, op: Requantize, lam: np.ndarray, ivb: list, idx: np.ndarray,
+                     part: str) -> list[np.ndarray]:
+    m = np.array([n / d for n, d in zip(op.num, op.den, strict=True)], dtype=np.float64)
+    return [lam * _channels(m, lam.ndim) * _unfixed(ivb, i + 1, idx)]
+
+
+def _pull_clamp(net: QNetwork, i: int, op: Clamp, lam: np.ndarray, ivb: list, idx: np.ndarray,
+                part: str) -> list[np.ndarray]:
+    return [lam * _unfixed(ivb, i + 1, idx)]
+
+
+def _pull_step(net: QNetwork, i: int, op: Step, lam: np.ndarray, ivb: list, idx: np.ndarray,
+               part: str) -> list[np.ndarray]:
+    (value,) = net.node_inputs(i)
+    xlo, xhi = (b[idx].astype(np.float64) for b in ivb[value])
+    ylo, yhi = (b[idx].astype(np.float64) for b in ivb[i + 1])
+    width = xhi - xlo
+    slope = np.divide(yhi - ylo, width, out=np.zeros_like(width), where=width > 0)
+    return [lam * slope]
+
+
+def _pull_lookup(net: QNetwork, i: int, op: Lookup, lam: np.ndarray, ivb: list, idx: np.ndarray,
+                 part: str) -> list[np.ndarray]:
+    (value,) = net.node_inputs(i)
+    xlo, xhi = (b[idx] for b in ivb[value])
+    width = (xhi - xlo).astype(np.float64)
+    if part == "abs":  # the interval width ratio, as for a step function
+        rise = (ivb[i + 1][1][idx] - ivb[i + 1][0][idx]).astype(np.float64)
+    else:  # the signed secant of the table between the input's ends
+        rise = (lookup(op, xhi) - lookup(op, xlo)).astype(np.float64)
+    return [lam * np.divide(rise, width, out=np.zeros_like(width), where=width > 0)]
+
+
+def _pull_max_pool(net: QNetwork, i: int, op: MaxPool2d, lam: np.ndarray, ivb: list, idx: np.ndarray,
+                   part: str) -> list[np.ndarray]:
+    (value,) = net.node_inputs(i)
+    in_shape = net.shapes[value]
+    n = len(lam)
+    win = op.window_indices(in_shape).reshape(-1, int(np.prod(op.kernel)))  # [n_out, K], -1: padded
+    hi = ivb[value][1][idx].reshape(n, -1).astype(np.float64)
+    cell_hi = np.where(win[None] >= 0, hi[:, np.maximum(win, 0)], -np.inf)  # [N, n_out, K]
+    best = np.take_along_axis(np.broadcast_to(win, cell_hi.shape), cell_hi.argmax(axis=-1)[..., None], -1)[..., 0]
+    weight = (lam * _unfixed(ivb, i + 1, idx)).reshape(n, -1)
+    out = np.zeros((n, int(np.prod(in_shape))), dtype=np.float64)
+    np.add.at(out, (np.arange(n)[:, None], best), weight)
+    return [out.reshape(n, *in_shape)]
+
+
+#: the coefficient pull-back table of :class:`_LinearChain`: ``rule(net, node, op, rows, bounds, boxes, part)``
+PULL = {Dense: _pull_linear, Conv2d: _pull_linear, SumPool2d: _pull_linear, Add: _pull_linear,
+        Flatten: _pull_linear, Reshape: _pull_linear, Transpose: _pull_linear, Pad: _pull_linear,
+        Concat: _pull_linear, Requantize: _pull_requantize, Clamp: _pull_clamp, Step: _pull_step,
+        Lookup: _pull_lookup, MaxPool2d: _pull_max_pool}
 
 
 def split_boxes(lo: np.ndarray, hi: np.ndarray, dim: np.ndarray

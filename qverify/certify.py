@@ -56,7 +56,8 @@ import numpy as np
 from qverify.divergence import Divergence, annotate, check_properties, semantics_of, unavailable
 from qverify.execute import forward, predict
 from qverify.network import QNetwork
-from qverify.property import Property, PropertyError, pixels_to_grid, robustness_property
+from qverify.preprocess import Preprocess
+from qverify.property import Property, PropertyError, data_layout, pixels_to_grid, robustness_property
 from qverify.result import Result
 from qverify.settings import VerifySettings
 
@@ -440,6 +441,9 @@ def _compatible(old: dict, new: dict) -> list[str]:
         diffs.append(f"data: the file was written for data sha256 {old['data']['sha256'][:16]}... "
                      f"({old['data'].get('path')!r}), this run's data is {new['data']['sha256'][:16]}... "
                      f"({new['data'].get('path')!r})")
+    if old.get("preprocess") != new.get("preprocess"):
+        diffs.append(f"preprocess: the file was written with {old.get('preprocess')!r}, this run uses "
+                     f"{new.get('preprocess')!r}")
     so, sn = _verdict_settings(old["settings"]), _verdict_settings(new["settings"])
     if so != sn:
         keys = sorted(k for k in set(so) | set(sn) if so.get(k) != sn.get(k))
@@ -512,7 +516,8 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
             ray_address: str | None = None, ray_chunk: int | None = None, model_path: str | Path | None = None,
             model_name: str | None = None, data_path: str | Path | None = None, command: str | None = None,
             overwrite: bool = False, on_record: Callable[[dict], None] | None = None,
-            log: Callable[[str], None] | None = None, divergence_points: int = 256) -> CertifySummary:
+            log: Callable[[str], None] | None = None, divergence_points: int = 256,
+            preprocess: Preprocess | None = None) -> CertifySummary:
     """Verify every ``(sample, radius)`` instance and append each decided one to ``results_path`` (JSON lines).
 
     ``images`` are raw data (e.g. uint8 pixels, mapped to the network's grid by
@@ -522,7 +527,9 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
     (``"local"`` starts a local Ray with ``workers`` CPUs; anything else is passed to ``ray.init(address=...)``;
     an already initialized Ray is used as it is); the driver writes the file either way. ``on_record(record)`` is
     called after each record is written (an exception from it stops the run, the file keeps what was written).
-    ``log`` receives notes (resume, repair); default: stderr when ``progress`` else nothing.
+    ``log`` receives notes (resume, repair); default: stderr when ``progress`` else nothing. ``preprocess``: the
+    data are raw pixels that the model takes through this preprocessing (:mod:`qverify.preprocess`; radii are then
+    in pixels of the raw data); stored in the header, and a file written with another one is not resumed.
 
     ``divergence_points`` (0: off): for a model imported from ONNX, that many points of each instance's box (center,
     corners, random grid points; :mod:`qverify.divergence`) are run on onnxruntime and the executor before the
@@ -550,7 +557,8 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
     bad = [i for i in sel if not 0 <= labels[i] < net.num_outputs]
     if bad:
         raise PropertyError(f"labels of samples {bad[:5]} lie outside the network's {net.num_outputs} outputs")
-    x = pixels_to_grid(net, images[sel]) if sel else np.zeros((0, net.num_inputs), np.int64)
+    x = pixels_to_grid(net, images[sel], preprocess) if sel else np.zeros((0, net.num_inputs), np.int64)
+    raw = data_layout(net, images[sel]) if sel and preprocess is not None else None
     path = Path(results_path)
 
     header = {
@@ -564,6 +572,7 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
                       "n": len(sel)},
         "settings": _settings_json(settings), "seed": settings.seed, "versions": versions(),
         "command": command, "semantics": semantics_of(net),
+        "preprocess": preprocess.spec() if preprocess is not None else None,
         "divergence_check": {"points": int(divergence_points), "runtime": "onnxruntime"
                              if divergence_points and not unavailable(net) else None,
                              "skipped": unavailable(net) if divergence_points else "switched off"},
@@ -612,6 +621,9 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
                     else:
                         verify_list.append((k, r))
                 props = [robustness_property(net, x[k], int(labels[sel[k]]), radius=r, name=f"sample{sel[k]}_r{r}")
+                         if raw is None else
+                         preprocess.robustness_property(net, raw[k], int(labels[sel[k]]), r,  # type: ignore[union-attr]
+                                                        name=f"sample{sel[k]}_r{r}")
                          for k, r in verify_list]
                 divs = _divergences(net, props, divergence_points, settings.seed)
 

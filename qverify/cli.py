@@ -39,6 +39,23 @@ def _load_data(path: str) -> tuple[np.ndarray, np.ndarray]:
     return load_npz(path)
 
 
+def _preprocess(args: argparse.Namespace):
+    """``--preprocess SPEC`` as a :class:`qverify.preprocess.Preprocess` (or ``None``)."""
+    spec = getattr(args, "preprocess", None)
+    if not spec:
+        return None
+    from qverify.preprocess import Preprocess
+
+    return Preprocess.parse(spec)
+
+
+def _preprocess_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--preprocess", default=None, metavar="SPEC",
+                   help="the data are raw pixels that the model takes through this preprocessing, e.g. "
+                        "scale=1/255 or scale=1/255,mean=0.1307,std=0.3081 (per channel a:b:c; range=0:255 the raw "
+                        "range); radii are then in raw pixels. Stored with the results")
+
+
 def _parse_ids(spec: str | None, n: int) -> list[int]:
     """``0:100``, ``5``, ``1,4,9``, ``0:100:2`` or ``900:`` (python slices, end exclusive), checked against ``n``."""
     from qverify.io.vnnlib import parse_ids
@@ -115,6 +132,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'#':>3}  {'layer':<11} {'name':<28} {'shape':<16} {'values':<22} {'params':>8}  details")
     for r in rows:
         det = []
+        if "reads" in r:
+            reads = ", ".join("input" if v == 0 else f"#{v - 1}" for v in r["reads"])
+            det.append(f"{'joins' if len(r['reads']) > 1 else 'reads'} {reads}")
+        if "branches_to" in r:
+            det.append("read by " + ", ".join(f"#{k}" for k in r["branches_to"]))
+        if "op" in r:
+            det.append(str(r["op"]))
         if "weight_bits" in r:
             det.append(f"weights {r['weight_bits']}")
         if "requant" in r:
@@ -135,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     net = _load(args)
     images, labels = _load_data(args.data)
     ids = _parse_ids(args.ids, len(images))
-    x = pixels_to_grid(net, images[ids])
+    x = pixels_to_grid(net, images[ids], _preprocess(args))
     pred = predict(net, x)
     acc = float(np.mean(pred == labels[ids])) if len(ids) else 0.0
     div = _divergence(net, x, "data", args)
@@ -166,7 +190,7 @@ def cmd_property(args: argparse.Namespace) -> int:
         ties = "any"
     ids = _parse_ids(args.ids, len(images))
     paths = write_robustness_properties(net, images, labels, ids, out_dir=args.output, radius=args.radius,
-                                        eps=args.eps, ties=ties)
+                                        eps=args.eps, ties=ties, preprocess=_preprocess(args))
     print(f"wrote {len(paths)} properties to {args.output}")
     return EXIT_OK
 
@@ -466,7 +490,8 @@ def _certify(net, images, labels, args: argparse.Namespace, out: Path, model_pat
                           progress=not args.no_progress, ray_address=args.ray, model_path=model_path,
                           data_path=data_path, command=" ".join(["qverify", *sys.argv[1:]]),
                           overwrite=args.overwrite,
-                          divergence_points=0 if args.no_divergence_check else args.divergence_points)
+                          divergence_points=0 if args.no_divergence_check else args.divergence_points,
+                          preprocess=_preprocess(args))
     except ResultsFileError as e:
         raise CliError(str(e)) from None
     print(summary.format_table())
@@ -610,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data", help=".npz with 'images' (raw pixels) and 'labels'")
     c.add_argument("--ids", default=None, help="samples to run, e.g. 0:100 (default: all)")
     c.add_argument("--json", action="store_true", help="print {'predictions': [...], 'accuracy': ...}")
+    _preprocess_arg(c)
     _divergence_args(c, "the data's samples")
     c.set_defaults(func=cmd_run)
 
@@ -630,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--radius", type=int, default=None, help="L-inf radius in input units (pixels)")
     c.add_argument("--eps", default=None, help="L-inf radius in real input units (e.g. 0.02)")
     c.add_argument("-o", "--output", required=True, help="output directory")
+    _preprocess_arg(c)
     c.set_defaults(func=cmd_property)
 
     c = sub.add_parser("verify", help="verify VNN-LIB properties (one, or a VNN-COMP instances.csv)",
@@ -704,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     _solver_args(c)
     c.add_argument("-o", "--output", required=True, help="output directory (results.jsonl, report/)")
     c.add_argument("--no-report", action="store_true", help="do not render the report")
+    _preprocess_arg(c)
     _divergence_args(c, "points of each instance's box")
     c.set_defaults(func=cmd_certify)
 

@@ -92,8 +92,9 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
     """Decide ``prop`` on ``net`` with the integer program of ``settings.encoding`` solved by
     ``settings.backend``.
 
-    ``bounds``: per-layer ``(lo, hi)`` bounds valid on the property's box (see :mod:`qverify.encode`); default:
-    interval bounds. ``deadline``: an absolute :func:`time.monotonic` time after which the solver must stop
+    ``bounds``: per-value ``(lo, hi)`` bounds (one per value of the graph) valid on the property's box (see
+    :mod:`qverify.encode`); default: interval bounds. ``deadline``: an absolute :func:`time.monotonic` time after
+    which the solver must stop
     (the effective limit is ``min(settings.time_limit, deadline - now)``). ``margin``: guide the solver with the
     violation-depth objective (default: on for CP-SAT, which stops at the first solution; off for the MIP
     back ends, which would optimize it to the end). ``split``: one program per unsafe disjunct (default: on).
@@ -290,7 +291,8 @@ def _conclude(net: QNetwork, prop: Property, enc: NetworkEncoding, prog: Program
 
 def replay_report(net: QNetwork, enc: NetworkEncoding, values: list[int], x: np.ndarray, note: str,
                   raw_values: list[float] | None = None, prog: Program | None = None) -> dict:
-    """Where the solver's solution and the executor part ways: the first layer whose decoded values differ from
+    """Where the solver's solution and the executor part ways: the first value (in the graph's topological order;
+    ``layer_index`` is the value index, ``i + 1`` for node ``i``) whose decoded values differ from
     the executor's on the decoded input, plus the program rows the rounded solution violates (exact check)."""
     rep: dict = {"note": note, "x": [int(v) for v in np.ravel(x)]}
     if not values:

@@ -2,9 +2,11 @@
 
 This module *is* the semantics. Bounds, encodings, attacks and the trainer's export are tested against it.
 
-Affine layers are computed in float64 BLAS: network validation proved every accumulator (and so every partial sum,
-whatever the summation order) stays below ``2^53`` in magnitude for any input of the grid, so the float64 results
-are the exact integers. Requantization is :func:`qverify.quant.multiply_round` (exact integer arithmetic), or, for a
+Linear maps (dense, convolution, sum pooling, add) are computed in float64 BLAS: network validation proved every
+accumulator (and so every partial sum, whatever the summation order) stays below ``2^53`` in magnitude for any
+input of the grid, so the float64 results are the exact integers; data movement runs on the int64 values. Max
+pooling is the integer maximum; a :class:`~qverify.ops.Step` counts the cut points at or below its input.
+Requantization is :func:`qverify.quant.multiply_round` (exact integer arithmetic), or, for a
 float32 requantization (``Requantize.float32_scale``, onnxruntime's semantics), :func:`qverify.quant.f32_round`: the
 bit-exact emulation of MLAS ``MlasRequantizeOutput``, ``clamp(rne(fl32(fl32(acc) m_c)) + z_c, lo, hi)``.
 """
@@ -15,7 +17,26 @@ import weakref
 
 import numpy as np
 
-from qverify.network import Clamp, Conv2d, Dense, Flatten, Layer, QNetwork, Requantize
+from qverify import graph
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    Layer,
+    LinearMap,
+    Lookup,
+    MaxPool2d,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
+)
 from qverify.quant import f32_round, f32_thresholds, multiply_round, thresholds
 
 
@@ -23,41 +44,23 @@ class InputError(ValueError):
     """Inputs that are not on the network's integer grid."""
 
 
-_WT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _dense_weights(layer: Dense) -> np.ndarray:
-    """``W^T`` as float64, cached per layer."""
-    w = _WT.get(layer)
-    if w is None:
-        w = _WT[layer] = np.ascontiguousarray(layer.weight.T, dtype=np.float64)
-    return w
-
-
-def _dense(layer: Dense, x: np.ndarray) -> np.ndarray:
-    acc = x.astype(np.float64) @ _dense_weights(layer)
-    acc += layer.bias
+def linear_map(op: LinearMap, xs: list[np.ndarray], in_shapes: list[tuple[int, ...]] | None = None) -> np.ndarray:
+    """``sum_i L_i(x_i) + c`` exactly: float64 (exact below ``2^53``, which validation proves) for maps with
+    coefficients, int64 for data movement."""
+    shapes = [x.shape[1:] for x in xs] if in_shapes is None else in_shapes
+    if op.movement:
+        return op.linear(xs) + op.offset(shapes)
+    acc = op.linear([x.astype(np.float64) for x in xs])
+    acc += op.offset(shapes)
     return acc.astype(np.int64)
 
 
 def conv2d_float(layer: Conv2d, x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-    """Convolution in floating point, ``x`` is ``[B, C, H, W]``. Exact for integer operands when every partial sum
-    stays below ``2^53`` (float64, what network validation proves) or ``2^24`` (float32, callers check)."""
-    pt, pl, pb, pr = layer.padding
-    xf = x.astype(dtype)
-    if any(layer.padding):
-        xf = np.pad(xf, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=dtype(layer.pad_value))
-    o, c, kh, kw = layer.weight.shape
-    dh, dw = layer.dilation
-    sh, sw = layer.stride
-    win = np.lib.stride_tricks.sliding_window_view(xf, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, OH, OW, kh, kw]
-    acc = np.einsum("bchwuv,ocuv->bohw", win, layer.weight.astype(dtype), optimize=True)
+    """Convolution in floating point with its bias and padded cells, ``x`` is ``[B, C, H, W]``. Exact for integer
+    operands when every partial sum stays below ``2^53`` (float64, what network validation proves) or ``2^24``
+    (float32, callers check)."""
+    acc = layer.convolve(np.asarray(x).astype(dtype), "w", layer.pad_value)
     return acc + layer.bias.astype(dtype)[None, :, None, None]
-
-
-def _conv(layer: Conv2d, x: np.ndarray) -> np.ndarray:
-    return conv2d_float(layer, x).astype(np.int64)
 
 
 #: clamp ranges up to this many values use the step-table path for rational multipliers
@@ -125,21 +128,58 @@ def requantize(layer: Requantize, acc: np.ndarray) -> np.ndarray:
     return np.clip(y + zp, layer.lo, layer.hi).astype(np.int64, copy=False)
 
 
-def _flatten(layer: Flatten, x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[0], -1)
+def _linear(layer: LinearMap, xs: list[np.ndarray]) -> np.ndarray:
+    return linear_map(layer, xs)
 
 
-def _clamp(layer: Clamp, x: np.ndarray) -> np.ndarray:
-    return np.clip(x, layer.lo, layer.hi)
+def _clamp(layer: Clamp, xs: list[np.ndarray]) -> np.ndarray:
+    return np.clip(xs[0], layer.lo, layer.hi)
 
 
-#: the executor's table: one exact function per layer type
-EXECUTE = {Dense: _dense, Conv2d: _conv, Requantize: requantize, Flatten: _flatten, Clamp: _clamp}
+def step_function(layer: Step, x: np.ndarray) -> np.ndarray:
+    """``levels[#{k : cuts[c, k] <= x}]`` per channel ``c`` (axis 1)."""
+    levels = np.asarray(layer.levels, dtype=np.int64)
+    x = np.asarray(x, dtype=np.int64)
+    if layer.channels == 1:
+        return levels[np.searchsorted(layer.cuts[0], x, side="right")]
+    out = np.empty_like(x)
+    for ch in range(layer.channels):
+        out[:, ch] = levels[np.searchsorted(layer.cuts[ch], x[:, ch], side="right")]
+    return out
 
 
-def apply_layer(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """Apply one layer to a batch."""
-    return EXECUTE[type(layer)](layer, x)
+def lookup(layer: Lookup, x: np.ndarray) -> np.ndarray:
+    """``table_c[x - start]`` per channel ``c`` (axis 1); validation proved every input lies in the domain."""
+    x = np.asarray(x, dtype=np.int64) - layer.start
+    if layer.channels == 1:
+        return layer.table[0][x]
+    out = np.empty_like(x)
+    for ch in range(layer.channels):
+        out[:, ch] = layer.table[ch][x[:, ch]]
+    return out
+
+
+def max_pool(layer: MaxPool2d, x: np.ndarray) -> np.ndarray:
+    """The maximum of each window's cells (padded cells ignored)."""
+    return layer.windows(np.asarray(x)).max(axis=-1)
+
+
+#: the executor's table: one exact function per op type, ``f(op, input values) -> output value``
+EXECUTE = {Dense: _linear, Conv2d: _linear, SumPool2d: _linear, Add: _linear, Flatten: _linear, Reshape: _linear,
+           Transpose: _linear, Pad: _linear, Concat: _linear,
+           Requantize: lambda layer, xs: requantize(layer, xs[0]), Clamp: _clamp,
+           Step: lambda layer, xs: step_function(layer, xs[0]), Lookup: lambda layer, xs: lookup(layer, xs[0]),
+           MaxPool2d: lambda layer, xs: max_pool(layer, xs[0])}
+
+
+def apply_layer(layer: Layer, x: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """Apply one op to a batch (a list of batches for an op with several inputs)."""
+    xs = x if isinstance(x, list) else [x]
+    return graph.rule(EXECUTE, layer, "executor")(layer, xs)
+
+
+def _step(i: int, layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
+    return graph.rule(EXECUTE, layer, "executor")(layer, xs)
 
 
 def check_inputs(net: QNetwork, x: np.ndarray) -> np.ndarray:
@@ -164,10 +204,7 @@ def execute(net: QNetwork, x: np.ndarray) -> list[np.ndarray]:
     """Every layer's integer values for a batch ``x``.
 
     Element 0 is the input, element ``i + 1`` is layer ``i``'s output."""
-    values = [check_inputs(net, x)]
-    for layer in net.layers:
-        values.append(apply_layer(layer, values[-1]))
-    return values
+    return graph.forward(net, check_inputs(net, x), _step)  # type: ignore[return-value]
 
 
 def forward(net: QNetwork, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -175,10 +212,8 @@ def forward(net: QNetwork, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     a = check_inputs(net, x)
     outs = []
     for s in range(0, max(len(a), 1), batch_size):
-        v = a[s:s + batch_size]
-        for layer in net.layers:
-            v = apply_layer(layer, v)
-        outs.append(v.reshape(len(v), -1))
+        v = graph.forward(net, a[s:s + batch_size], _step, keep=False)[-1]
+        outs.append(v.reshape(len(v), -1))  # type: ignore[union-attr]
     return np.concatenate(outs) if outs else np.zeros((0, net.num_outputs), dtype=np.int64)
 
 

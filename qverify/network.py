@@ -1,310 +1,75 @@
-"""The integer network: layer dataclasses and their validation.
+"""The integer network: a graph of integer ops, with its validation.
 
-A :class:`QNetwork` is a sequence of integer layers applied to a batch of integer inputs on the grid
-``[input_lo, input_hi]^input_shape`` (channels first, no batch axis in the shapes):
-
-* :class:`Dense`      ``acc = W x + b``                          (``W`` int ``[out, in]``, ``b`` int ``[out]``)
-* :class:`Conv2d`     ``acc[o,i,j] = sum_{c,u,v} W[o,c,u,v] xpad[c, i*sh + u*dh, j*sw + v*dw] + b[o]``,
-  where ``xpad`` is ``x`` padded with ``pad_value`` (the input zero point, so padding means real zero)
-* :class:`Flatten`    ``[C, H, W] -> [C*H*W]`` in C order
-* :class:`Requantize` ``y = clamp(R(acc * p_c / q_c) + z_c, lo, hi)`` per output channel ``c`` (axis 1 of the batch),
-  or, with ``float32_scale`` (onnxruntime's semantics), ``y = clamp(rne(fl32(fl32(acc) * m_c)) + z_c, lo, hi)``
-* :class:`Clamp`      ``y = clamp(x, lo, hi)`` (an integer ReLU is ``clamp(x, z, hi)``)
-
-Zero points of weights and of layer inputs are folded into ``W`` and ``b`` by the importers (exact integer
-algebra: ``sum (w - z_w)(x - z_x) = sum w' x + b'``), so a layer sees plain integers. The real-valued view of the
-network is ``x_real = s_in (x - z_in)`` at the input and ``y_real = s_out (y - z_out)`` at the output.
-
-The output is the last layer's values (flattened); the predicted class is the argmax with the network's tie rule
+A :class:`QNetwork` is a directed acyclic graph of integer ops (:mod:`qverify.ops`) applied to a batch of integer
+inputs on the grid ``[input_lo, input_hi]^input_shape`` (channels first, no batch axis in the shapes). Its values
+are numbered: value 0 is the input and value ``i + 1`` is node ``i``'s output; node ``i`` (``layers[i]``) reads
+the values ``inputs[i]`` (all ``<= i``, so ``layers`` is in topological order). A chain (``inputs=None``) reads
+the previous value at every node: ``inputs[i] = (i,)``, so value ``i + 1`` is layer ``i``'s output, as before
+graphs. The output is the last value (a vector); the predicted class is its argmax with the network's tie rule
 (``first``: the first maximal index wins, as numpy and QVIP do).
 
-Validation (on construction) checks shapes, integrality, that every accumulator stays below ``2^53`` in magnitude
-for every input of the grid (so float64 BLAS is exact), and names the layer and the field that is wrong.
+The ops' semantics (:mod:`qverify.ops`, executed by :mod:`qverify.execute`):
+
+* integer linear maps (:class:`~qverify.ops.LinearMap`): :class:`Dense` ``W x + b``, :class:`Conv2d` (strides,
+  padding with the input zero point, dilation, groups / depthwise), :class:`SumPool2d`, :class:`Add`
+  ``sum w_i x_i + b`` (residual adds), and data movement: :class:`Flatten`, :class:`Reshape`, :class:`Transpose`,
+  :class:`Pad`, :class:`Concat`;
+* monotone elementwise ops (:class:`~qverify.ops.Monotone`): :class:`Requantize`
+  ``clamp(R(acc * p_c / q_c) + z_c, lo, hi)`` (or onnxruntime's float32 ``clamp(rne(fl32(fl32(acc) m_c)) + z_c)``),
+  :class:`Clamp`, :class:`Step` (``Sign`` and binarizing thresholds);
+* :class:`Lookup` (any function of one integer, as a table) and :class:`MaxPool2d`.
+
+Zero points of weights and of layer inputs are folded into ``W`` and ``b`` by the importers (exact integer
+algebra: ``sum (w - z_w)(x - z_x) = sum w' x + b'``), so an op sees plain integers. The real-valued view of the
+network is ``x_real = s_in (x - z_in)`` at the input and ``y_real = s_out (y - z_out)`` at the output.
+
+Validation (on construction) checks the graph (every node reads earlier values, with the number of inputs its op
+takes), shapes, integrality, that every linear map's values and partial sums stay below ``2^53`` in magnitude for
+every input of the grid (so float64 BLAS is exact), and names the node and the field that is wrong.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
-from qverify.quant import (
-    F32_SCALE_MAX,
-    F32_SCALE_MIN,
-    FLOAT64_EXACT,
-    Rounding,
-    as_fraction,
-    is_float32,
-    is_power_of_two,
+from qverify.ops import (
+    ALL_OPS,
+    CHAIN_OPS,
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    LinearMap,
+    Lookup,
+    MaxPool2d,
+    ModelError,
+    Monotone,
+    Op,
+    Pad,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
 )
+from qverify.ops.base import int_array as _int_array
+from qverify.ops.base import int_scalar as _int_scalar
+from qverify.quant import FLOAT64_EXACT, Rounding, as_fraction
 
-
-class ModelError(ValueError):
-    """A malformed model: the message names the file (when known), the layer and what is wrong."""
-
-
-def _int_array(value: object, what: str) -> np.ndarray:
-    a = np.asarray(value)
-    if a.dtype == object:
-        try:
-            a = a.astype(np.int64)
-        except (OverflowError, TypeError) as e:
-            raise ModelError(f"{what}: values must be int64 integers ({e})") from None
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise ModelError(f"{what}: values must be integers, found non-integer floats")
-        if a.size and np.max(np.abs(a)) >= 2**62:
-            raise ModelError(f"{what}: values out of int64 range")
-        a = a.astype(np.int64)
-    if not np.issubdtype(a.dtype, np.integer):
-        raise ModelError(f"{what}: integer array expected, got dtype {a.dtype}")
-    if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
-        raise ModelError(f"{what}: values out of int64 range (unsigned values up to {int(a.max())})")
-    return a.astype(np.int64, copy=False)
-
-
-def _int_scalar(value: object, what: str) -> int:
-    """An integer field (a clamp bound, a stride, a padding): an int, a numpy integer, or an integral float;
-    anything else (a fraction, NaN, a string, a bool) is a :class:`ModelError` instead of a silent ``int()``."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ModelError(f"{what}: integer expected, got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
-        return int(value)
-    raise ModelError(f"{what}: integer expected, got {value!r}")
-
-
-@dataclass(frozen=True, eq=False)
-class Dense:
-    """``acc = W x + b`` with ``W`` int64 ``[out, in]`` and ``b`` int64 ``[out]``."""
-
-    weight: np.ndarray
-    bias: np.ndarray
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", _int_array(self.weight, f"Dense {self.name!r} weight"))
-        object.__setattr__(self, "bias", _int_array(self.bias, f"Dense {self.name!r} bias"))
-        if self.weight.ndim != 2:
-            raise ModelError(f"Dense {self.name!r}: weight must be 2-D [out, in], got shape {self.weight.shape}")
-        if self.bias.shape != (self.weight.shape[0],):
-            raise ModelError(f"Dense {self.name!r}: bias shape {self.bias.shape} does not match "
-                             f"weight rows {self.weight.shape[0]}")
-
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        if in_shape != (self.weight.shape[1],):
-            raise ModelError(f"Dense {self.name!r}: weight expects input ({self.weight.shape[1]},), "
-                             f"got {in_shape}")
-        return (self.weight.shape[0],)
-
-
-@dataclass(frozen=True, eq=False)
-class Conv2d:
-    """2-D convolution (cross-correlation, as ONNX/PyTorch), NCHW, ``groups = 1``.
-
-    ``padding`` is ``(top, left, bottom, right)``; padded cells hold ``pad_value``.
-    """
-
-    weight: np.ndarray
-    bias: np.ndarray
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    pad_value: int = 0
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", _int_array(self.weight, f"Conv2d {self.name!r} weight"))
-        object.__setattr__(self, "bias", _int_array(self.bias, f"Conv2d {self.name!r} bias"))
-        for field_name in ("stride", "padding", "dilation"):
-            what = f"Conv2d {self.name!r} {field_name}"
-            try:
-                vals = tuple(_int_scalar(v, what) for v in getattr(self, field_name))
-            except TypeError:
-                raise ModelError(f"{what}: a sequence of integers expected") from None
-            object.__setattr__(self, field_name, vals)
-        object.__setattr__(self, "pad_value", _int_scalar(self.pad_value, f"Conv2d {self.name!r} pad_value"))
-        if self.weight.ndim != 4:
-            raise ModelError(f"Conv2d {self.name!r}: weight must be 4-D [out, in, kh, kw], got {self.weight.shape}")
-        if self.bias.shape != (self.weight.shape[0],):
-            raise ModelError(f"Conv2d {self.name!r}: bias shape {self.bias.shape} does not match "
-                             f"{self.weight.shape[0]} output channels")
-        if len(self.stride) != 2 or min(self.stride) < 1:
-            raise ModelError(f"Conv2d {self.name!r}: stride must be two positive ints, got {self.stride}")
-        if len(self.dilation) != 2 or min(self.dilation) < 1:
-            raise ModelError(f"Conv2d {self.name!r}: dilation must be two positive ints, got {self.dilation}")
-        if len(self.padding) != 4 or min(self.padding) < 0:
-            raise ModelError(f"Conv2d {self.name!r}: padding must be 4 non-negative ints, got {self.padding}")
-
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        o, c, kh, kw = self.weight.shape
-        if len(in_shape) != 3 or in_shape[0] != c:
-            raise ModelError(f"Conv2d {self.name!r}: expects input [{c}, H, W], got {in_shape}")
-        h = in_shape[1] + self.padding[0] + self.padding[2]
-        w = in_shape[2] + self.padding[1] + self.padding[3]
-        ekh = (kh - 1) * self.dilation[0] + 1
-        ekw = (kw - 1) * self.dilation[1] + 1
-        if h < ekh or w < ekw:
-            raise ModelError(f"Conv2d {self.name!r}: kernel {kh}x{kw} larger than padded input {h}x{w}")
-        return (o, (h - ekh) // self.stride[0] + 1, (w - ekw) // self.stride[1] + 1)
-
-
-@dataclass(frozen=True, eq=False)
-class Flatten:
-    """``[C, H, W] -> [C*H*W]`` (C order)."""
-
-    name: str = ""
-
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (int(np.prod(in_shape)),)
-
-
-@dataclass(frozen=True, eq=False)
-class Requantize:
-    """``y = clamp(R(acc * num_c / den_c) + zero_point_c, lo, hi)`` per channel ``c`` on axis 1.
-
-    ``num``, ``den`` are positive Python ints (one per channel, or one for the tensor); the exact multiplier is the
-    rational ``num / den``. Power-of-two fixed point is ``num = 1, den = 2^k``.
-
-    ``float32_scale`` (one float32 value per channel, or one): the requantization is onnxruntime's float32 one,
-    ``y = clamp(rne(fl32(fl32(acc) * m_c)) + zero_point_c, lo, hi)`` (:func:`qverify.quant.f32_round`), which
-    then *defines* the function; ``num / den`` hold the exact rational value of each ``m_c`` (the slope that
-    linear relaxations and heuristics use) and ``rounding`` is ``half_even``. Build it with :meth:`float32`.
-    """
-
-    num: tuple[int, ...]
-    den: tuple[int, ...]
-    zero_point: np.ndarray
-    lo: int
-    hi: int
-    rounding: Rounding = Rounding.HALF_UP
-    name: str = ""
-    float32_scale: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        num = tuple(int(v) for v in np.atleast_1d(np.asarray(self.num, dtype=object)))
-        den = tuple(int(v) for v in np.atleast_1d(np.asarray(self.den, dtype=object)))
-        if len(num) != len(den) or not num:
-            raise ModelError(f"Requantize {self.name!r}: num and den must have the same non-zero length")
-        if min(num) <= 0 or min(den) <= 0:
-            raise ModelError(f"Requantize {self.name!r}: multipliers must be positive")
-        # reduce each fraction so equal multipliers compare equal
-        red = [Fraction(n, d) for n, d in zip(num, den, strict=True)]
-        object.__setattr__(self, "num", tuple(f.numerator for f in red))
-        object.__setattr__(self, "den", tuple(f.denominator for f in red))
-        zp = np.atleast_1d(_int_array(self.zero_point, f"Requantize {self.name!r} zero_point"))
-        if zp.ndim != 1:
-            raise ModelError(f"Requantize {self.name!r}: zero_point must be a scalar or one value per channel, "
-                             f"got shape {zp.shape}")
-        object.__setattr__(self, "zero_point", zp)
-        object.__setattr__(self, "lo", _int_scalar(self.lo, f"Requantize {self.name!r} lo"))
-        object.__setattr__(self, "hi", _int_scalar(self.hi, f"Requantize {self.name!r} hi"))
-        try:
-            object.__setattr__(self, "rounding", Rounding(self.rounding))
-        except ValueError:
-            raise ModelError(f"Requantize {self.name!r}: unknown rounding mode {self.rounding!r} "
-                             f"(known: {', '.join(r.value for r in Rounding)})") from None
-        if self.lo > self.hi:
-            raise ModelError(f"Requantize {self.name!r}: empty clamp range [{self.lo}, {self.hi}]")
-        if self.float32_scale is not None:
-            self._check_float32()
-
-    def _check_float32(self) -> None:
-        where = f"Requantize {self.name!r}"
-        try:
-            ms = tuple(float(v) for v in np.atleast_1d(np.asarray(self.float32_scale, dtype=object)))
-        except (TypeError, ValueError, OverflowError) as e:
-            raise ModelError(f"{where}: float32_scale must be floats ({e})") from None
-        for m in ms:
-            if not is_float32(m) or not F32_SCALE_MIN <= m <= F32_SCALE_MAX:
-                raise ModelError(f"{where}: float32_scale {m!r} is not a float32 in [2^-126, 2^24]")
-        if len(ms) != len(self.num) or [Fraction(m) for m in ms] != self.multipliers():
-            raise ModelError(f"{where}: num/den must be the exact values of float32_scale (use Requantize.float32)")
-        if self.rounding is not Rounding.HALF_EVEN:
-            raise ModelError(f"{where}: a float32 requantization rounds half to even, not {self.rounding.value}")
-        object.__setattr__(self, "float32_scale", ms)
-
-    @classmethod
-    def float32(cls, multiplier: Sequence[float] | float, zero_point: object, lo: int, hi: int,
-                name: str = "") -> Requantize:
-        """onnxruntime's float32 requantization ``clamp(rne(fl32(fl32(acc) m_c)) + z_c, lo, hi)`` with the float32
-        multipliers ``m_c`` (per tensor or per channel)."""
-        ms = [float(m) for m in np.atleast_1d(np.asarray(multiplier, dtype=np.float64))]
-        for m in ms:
-            if not is_float32(m):
-                raise ModelError(f"Requantize {name!r}: multiplier {m!r} is not a float32 value")
-        fr = [Fraction(m) for m in ms]
-        return cls(tuple(f.numerator for f in fr), tuple(f.denominator for f in fr), np.asarray(zero_point), lo,
-                   hi, Rounding.HALF_EVEN, name, tuple(ms))
-
-    @property
-    def semantics(self) -> str:
-        """``"float32"`` for onnxruntime's float32 requantization, ``"exact"`` for the rational one."""
-        return "exact" if self.float32_scale is None else "float32"
-
-    @classmethod
-    def pow2(cls, shift: int, lo: int, hi: int, rounding: Rounding | str = Rounding.HALF_UP,
-             zero_point: int = 0, name: str = "") -> Requantize:
-        """Fixed point: ``y = clamp(R(acc / 2^shift) + zero_point, lo, hi)`` (a negative shift multiplies)."""
-        num, den = (1, 2**shift) if shift >= 0 else (2**-shift, 1)
-        return cls((num,), (den,), np.array([zero_point]), lo, hi, Rounding(rounding), name)
-
-    @classmethod
-    def affine(cls, multiplier: Sequence[float | Fraction] | float | Fraction, zero_point: object, lo: int, hi: int,
-               rounding: Rounding | str = Rounding.HALF_EVEN, name: str = "") -> Requantize:
-        """Affine: the exact rational value of each (float) multiplier ``s_in s_w / s_out``."""
-        ms = [as_fraction(m) for m in np.atleast_1d(np.asarray(multiplier, dtype=object))]
-        return cls(tuple(m.numerator for m in ms), tuple(m.denominator for m in ms), np.asarray(zero_point),
-                   lo, hi, Rounding(rounding), name)
-
-    @property
-    def channels(self) -> int:
-        return max(len(self.num), self.zero_point.size)
-
-    @property
-    def shift(self) -> int | None:
-        """``k`` when every channel is ``acc / 2^k`` (power-of-two fixed point), else ``None`` (also for float32
-        requantizations: ``fl32(acc)`` rounds when ``|acc| > 2^24``, so they are not shifts)."""
-        if self.float32_scale is not None:
-            return None
-        if len(set(self.num)) == 1 and len(set(self.den)) == 1 and self.num[0] == 1 and is_power_of_two(self.den[0]):
-            return self.den[0].bit_length() - 1
-        return None
-
-    def multipliers(self) -> list[Fraction]:
-        return [Fraction(n, d) for n, d in zip(self.num, self.den, strict=True)]
-
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        c = in_shape[0] if in_shape else 1
-        for what, n in (("multiplier", len(self.num)), ("zero_point", self.zero_point.size)):
-            if n not in (1, c):
-                raise ModelError(f"Requantize {self.name!r}: {n} {what} values for {c} channels (axis 1)")
-        return in_shape
-
-
-@dataclass(frozen=True, eq=False)
-class Clamp:
-    """``y = clamp(x, lo, hi)`` on integers (an integer ReLU is ``Clamp(z, hi)``)."""
-
-    lo: int
-    hi: int
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "lo", _int_scalar(self.lo, f"Clamp {self.name!r} lo"))
-        object.__setattr__(self, "hi", _int_scalar(self.hi, f"Clamp {self.name!r} hi"))
-        if self.lo > self.hi:
-            raise ModelError(f"Clamp {self.name!r}: empty range [{self.lo}, {self.hi}]")
-
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return in_shape
-
-
-Layer = Dense | Conv2d | Flatten | Requantize | Clamp
+#: any op of the graph (the name the chain era used)
+Layer = Op
+#: ops with a weight tensor
 AFFINE_LAYERS = (Dense, Conv2d)
+
+__all__ = ["AFFINE_LAYERS", "ALL_OPS", "Add", "Clamp", "Concat", "Conv2d", "Dense", "Flatten", "Layer",
+           "LinearMap", "Lookup", "MaxPool2d", "ModelError", "Monotone", "Op", "Pad", "QNetwork", "Requantize",
+           "Reshape", "Step", "SumPool2d", "Transpose", "_int_array", "_int_scalar", "pixel_units_network",
+           "value_bits"]
 
 
 def _bits_signed(lo: int, hi: int) -> int:
@@ -344,6 +109,7 @@ class QNetwork:
     tie_rule: str = "first"
     name: str = "qnetwork"
     metadata: dict[str, str] = field(default_factory=dict)
+    inputs: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -364,30 +130,41 @@ class QNetwork:
             raise ModelError(f"network {self.name!r}: empty input grid [{self.input_lo}, {self.input_hi}]")
         if not self.layers:
             raise ModelError(f"network {self.name!r}: no layers")
+        object.__setattr__(self, "inputs", self._check_inputs())
         shapes = [self.input_shape]
         ranges: list[tuple[int, int]] = [(self.input_lo, self.input_hi)]
         for i, layer in enumerate(self.layers):
             where = f"network {self.name!r}, layer {i} ({type(layer).__name__} {getattr(layer, 'name', '')!r})"
-            if not isinstance(layer, Layer):
-                raise ModelError(f"{where}: not a qverify layer")
+            if not isinstance(layer, ALL_OPS):
+                raise ModelError(f"{where}: not a qverify op")
+            ins = self.inputs[i]
+            arity = layer.arity
+            if arity is not None and len(ins) != arity:
+                raise ModelError(f"{where}: reads {len(ins)} values, the op takes {arity}")
+            in_shapes = [shapes[j] for j in ins]
             try:
-                shapes.append(layer.output_shape(shapes[-1]))
+                shapes.append(tuple(layer.output_shape(*in_shapes)))
             except ModelError as e:
                 raise ModelError(f"{where}: {e}") from None
-            lo, hi = ranges[-1]
-            if isinstance(layer, AFFINE_LAYERS):
-                m = max(abs(lo), abs(hi))
-                wabs = np.abs(layer.weight).reshape(layer.weight.shape[0], -1).sum(axis=1)
-                bound = int(wabs.max()) * m + int(np.abs(layer.bias).max()) if wabs.size else 0
-                if isinstance(layer, Conv2d):
-                    bound += int(wabs.max()) * abs(layer.pad_value)
+            in_ranges = [ranges[j] for j in ins]
+            if isinstance(layer, LinearMap) and layer.movement:
+                vals = [v for r in in_ranges for v in r] + list(layer.fill_values())
+                ranges.append((min(vals), max(vals)))
+            elif isinstance(layer, LinearMap):
+                bound = layer.value_bound([max(abs(lo), abs(hi)) for lo, hi in in_ranges], in_shapes)
                 if bound >= FLOAT64_EXACT:
                     raise ModelError(f"{where}: accumulators may reach {bound} >= 2^53; not exactly representable")
                 ranges.append((-bound, bound))
-            elif isinstance(layer, (Requantize, Clamp)):
-                ranges.append((layer.lo, layer.hi))
+            elif isinstance(layer, Monotone):
+                ranges.append(layer.out_range())
+            elif isinstance(layer, Lookup):
+                try:
+                    layer.check_input_range(*in_ranges[0])
+                except ModelError as e:
+                    raise ModelError(f"{where}: {e}") from None
+                ranges.append(layer.out_range())
             else:
-                ranges.append((lo, hi))
+                ranges.append(in_ranges[0])
         if len(shapes[-1]) != 1:
             raise ModelError(f"network {self.name!r}: output must be a vector, got shape {shapes[-1]} "
                              f"(add a Flatten)")
@@ -396,6 +173,22 @@ class QNetwork:
                              f"float32 (onnxruntime's)")
         object.__setattr__(self, "_shapes", tuple(shapes))
         object.__setattr__(self, "_ranges", tuple(ranges))
+
+    def _check_inputs(self) -> tuple[tuple[int, ...], ...]:
+        n = len(self.layers)
+        if self.inputs is None:
+            return tuple((i,) for i in range(n))
+        try:
+            ins = tuple(tuple(_int_scalar(j, f"network {self.name!r} inputs") for j in row) for row in self.inputs)
+        except TypeError:
+            raise ModelError(f"network {self.name!r}: inputs must be one sequence of value indices per node") from None
+        if len(ins) != n:
+            raise ModelError(f"network {self.name!r}: {len(ins)} input lists for {n} nodes")
+        for i, row in enumerate(ins):
+            if not row or any(j < 0 or j > i for j in row):
+                raise ModelError(f"network {self.name!r}, node {i}: inputs {row} must be earlier values 0..{i} "
+                                 f"(value 0 is the input, value k + 1 node k's output)")
+        return ins
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -407,6 +200,37 @@ class QNetwork:
     def value_ranges(self) -> tuple[tuple[int, int], ...]:
         """Worst-case integer range of the input (index 0) and of every layer's output over the whole grid."""
         return self._ranges  # type: ignore[attr-defined]
+
+    @property
+    def is_chain(self) -> bool:
+        """Every node reads the previous value and is one of the five chain ops (what code written for chains,
+        ``value i + 1 = layer i(value i)``, may assume)."""
+        return (all(row == (i,) for i, row in enumerate(self.inputs))  # type: ignore[union-attr]
+                and all(isinstance(layer, CHAIN_OPS) for layer in self.layers))
+
+    def require_chain(self, what: str) -> None:
+        """Refuse a graph network where only chains are supported yet (a named error, never a guess)."""
+        if not self.is_chain:
+            kinds = sorted({type(layer).__name__ for layer in self.layers if not isinstance(layer, CHAIN_OPS)})
+            joins = [i for i, row in enumerate(self.inputs) if row != (i,)]  # type: ignore[union-attr]
+            raise ModelError(f"network {self.name!r}: {what} supports chain networks only "
+                             f"(ops {', '.join(kinds) or 'none'} / branches at nodes {joins or 'none'})")
+
+    def node_inputs(self, i: int) -> tuple[int, ...]:
+        """The value indices node ``i`` reads."""
+        return self.inputs[i]  # type: ignore[index]
+
+    def in_shapes(self, i: int) -> list[tuple[int, ...]]:
+        """The shapes of the values node ``i`` reads."""
+        return [self.shapes[j] for j in self.node_inputs(i)]
+
+    def consumers(self) -> list[list[int]]:
+        """Per value, the nodes that read it (ascending)."""
+        out: list[list[int]] = [[] for _ in range(len(self.layers) + 1)]
+        for i, row in enumerate(self.inputs):  # type: ignore[arg-type]
+            for j in sorted(set(row)):
+                out[j].append(i)
+        return out
 
     @property
     def num_inputs(self) -> int:
@@ -421,11 +245,7 @@ class QNetwork:
         return self.value_ranges[-1]
 
     def parameter_count(self) -> int:
-        n = 0
-        for layer in self.layers:
-            if isinstance(layer, AFFINE_LAYERS):
-                n += layer.weight.size + layer.bias.size
-        return n
+        return sum(layer.parameter_count() for layer in self.layers)
 
     @property
     def semantics(self) -> str:
@@ -451,6 +271,13 @@ class QNetwork:
             lo, hi = self.value_ranges[i + 1]
             row: dict[str, object] = {"index": i, "kind": type(layer).__name__, "name": getattr(layer, "name", ""),
                                       "shape": self.shapes[i + 1], "range": (lo, hi), "bits": value_bits(lo, hi)}
+            if not self.is_chain:
+                row["reads"] = self.node_inputs(i)
+                readers = self.consumers()[i + 1]
+                if len(readers) > 1:
+                    row["branches_to"] = tuple(readers)
+            if layer.summary():
+                row["op"] = layer.summary()
             if isinstance(layer, AFFINE_LAYERS):
                 row["params"] = layer.weight.size + layer.bias.size
                 row["weight_bits"] = value_bits(int(layer.weight.min()), int(layer.weight.max()))

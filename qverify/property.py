@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -273,21 +274,31 @@ def real_row_to_int(net: QNetwork, coeffs: dict[int, Fraction], rhs: Fraction) -
     return row, math.floor(c * den)
 
 
-def pixels_to_grid(net: QNetwork, images: np.ndarray) -> np.ndarray:
-    """Raw data (e.g. uint8 pixels) to the network's integer inputs ``[B, n]``.
-
-    HWC images are transposed to the network's CHW layout.
-    ``metadata['pixel_transform'] == 'saturate'`` (QVIP's IN < 8 nets) clamps pixels to the grid; otherwise every
-    value must already lie on the grid.
-    """
+def data_layout(net: QNetwork, images: np.ndarray) -> np.ndarray:
+    """Raw data ``[B, ...]`` in the network's layout, flattened ``[B, n]`` (HWC images transposed to CHW)."""
     a = np.asarray(images)
     shp = net.input_shape
     if a.ndim == 4 and len(shp) == 3 and a.shape[1:] == (shp[1], shp[2], shp[0]) and a.shape[1:] != shp:
         a = a.transpose(0, 3, 1, 2)  # HWC data for a CHW network
-    x = a.reshape(len(a), -1).astype(np.int64)
+    return a.reshape(len(a), -1)
+
+
+def pixels_to_grid(net: QNetwork, images: np.ndarray, preprocess: Any = None) -> np.ndarray:
+    """Raw data (e.g. uint8 pixels) to the network's integer inputs ``[B, n]``.
+
+    HWC images are transposed to the network's CHW layout. With ``preprocess`` (a
+    :class:`qverify.preprocess.Preprocess`) the pixels are mapped through it and the model's input quantizer.
+    ``metadata['pixel_transform'] == 'saturate'`` (QVIP's IN < 8 nets) clamps pixels to the grid; otherwise every
+    value must already lie on the grid.
+    """
+    a = data_layout(net, images)
+    if preprocess is not None:
+        return preprocess.grid_points(net, a)
+    x = a.astype(np.int64)
     if net.metadata.get("pixel_transform") == "saturate":
         return np.clip(x, net.input_lo, net.input_hi)
     if x.size and (x.min() < net.input_lo or x.max() > net.input_hi):
         raise PropertyError(f"data values [{x.min()}, {x.max()}] leave the network's input grid "
-                            f"[{net.input_lo}, {net.input_hi}]")
+                            f"[{net.input_lo}, {net.input_hi}] (data in other units, e.g. raw pixels for a model "
+                            f"trained on pixel / 255: give the preprocessing, --preprocess scale=1/255)")
     return x

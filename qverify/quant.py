@@ -255,3 +255,415 @@ def f32_error_bounds(m32: float, z: int, lo: int, hi: int) -> tuple[int, int]:
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Graph ops (residual Add, average pooling, global average pooling, max pooling, concat): exact ONNX semantics and
+# onnxruntime's CPU arithmetic, bit for bit. Equations, integer forms and sources: ``encodings/graph_ops.md``.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_F32 = np.float32
+
+
+def _int_range(dtype: np.dtype | type) -> tuple[int, int]:
+    info = np.iinfo(np.dtype(dtype))
+    return int(info.min), int(info.max)
+
+
+def f32_add_exact(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``fl32(p + q)``: the float32 nearest (ties to even) to the exact sum of two float64 arrays (finite, no
+    overflow), as a float32 array. With ``p = x * y`` exact in float64 this is the IEEE fused multiply-add
+    ``fma(x, y, q)`` that x86 ``vfmadd`` computes (one rounding).
+
+    ``s = fl64(p + q)`` and its exact error ``e`` (Knuth's TwoSum) give ``p + q = s + e`` with ``|e| <= ulp64(s)/2``;
+    ``fl32(s)`` is the answer unless ``s`` is exactly a float32 midpoint and ``e != 0`` (a float32 midpoint has 25
+    significant bits, so it is a float64: no midpoint lies strictly between ``s`` and ``p + q``), where the sign of
+    ``e`` decides."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    s = p + q
+    bp = s - q
+    bq = s - bp
+    e = (p - bp) + (q - bq)
+    r = s.astype(_F32)
+    lo = np.where(r.astype(np.float64) <= s, r, np.nextafter(r, _F32(-np.inf)))
+    hi = np.nextafter(lo, _F32(np.inf))
+    mid = (lo.astype(np.float64) + hi.astype(np.float64)) / 2
+    at_mid = (s == mid) & (e != 0)
+    return np.where(at_mid, np.where(e > 0, hi, lo), r).astype(_F32)
+
+
+def _cvtps_epi32(v: np.ndarray) -> np.ndarray:
+    """x86 ``cvtps2dq`` under the default MXCSR: round half to even; a value outside the int32 range gives the
+    'integer indefinite' ``-2^31`` (int64 array)."""
+    r = np.rint(np.asarray(v, dtype=_F32)).astype(np.float64)
+    bad = ~np.isfinite(r) | (r >= 2.0**31) | (r < -(2.0**31))
+    return np.where(bad, -(2.0**31), r).astype(np.int64)
+
+
+# --- Add: QLinearAdd (com.microsoft) and the QDQ DQ -> Add -> Q group it is fused from ------------------------------
+
+def qlinear_add_integer_form(sA: float, sB: float, sC: float) -> tuple[int, int, int, int]:
+    """The exact integer form of ``C = R((sA (a - zA) + sB (b - zB)) / sC) + zC``: ``(mA, mB, num, den)`` with
+    ``acc = mA (a - zA) + mB (b - zB)`` and ``C = R(acc num / den) + zC``.
+
+    A finite float is ``M 2^E`` (``M`` odd); with ``e = min(E_A, E_B)``, ``mA = M_A 2^(E_A - e)``,
+    ``mB = M_B 2^(E_B - e)`` are integers and ``sA (a - zA) + sB (b - zB) = 2^e acc``; the multiplier
+    ``2^e / sC = num / den`` is exact. ``max(mA, mB) < 2^24 2^|E_A - E_B|``: ``|acc| <= (mA + mB) 255`` stays below
+    2^53 while the two scales' exponents differ by less than about 20."""
+    fa, fb, fc = as_fraction(sA), as_fraction(sB), as_fraction(sC)
+    if fa <= 0 or fb <= 0 or fc <= 0:
+        raise ValueError("scales must be positive")
+
+    def odd_exp(f: Fraction) -> tuple[int, int]:  # f = M 2^E, M odd (f is dyadic: a float)
+        if f.denominator & (f.denominator - 1):
+            raise ValueError(f"scale {f} is not a dyadic rational")
+        m, e = f.numerator, -(f.denominator.bit_length() - 1)
+        while m % 2 == 0:
+            m, e = m // 2, e + 1
+        return m, e
+
+    (MA, EA), (MB, EB) = odd_exp(fa), odd_exp(fb)
+    e = min(EA, EB)
+    mult = Fraction(2) ** e / fc
+    return MA << (EA - e), MB << (EB - e), mult.numerator, mult.denominator
+
+
+def exact_qlinear_add(a: np.ndarray, b: np.ndarray, sA: float, zA: int, sB: float, zB: int, sC: float, zC: int,
+                      lo: int, hi: int) -> np.ndarray:
+    """ONNX (com.microsoft ``QLinearAdd``) semantics on exact rationals, round half to even:
+    ``C = clamp(rne((sA (a - zA) + sB (b - zB)) / sC) + zC, lo, hi)`` (numpy broadcasting), int64."""
+    mA, mB, num, den = qlinear_add_integer_form(sA, sB, sC)
+    da = to_pyint(np.asarray(a, dtype=np.int64) - int(zA))
+    db = to_pyint(np.asarray(b, dtype=np.int64) - int(zB))
+    acc = mA * da + mB * db
+    r = round_div(np.asarray(acc * num, dtype=object), np.asarray(den, dtype=object), Rounding.HALF_EVEN)
+    return np.clip(r + int(zC), lo, hi).astype(np.int64)
+
+
+def ort_qlinear_add_fixed_part(sA: float, zA: int, sB: float, zB: int, sC: float, zC: int
+                               ) -> tuple[np.float32, np.float32, np.float32]:
+    """``(rA, rB, F)`` of onnxruntime's x86 ``QLinearAdd`` kernels: ``rA = fl32(sA / sC)``, ``rB = fl32(sB / sC)``
+    and the 'fixed part' ``F = fl32(zC - fma(rA, zA, fl32(rB zB)))`` (the C++ expression
+    ``zC - (rA * zA + rB * zB)``, which the compiler contracts into one FMA in the AVX2 kernel: measured, the
+    uncontracted form differs from onnxruntime on some scales)."""
+    rA = _F32(_F32(sA) / _F32(sC))
+    rB = _F32(_F32(sB) / _F32(sC))
+    inner = f32_add_exact(np.float64(rA) * int(zA), np.float64(_F32(rB * _F32(int(zB)))))
+    fixed = _F32(_F32(int(zC)) - _F32(inner))
+    return rA, rB, fixed
+
+
+def ort_qlinear_add(a: np.ndarray, b: np.ndarray, sA: float, zA: int, sB: float, zB: int, sC: float, zC: int,
+                    dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """onnxruntime's ``QLinearAdd`` (and fused QDQ ``Add``) on x86-64 with AVX2/FMA (MLAS
+    ``MlasQLinearAddKernelAvx2Helper``, ``qladd_avx2.cpp``), bit for bit, int64.
+
+    Same shapes (the kernel's vector case)::
+
+        C = sat(cvt(fma(a, rA, fma(b, rB, F))))
+
+    ``a``, ``b`` the raw 8-bit values (converted to float exactly, zero points live in ``F``), ``(rA, rB, F)`` from
+    :func:`ort_qlinear_add_fixed_part`, ``cvt`` = ``cvtps2dq`` (ties to even; ``-2^31`` out of range), ``sat`` the
+    saturating packs to the 8-bit type (the clamp ``[lo, hi]`` of the type; ``zC`` is already inside ``F``).
+
+    One input of a single element (broadcast scalar): onnxruntime passes the tensor as the kernel's ``A`` and the
+    scalar as its ``B`` (swapping the parameters when the scalar is the first input) and computes
+    ``F' = fma(b, rB, F)`` once (the source's ``F + b * rB``, contracted: measured), then
+    ``C = sat(cvt(fma(a, rA, F')))``. Both of one element: the first
+    input is taken as the scalar (onnxruntime's broadcast order). Other broadcasts are not modelled (``ValueError``).
+
+    ``C`` is non-decreasing in ``a`` and in ``b`` separately (every step is monotone; ``rA, rB > 0``) while the
+    value range stays inside int32, but it is not a function of one integer combination ``mA (a - zA) + mB (b - zB)``:
+    the two roundings of the FMA chain depend on ``a`` and ``b`` separately.
+    """
+    lo, hi = _int_range(dtype)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if a.size == 1 or b.size == 1:
+        if a.size == 1:  # onnxruntime's first functor: input0 scalar, input1 span
+            (a, sA, zA), (b, sB, zB) = (b, sB, zB), (a, sA, zA)
+        rA, rB, fixed = ort_qlinear_add_fixed_part(sA, zA, sB, zB, sC, zC)
+        fixed2 = f32_add_exact(np.float64(b.reshape(-1)[0]) * np.float64(rB), np.float64(fixed))
+        v = f32_add_exact(a.astype(np.float64) * np.float64(rA), np.float64(fixed2))
+        return np.clip(_cvtps_epi32(v), lo, hi)
+    if a.shape != b.shape:
+        raise ValueError(f"ort_qlinear_add models equal shapes or a one-element input, got {a.shape} and {b.shape}")
+    rA, rB, fixed = ort_qlinear_add_fixed_part(sA, zA, sB, zB, sC, zC)
+    t = f32_add_exact(b.astype(np.float64) * np.float64(rB), np.float64(fixed))
+    v = f32_add_exact(a.astype(np.float64) * np.float64(rA), t.astype(np.float64))
+    return np.clip(_cvtps_epi32(v), lo, hi)
+
+
+def ort_dequantize(x: np.ndarray, s: float, z: int) -> np.ndarray:
+    """onnxruntime's ``DequantizeLinear`` (8-bit, per tensor): ``fl32((x - z) s)`` (float32 array)."""
+    return (np.asarray(x, dtype=np.int64) - int(z)).astype(_F32) * _F32(s)
+
+
+def ort_quantize(v: np.ndarray, s: float, z: int, lo: int, hi: int) -> np.ndarray:
+    """onnxruntime's ``QuantizeLinear`` (MLAS ``MlasQuantizeLinear``): ``clamp(rne(fl32(v / s)), lo - z, hi - z) + z``
+    (int64)."""
+    q = np.asarray(v, dtype=_F32) / _F32(s)
+    return np.clip(_cvtps_epi32(np.clip(q, _F32(lo - int(z)), _F32(hi - int(z)))) + int(z), lo, hi)
+
+
+def ort_float_add(a: np.ndarray, b: np.ndarray, sA: float, zA: int, sB: float, zB: int, sC: float, zC: int,
+                  lo: int, hi: int) -> np.ndarray:
+    """An unfused ``DQ -> Add -> Q`` in onnxruntime (float kernels; e.g. at ``ORT_DISABLE_ALL``):
+    ``C = clamp(rne(fl32(fl32(fl32(sA (a - zA)) + fl32(sB (b - zB))) / sC)) + zC, lo, hi)`` (numpy broadcasting).
+    Non-decreasing in each of ``a``, ``b``; not a function of one integer combination."""
+    return ort_quantize(ort_dequantize(a, sA, zA) + ort_dequantize(b, sB, zB), sC, zC, lo, hi)
+
+
+# --- requantization of single values: QLinearConcat, DQ -> Q, DQ -> MaxPool -> Q with new parameters ----------------
+
+def exact_requantize(x: np.ndarray, sx: float, zx: int, sy: float, zy: int, lo: int, hi: int) -> np.ndarray:
+    """ONNX semantics of ``Q(DQ(x))`` with new parameters (``QLinearConcat`` per input):
+    ``y = clamp(rne(sx (x - zx) / sy) + zy, lo, hi)``; integer form ``acc = x - zx``, multiplier ``sx / sy``."""
+    m = as_fraction(sx) / as_fraction(sy)
+    acc = np.asarray(x, dtype=np.int64) - int(zx)
+    return np.clip(multiply_round(acc, np.int64(m.numerator), np.int64(m.denominator), Rounding.HALF_EVEN) + int(zy),
+                   lo, hi).astype(np.int64)
+
+
+def ort_requantize(x: np.ndarray, sx: float, zx: int, sy: float, zy: int, lo: int, hi: int) -> np.ndarray:
+    """onnxruntime's requantization of single values: ``QLinearConcat``'s 256-entry lookup table
+    (``QlinearBuildLookupTable``: ``fl32(sx (x - zx))`` then ``MlasQuantizeLinear``), and equally the separate
+    ``DequantizeLinear`` / ``QuantizeLinear`` kernels of an unfused ``DQ -> Q`` (or ``DQ -> MaxPool/Reshape -> Q``
+    with new parameters)::
+
+        y = clamp(rne(fl32(fl32(sx (x - zx)) / sy)) + zy, lo, hi)
+
+    A non-decreasing function of the one integer ``acc = x - zx`` (``|acc| <= 255``: a table)."""
+    return ort_quantize(ort_dequantize(x, sx, zx), sy, zy, lo, hi)
+
+
+def ort_qlinear_concat(inputs: list[tuple[np.ndarray, float, int]], sy: float, zy: int, axis: int,
+                       dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """onnxruntime's ``QLinearConcat``: each input ``(x, sx, zx)`` is copied when ``(sx, zx) == (sy, zy)`` and mapped
+    through :func:`ort_requantize` otherwise (the two agree on a copy: ``|fl32(fl32(s k)/s) - k| < 1/2``), then
+    concatenated along ``axis`` (int64)."""
+    lo, hi = _int_range(dtype)
+    parts = []
+    for x, sx, zx in inputs:
+        x = np.asarray(x, dtype=np.int64)
+        same = _F32(sx) == _F32(sy) and int(zx) == int(zy)
+        parts.append(x.copy() if same else ort_requantize(x, sx, zx, sy, zy, lo, hi))
+    return np.concatenate(parts, axis=axis)
+
+
+def exact_qlinear_concat(inputs: list[tuple[np.ndarray, float, int]], sy: float, zy: int, axis: int,
+                         dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """ONNX semantics of ``QLinearConcat``: :func:`exact_requantize` of each input, concatenated."""
+    lo, hi = _int_range(dtype)
+    return np.concatenate([exact_requantize(x, sx, zx, sy, zy, lo, hi) for x, sx, zx in inputs], axis=axis)
+
+
+# --- pooling windows --------------------------------------------------------------------------------------------------
+
+def pool_output_shape(hw: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int],
+                      pads: tuple[int, int, int, int]) -> tuple[int, int]:
+    """Output spatial size of a 2-D pool, ``ceil_mode = 0``: ``(H + p_top + p_bottom - kh) // sh + 1`` (ONNX pads
+    order ``[top, left, bottom, right]``)."""
+    (h, w), (kh, kw), (sh, sw) = hw, kernel, strides
+    return (h + pads[0] + pads[2] - kh) // sh + 1, (w + pads[1] + pads[3] - kw) // sw + 1
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
+             fill: float | int) -> np.ndarray:
+    """``[N, C, OH, OW, kh, kw]`` windows of an NCHW array padded with ``fill`` (row-major window order)."""
+    kh, kw = kernel
+    sh, sw = strides
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=fill)
+    oh, ow = pool_output_shape(x.shape[2:], kernel, strides, pads)
+    idx_h = (np.arange(oh) * sh)[:, None] + np.arange(kh)[None, :]
+    idx_w = (np.arange(ow) * sw)[:, None] + np.arange(kw)[None, :]
+    return xp[:, :, idx_h[:, None, :, None], idx_w[None, :, None, :]]
+
+
+def avgpool_counts(hw: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int],
+                   pads: tuple[int, int, int, int], count_include_pad: bool) -> np.ndarray:
+    """The divisor of each output position ``[OH, OW]``: ``kh kw`` with ``count_include_pad``, else the number of
+    window cells inside the image (onnxruntime clips the window to ``[0, H) x [0, W)``, the ONNX reference does the
+    same)."""
+    ones = np.ones((1, 1) + tuple(hw), dtype=np.int64)
+    cells = _windows(ones, kernel, strides, pads, 0)[0, 0].sum(axis=(-1, -2))
+    if count_include_pad:
+        return np.full(cells.shape, kernel[0] * kernel[1], dtype=np.int64)
+    return cells.astype(np.int64)
+
+
+def avgpool_integer_form(counts: np.ndarray) -> tuple[int, np.ndarray]:
+    """``(L, w)``: ``L = lcm`` of the divisors and ``w = L / count`` per output position, so that the exact average
+    is ``sx S / (sy count) = (w S) (sx / (sy L))``: one integer linear map ``acc' = w S`` (``S = Σ (x - zx)`` over the
+    window) and one requantization with the uniform exact multiplier ``sx / (sy L)``."""
+    import math
+
+    L = 1
+    for c in np.unique(counts):
+        L = math.lcm(L, int(c))
+    return L, (L // counts).astype(np.int64)
+
+
+def avgpool_window_sums(x: np.ndarray, zx: int, kernel: tuple[int, int], strides: tuple[int, int],
+                        pads: tuple[int, int, int, int]) -> np.ndarray:
+    """``S = Σ_{window ∩ image} (x - zx)`` per output position, ``[N, C, OH, OW]`` (int64): the integer
+    accumulator of average pooling (a padded cell is real 0, ``x = zx``, and adds nothing)."""
+    return _windows(np.asarray(x, dtype=np.int64) - int(zx), kernel, strides, pads, 0).sum(axis=(-1, -2))
+
+
+def exact_qlinear_avgpool(x: np.ndarray, sx: float, zx: int, sy: float, zy: int, kernel: tuple[int, int],
+                          strides: tuple[int, int], pads: tuple[int, int, int, int], count_include_pad: bool,
+                          dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """ONNX semantics of ``QLinearAveragePool`` (NCHW, 2-D, ``ceil_mode = 0``) on exact rationals::
+
+        y = clamp(rne(sx S / (sy count)) + zy, lo, hi),   S = Σ_{window ∩ image} (x - zx)
+
+    (a padded cell is real 0, i.e. contributes nothing to ``S``; ``count`` from :func:`avgpool_counts`). Computed
+    through :func:`avgpool_integer_form`: ``acc' = (L / count) S``, multiplier ``sx / (sy L)``."""
+    lo, hi = _int_range(dtype)
+    x = np.asarray(x, dtype=np.int64)
+    S = avgpool_window_sums(x, zx, kernel, strides, pads)
+    counts = avgpool_counts(x.shape[2:], kernel, strides, pads, count_include_pad)
+    L, w = avgpool_integer_form(counts)
+    m = as_fraction(sx) / (as_fraction(sy) * L)
+    acc = S * w
+    return np.clip(multiply_round(acc, np.int64(m.numerator), np.int64(m.denominator), Rounding.HALF_EVEN)
+                   + int(zy), lo, hi).astype(np.int64)
+
+
+def ort_avgpool_is_global(hw: tuple[int, int], kernel: tuple[int, int], pads: tuple[int, int, int, int]) -> bool:
+    """onnxruntime runs a ``QLinearAveragePool`` whose kernel equals the spatial shape and whose pads are all 0 as a
+    ``QLinearGlobalAveragePool`` (integer sum, :func:`ort_qlinear_global_avgpool`), whatever the strides."""
+    return tuple(hw) == tuple(kernel) and not any(pads)
+
+
+def ort_qlinear_avgpool(x: np.ndarray, sx: float, zx: int, sy: float, zy: int, kernel: tuple[int, int],
+                        strides: tuple[int, int], pads: tuple[int, int, int, int], count_include_pad: bool,
+                        dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """onnxruntime's ``QLinearAveragePool`` (``contrib_ops/cpu/quantization/qlinear_pool.cc``, NCHW or NHWC: the
+    same float operations in the same order), 2-D, ``ceil_mode = 0``, bit for bit (int64)::
+
+        d_i = fl32(sx (x_i - zx))                            (dequantize_value)
+        Y   = (((0 + d_1) + d_2) + ... + d_n)   in float32, window ∩ image in row-major order
+        Y'  = fl32(Y / count)                                (AveragePool::Finalize)
+        y   = clamp(rne(fl32(fl32(Y' / sy) + zy)), lo, hi)   (quantize_value: nearbyintf of the sum)
+
+    The global case (:func:`ort_avgpool_is_global`) is :func:`ort_qlinear_global_avgpool`. ``y`` is
+    non-decreasing in every ``x_i``; it is a function of ``S = Σ (x_i - zx)`` alone only when every ``d_i`` and
+    partial sum is exact (:func:`ort_avgpool_sum_is_exact`, then :func:`ort_avgpool_from_sum`)."""
+    lo, hi = _int_range(dtype)
+    x = np.asarray(x, dtype=np.int64)
+    if ort_avgpool_is_global(x.shape[2:], kernel, pads):
+        return ort_qlinear_global_avgpool(x, sx, zx, sy, zy, dtype)
+    d = ort_dequantize(x, sx, zx)
+    win = _windows(d, kernel, strides, pads, 0.0)  # padded cells add +0.0: no change to a float32 sum
+    acc = np.zeros(win.shape[:4], dtype=_F32)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            acc = acc + win[..., i, j]
+    counts = avgpool_counts(x.shape[2:], kernel, strides, pads, count_include_pad).astype(_F32)
+    avg = acc / counts
+    q = _F32(avg / _F32(sy)) + _F32(int(zy))
+    return np.clip(_cvtps_epi32(q), lo, hi)
+
+
+def ort_avgpool_sum_is_exact(sx: float, kmax: int, count: int) -> bool:
+    """Whether onnxruntime's float32 window sum equals ``sx S`` exactly for every window of ``count`` cells with
+    ``|x - zx| <= kmax``: with ``sx = M 2^E`` (``M`` odd), every ``d_i`` and partial sum is an integer multiple of
+    ``2^E`` of magnitude at most ``M kmax count``, exact when that is at most ``2^24``."""
+    f = as_fraction(sx)
+    M = f.numerator
+    while M % 2 == 0:
+        M //= 2
+    return M * int(kmax) * int(count) <= 2**24
+
+
+def ort_avgpool_from_sum(S: np.ndarray, count: np.ndarray | int, sx: float, sy: float, zy: int, lo: int, hi: int
+                         ) -> np.ndarray:
+    """onnxruntime's ``QLinearAveragePool`` output as a function of the one integer ``S = Σ (x - zx)`` when the
+    window sum is exact (:func:`ort_avgpool_sum_is_exact`)::
+
+        y = clamp(rne(fl32(fl32(fl32(fl32(sx S) / count) / sy) + zy)), lo, hi)
+
+    (``fl32(sx S)`` is exact there). Non-decreasing in ``S`` for each ``count``: cut points by
+    :func:`monotone_int_thresholds`; a border position with another ``count`` has its own function."""
+    s = np.asarray(S, dtype=np.int64).astype(np.float64) * np.float64(_F32(sx))  # exact: sx S has <= 24 bits
+    y = _F32(s.astype(_F32) / np.asarray(count, dtype=np.int64).astype(_F32))
+    q = _F32(y / _F32(sy)) + _F32(int(zy))
+    return np.clip(_cvtps_epi32(q), lo, hi)
+
+
+def monotone_int_thresholds(f, ts: np.ndarray, lo: int, hi: int) -> np.ndarray:  # noqa: ANN001 - any vectorised f
+    """``C(t) = min{a in [lo, hi] : f(a) >= t}`` (``hi + 1`` when none) for a vectorised non-decreasing integer
+    function ``f`` (int64 array in, int64 array out), by bisection over the integers (each ``t`` of ``ts``)."""
+    t = np.asarray(ts, dtype=np.int64)
+    a = np.full(t.shape, lo - 1, dtype=np.int64)
+    b = np.full(t.shape, hi + 1, dtype=np.int64)
+    while True:
+        open_ = b - a > 1
+        if not open_.any():
+            return b
+        mid = (a + b) // 2
+        ok = np.asarray(f(np.where(open_, mid, lo))) >= t
+        b = np.where(open_ & ok, mid, b)
+        a = np.where(open_ & ~ok, mid, a)
+
+
+# --- global average pooling -------------------------------------------------------------------------------------------
+
+def ort_global_avgpool_multiplier(sx: float, sy: float, n: int) -> np.float32:
+    """onnxruntime's ``QLinearGlobalAveragePool`` multiplier (MLAS ``CheckQLinearGlobalAveragePoolScaleAndSize``):
+    ``m = fl32(sx / fl32(sy fl32(n)))``; onnxruntime rejects ``n >= 2^24`` and ``m`` outside ``[2^-32, 256)``."""
+    if n >= 2**24:
+        raise ValueError("QLinearGlobalAveragePool: image size too large (onnxruntime refuses n >= 2^24)")
+    m = _F32(_F32(sx) / _F32(_F32(sy) * _F32(n)))
+    if not (2.0**-32 <= float(m) < 256.0):
+        raise ValueError(f"QLinearGlobalAveragePool: multiplier {float(m)} outside onnxruntime's [2^-32, 256)")
+    return m
+
+
+def ort_qlinear_global_avgpool(x: np.ndarray, sx: float, zx: int, sy: float, zy: int,
+                               dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """onnxruntime's ``QLinearGlobalAveragePool`` (MLAS ``MlasQLinearGlobalAveragePoolNchw``/``Nhwc``), bit for bit:
+    an exact int32 sum ``acc = Σ x - zx n = Σ (x - zx)`` over the ``n`` spatial cells, then ``MlasRequantizeOutput``
+    with :func:`ort_global_avgpool_multiplier`::
+
+        y = clamp(rne(fl32(fl32(acc) m)) + zy, lo, hi)      (= f32_round(acc, m) + zy)
+
+    a non-decreasing function of the one integer ``acc`` with cut points :func:`f32_thresholds` (returns
+    ``[N, C, 1, 1]``, int64)."""
+    lo, hi = _int_range(dtype)
+    x = np.asarray(x, dtype=np.int64)
+    n = int(np.prod(x.shape[2:]))
+    acc = (x - int(zx)).reshape(x.shape[0], x.shape[1], -1).sum(axis=-1)
+    m = ort_global_avgpool_multiplier(sx, sy, n)
+    y = np.clip(f32_round(acc, m) + int(zy), lo, hi)
+    return y.reshape(x.shape[0], x.shape[1], *([1] * (x.ndim - 2)))
+
+
+def exact_qlinear_global_avgpool(x: np.ndarray, sx: float, zx: int, sy: float, zy: int,
+                                 dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """ONNX semantics: ``y = clamp(rne(sx acc / (sy n)) + zy, lo, hi)``, ``acc = Σ (x - zx)``; integer form ``acc``
+    with the exact multiplier ``sx / (sy n)``."""
+    lo, hi = _int_range(dtype)
+    x = np.asarray(x, dtype=np.int64)
+    n = int(np.prod(x.shape[2:]))
+    acc = (x - int(zx)).reshape(x.shape[0], x.shape[1], -1).sum(axis=-1)
+    m = as_fraction(sx) / (as_fraction(sy) * n)
+    y = np.clip(multiply_round(acc, np.int64(m.numerator), np.int64(m.denominator), Rounding.HALF_EVEN) + int(zy),
+                lo, hi)
+    return y.reshape(x.shape[0], x.shape[1], *([1] * (x.ndim - 2))).astype(np.int64)
+
+
+# --- max pooling ------------------------------------------------------------------------------------------------------
+
+def qmaxpool(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int]
+             ) -> np.ndarray:
+    """``MaxPool`` on 8-bit integers (opset 12+; what onnxruntime runs once it drops a ``DQ -> MaxPool -> Q`` pair
+    with equal positive-scale parameters): the exact maximum over ``window ∩ image`` (padded cells never win),
+    NCHW 2-D, ``ceil_mode = 0``, no dilation (int64). Exact in both semantics: ``s (x - z)`` is increasing in ``x``
+    for ``s > 0``, so max commutes with dequantization, and with any monotone requantization after it."""
+    x = np.asarray(x, dtype=np.int64)
+    return _windows(x, kernel, strides, pads, np.iinfo(np.int64).min).max(axis=(-1, -2))
+

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from qverify.execute import forward
-from qverify.network import QNetwork
+from qverify.network import ModelError, QNetwork
 from qverify.property import Property, robustness_property
 from qverify.replay import replay
 from qverify.result import Counterexample, Result, Verdict
@@ -59,7 +59,9 @@ class RadiusResult:
 
 
 def exact_decider(settings: SolverSettings) -> Decider:
-    """Bounds (symbolic if available, else interval) + :func:`qverify.exact.verify_milp`."""
+    """Bounds (symbolic if available and the network is one they support, else interval) +
+    :func:`qverify.exact.verify_milp`. Symbolic bounds only tighten the program: a network they refuse (a
+    :class:`~qverify.network.ModelError` naming what they lack) is decided on the interval bounds."""
     from qverify.exact import verify_milp
 
     def decide(net: QNetwork, prop: Property, deadline: float | None) -> Result:
@@ -68,7 +70,7 @@ def exact_decider(settings: SolverSettings) -> Decider:
             from qverify.bounds.symbolic import symbolic_bounds
 
             bounds = symbolic_bounds(net, prop.lo[None, :], prop.hi[None, :])
-        except ImportError:
+        except (ImportError, ModelError):
             pass
         return verify_milp(net, prop, settings, bounds=bounds, deadline=deadline)
 

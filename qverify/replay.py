@@ -1,13 +1,22 @@
 """Replay of candidate counterexamples: the only way a witness becomes a ``counterexample`` verdict.
 
 A candidate ``x`` is confirmed when it lies in the property's input box and the integer executor's outputs on it
-lie in the unsafe region. For models imported from ONNX, the same input is also run through onnxruntime (when the
-original file is at hand) and the outcome recorded separately: a disagreement is reported, never hidden, and
-names onnxruntime's 16-bit clipping of u8 x s8 products when this CPU has it and the weights can trigger it
-(:func:`qverify.io.onnx.ort_may_clip`).
+lie in the unsafe region. For a model imported from a format whose runtime can run the original file, the same
+input is also run there and the outcome recorded separately: a disagreement is reported, never hidden, with the
+runtime's known cause when it applies.
+
+Runtimes are a registry, :data:`RUNTIMES` (source format -> :class:`RuntimeReplay`), filled by the importers
+themselves: ``qverify.io.onnx`` registers onnxruntime for ``format = "onnx"`` when it is imported. Replay looks the
+network's ``metadata["format"]`` up; :data:`RUNTIME_MODULES` names the importer module to import first for a
+network that was read back from a ``.qnn`` file (which keeps its source's metadata) in a process that never
+imported that importer.
 """
 
 from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,8 +26,47 @@ from qverify.property import Property
 from qverify.result import Counterexample
 
 
+@dataclass(frozen=True)
+class RuntimeReplay:
+    """How to run a network's original file on its own runtime.
+
+    ``runtime``: the runtime's name (in notes); ``applies(net)``: whether this network can be replayed (its file
+    recorded); ``outputs(net, x)``: the runtime's integer outputs ``[B, num_outputs]`` for integer inputs
+    ``x [B, n]``, the executor's counterparts; ``cause(net)``: a known reason for a disagreement on this machine
+    (``""`` when none applies)."""
+
+    runtime: str
+    applies: Callable[[QNetwork], bool]
+    outputs: Callable[[QNetwork, np.ndarray], np.ndarray]
+    cause: Callable[[QNetwork], str]
+
+
+#: source format -> its runtime replay (registered by the importer of that format)
+RUNTIMES: dict[str, RuntimeReplay] = {}
+#: source format -> the importer module that registers its runtime (imported on first use)
+RUNTIME_MODULES: dict[str, str] = {"onnx": "qverify.io.onnx"}
+
+
+def register_runtime(fmt: str, replay_hook: RuntimeReplay) -> None:
+    """Register (or replace) the runtime replay of networks whose ``metadata["format"]`` is ``fmt``."""
+    RUNTIMES[fmt] = replay_hook
+
+
+def runtime_for(net: QNetwork) -> RuntimeReplay | None:
+    """The runtime replay registered for ``net``'s source format that applies to it, or ``None``."""
+    fmt = str(net.metadata.get("format", ""))
+    if fmt not in RUNTIMES and fmt in RUNTIME_MODULES:
+        try:
+            importlib.import_module(RUNTIME_MODULES[fmt])
+        except ImportError:
+            return None
+    hook = RUNTIMES.get(fmt)
+    return hook if hook is not None and hook.applies(net) else None
+
+
 def replay(net: QNetwork, prop: Property, x: np.ndarray, onnx_check: bool = True) -> Counterexample:
-    """Run ``x`` (flattened integer input) on the executor and check it against ``prop``."""
+    """Run ``x`` (flattened integer input) on the executor and check it against ``prop``; with ``onnx_check``
+    (the name of the first such runtime), also on the runtime registered for the network's source format."""
     x = np.asarray(x).ravel()
     if x.dtype.kind == "f":
         if not np.all(x == np.round(x)):
@@ -29,18 +77,18 @@ def replay(net: QNetwork, prop: Property, x: np.ndarray, onnx_check: bool = True
         return Counterexample(x, np.zeros(0, np.int64), False, None, "candidate lies outside the input box")
     y = forward(net, x[None, :])[0]
     ok = bool(prop.is_violated(y[None, :])[0])
-    onnx_ok = None
+    runtime_ok = None
     note = "" if ok else "executor output is not in the unsafe region"
-    if ok and onnx_check and net.metadata.get("format") == "onnx" and net.metadata.get("onnx_path"):
+    hook = runtime_for(net) if ok and onnx_check else None
+    if hook is not None:
         try:
-            from qverify.io.onnx import U8S8_CLIP_NOTE, onnx_integer_outputs, ort_may_clip
-
-            yo = onnx_integer_outputs(net, x[None, :])
-            onnx_ok = bool(prop.is_violated(yo)[0])
+            yo = hook.outputs(net, x[None, :])
+            runtime_ok = bool(prop.is_violated(yo)[0])
             if not np.array_equal(yo[0], y):
-                note = f"onnxruntime outputs {yo[0].tolist()} differ from the executor's {y.tolist()}"
-                if ort_may_clip(net):
-                    note += f" ({U8S8_CLIP_NOTE})"
-        except Exception as e:  # onnxruntime missing or the file moved: say so, keep the executor's verdict
-            note = f"onnxruntime replay not possible: {e}"
-    return Counterexample(x, y, ok, onnx_ok, note)
+                note = f"{hook.runtime} outputs {yo[0].tolist()} differ from the executor's {y.tolist()}"
+                cause = hook.cause(net)
+                if cause:
+                    note += f" ({cause})"
+        except Exception as e:  # the runtime missing or the file moved: say so, keep the executor's verdict
+            note = f"{hook.runtime} replay not possible: {e}"
+    return Counterexample(x, y, ok, runtime_ok, note)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -15,7 +16,23 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    Lookup,
+    MaxPool2d,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
+)
 from qverify.property import Property, robustness_property
 from qverify.quant import Rounding
 
@@ -82,6 +99,146 @@ def random_conv_network(rng: np.random.Generator, in_shape: tuple[int, int, int]
     layers += [Dense(rng.integers(-3, 4, size=(n_out, n)), rng.integers(-6, 7, size=n_out), name="fc"),
                _requant(rng, n_out, -8, 7, rounding, affine, per_channel=False, float32=float32)]
     return QNetwork(in_shape, 0, input_hi, tuple(layers), name="tiny-conv")
+
+
+#: the blocks :func:`random_graph_network` draws from
+GRAPH_BLOCKS = ("residual", "depthwise", "maxpool", "sumpool", "concat", "step", "transpose", "pad", "global",
+                "lookup")
+
+
+class GraphBuilder:
+    """Appends ops with their input values; ``add`` returns the new value's index; ``net`` builds the network."""
+
+    def __init__(self, in_shape: tuple[int, ...]) -> None:
+        self.in_shape = in_shape
+        self.layers: list = []
+        self.inputs: list[tuple[int, ...]] = []
+        self.shapes: list[tuple[int, ...]] = [in_shape]
+
+    def add(self, op: object, *ins: int) -> int:
+        self.shapes.append(tuple(op.output_shape(*[self.shapes[j] for j in ins])))  # type: ignore[attr-defined]
+        self.layers.append(op)
+        self.inputs.append(tuple(ins))
+        return len(self.layers)
+
+    def net(self, input_lo: int, input_hi: int, name: str = "tiny-graph") -> QNetwork:
+        return QNetwork(self.in_shape, input_lo, input_hi, tuple(self.layers), inputs=tuple(self.inputs), name=name)
+
+
+def random_graph_network(rng: np.random.Generator, blocks: Sequence[str] | None = None, n_blocks: int = 2,
+                         in_shape: tuple[int, int, int] = (1, 4, 4), input_hi: int = 3, n_out: int = 3,
+                         rounding: Rounding | None = None, affine: bool | None = None) -> QNetwork:
+    """A small random graph network: a 3x3 conv stem (padding with a zero point, requantized to ``[0, 7]``, a
+    third of the time clamped to ``[1, 6]``), then
+    ``n_blocks`` blocks drawn from ``blocks`` (default :data:`GRAPH_BLOCKS`), then ``Flatten -> Dense ->
+    Requantize[-8, 7]``. Blocks (each keeps the value a ``[C, H, W]`` activation in ``[0, 7]`` or ``[-1, 1]``):
+
+    * ``residual``: ``conv3x3 -> requant -> conv3x3 -> requant`` and ``Add(w1, w2, b)`` with the shortcut, requant;
+    * ``depthwise``: grouped conv with ``groups = C`` (3x3, stride 1 or 2), requant, 1x1 pointwise conv, requant;
+    * ``maxpool``: ``MaxPool2d`` 2x2 (stride 1 or 2, sometimes padded); ``sumpool``: ``SumPool2d`` 2x2 (sometimes
+      padded with a zero point, sometimes with per-position weights) then requant; ``global``: global sum pooling
+      then requant (the rest of the net sees ``[C, 1, 1]``);
+    * ``concat``: two 1x1 conv branches concatenated on channels; ``step``: a 1x1 conv then a ``Step`` (ONNX sign, or
+      a per-channel binarizing threshold to ``{-1, 1}``);
+    * ``transpose``: to channels-last, ``Reshape`` to the same shape, back to channels-first; ``pad``: ``Pad``
+      with a constant in the activation range; ``lookup``: a random (non-monotone) table of the activation range.
+
+    Every value is small, so a box of a few hundred points enumerates in milliseconds (the oracle)."""
+    names = list(GRAPH_BLOCKS if blocks is None else blocks)
+    rounding = Rounding(list(Rounding)[int(rng.integers(0, len(Rounding)))]) if rounding is None else rounding
+    affine = bool(rng.integers(0, 2)) if affine is None else affine
+    g = GraphBuilder(in_shape)
+
+    def rq(v: int, lo: int = 0, hi: int = 7) -> int:
+        c = g.shapes[v][0] if len(g.shapes[v]) > 1 else 1
+        return g.add(_requant(rng, c, lo, hi, rounding, affine, per_channel=bool(rng.integers(0, 2))), v)
+
+    def conv(v: int, out_c: int, k: int = 3, stride: int = 1, groups: int = 1, pad: int | None = None) -> int:
+        c = g.shapes[v][0]
+        p = k // 2 if pad is None else pad
+        w = rng.integers(-3, 4, size=(out_c, c // groups, k, k))
+        return g.add(Conv2d(w, rng.integers(-4, 5, size=out_c), (stride, stride), (p,) * 4,
+                            pad_value=int(rng.integers(0, 2)), groups=groups), v)
+
+    v = rq(conv(0, int(rng.integers(1, 3))))
+    if rng.integers(0, 3) == 0:
+        v = g.add(Clamp(1, 6), v)
+    for _ in range(n_blocks):
+        kind = names[int(rng.integers(0, len(names)))]
+        c, h, w = g.shapes[v]
+        if kind == "residual":
+            a = rq(conv(rq(conv(v, c)), c))
+            v = rq(g.add(Add((int(rng.integers(1, 4)), int(rng.integers(1, 4))), int(rng.integers(-6, 3))), a, v))
+        elif kind == "depthwise":
+            s = int(rng.integers(1, 3)) if min(h, w) >= 3 else 1
+            v = rq(conv(rq(conv(v, c * int(rng.integers(1, 3)), 3, s, groups=c)), int(rng.integers(1, 3)), 1))
+        elif kind == "maxpool" and min(h, w) >= 2:
+            pad = int(rng.integers(0, 2))
+            v = g.add(MaxPool2d((2, 2), (int(rng.integers(1, 3)),) * 2, (pad, pad, 0, 0)), v)
+        elif kind == "sumpool" and min(h, w) >= 2:
+            pad = int(rng.integers(0, 2))
+            out = (c, h + pad - 1, w + pad - 1)
+            k = rng.integers(1, 4, size=out[1:]) if rng.integers(0, 2) else None
+            v = rq(g.add(SumPool2d((2, 2), (1, 1), (pad, pad, 0, 0), int(rng.integers(0, 2)), k), v))
+        elif kind == "global":
+            v = rq(g.add(SumPool2d((h, w)), v))
+        elif kind == "concat":
+            a, b = conv(v, 1, 1), conv(v, int(rng.integers(1, 3)), 1)
+            v = g.add(Concat(0, 2), rq(a), rq(b))
+        elif kind == "step":
+            a = conv(v, c, 1)
+            if rng.integers(0, 2):
+                v = g.add(Step.sign(), a)
+            else:
+                v = g.add(Step(rng.integers(-6, 7, size=(c, 1)), (-1, 1)), a)
+        elif kind == "transpose":
+            t = g.add(Transpose((1, 2, 0)), v)
+            v = g.add(Transpose((2, 0, 1)), g.add(Reshape(g.shapes[t]), t))
+        elif kind == "pad":
+            v = g.add(Pad((0, 1, 0, 0, 0, 1), int(rng.integers(0, 3))), v)
+        elif kind == "lookup":  # a non-monotone table to [0, 7] on [-1, 7] (every block's activation range)
+            table = rng.integers(0, 8, size=(c, 9) if rng.integers(0, 2) else 9)
+            v = g.add(Lookup(-1, table), v)
+    f = g.add(Flatten(), v)
+    n = g.shapes[f][0]
+    d = g.add(Dense(rng.integers(-3, 4, size=(n_out, n)), rng.integers(-6, 7, size=n_out), name="fc"), f)
+    rq(d, -8, 7)
+    return g.net(0, input_hi)
+
+
+def graph_case(rng: np.random.Generator, blocks: tuple[str, ...] | None = None, max_points: int = 2000,
+               label_from_net: bool | None = None) -> tuple[QNetwork, Property]:
+    """A random graph network (:func:`tests.fixtures.random_graph_network`) and a robustness property around a
+    random grid point: radius 1 on a few random pixels, at most ``max_points`` points (brute force is the oracle);
+    the label is the network's prediction (usually robust) or a random class (usually violated)."""
+    net = random_graph_network(rng, blocks)
+    n = net.num_inputs
+    x = rng.integers(net.input_lo, net.input_hi + 1, size=n)
+    from qverify.execute import predict
+
+    pick = bool(rng.integers(0, 2)) if label_from_net is None else label_from_net
+    label = int(predict(net, x[None])[0]) if pick else int(rng.integers(0, net.num_outputs))
+    lo, hi = x.copy(), x.copy()
+    k = int(rng.integers(1, 7))
+    dims = rng.choice(n, size=k, replace=False)
+    lo[dims] = np.maximum(x[dims] - 1, net.input_lo)
+    hi[dims] = np.minimum(x[dims] + 1, net.input_hi)
+    while math.prod(int(h - l + 1) for l, h in zip(lo, hi, strict=True)) > max_points:
+        j = int(np.argmax(hi - lo))
+        hi[j] = lo[j]
+    base = robustness_property(net, x, label, radius=0)
+    return net, Property(lo, hi, base.unsafe, name=f"graph-r1-{k}px")
+
+
+def graph_cases(blocks: tuple[str, ...] | None = None, max_points: int = 2000) -> st.SearchStrategy:
+    """:func:`graph_case` from a drawn seed (hypothesis shrinks the seed)."""
+    return st.integers(0, 2**32 - 1).map(lambda s: graph_case(np.random.default_rng(s), blocks, max_points))
+
+
+def graph_networks(blocks: Sequence[str] | None = None, n_blocks: int = 2) -> st.SearchStrategy:
+    """:func:`random_graph_network` from a drawn seed."""
+    return st.integers(0, 2**32 - 1).map(
+        lambda seed: random_graph_network(np.random.default_rng(seed), blocks, n_blocks))
 
 
 def brute_force(net: QNetwork, prop: Property, limit: int = 200_000) -> tuple[bool, np.ndarray | None]:
@@ -194,27 +351,10 @@ def knife_edge_properties(net: QNetwork, lo: np.ndarray, hi: np.ndarray, a: np.n
     return edge, tight, int(np.count_nonzero(v == s))
 
 
-def random_knife_edge_case(rng: np.random.Generator, max_points: int = 1500, float32: bool = False
-                           ) -> tuple[QNetwork, Property, Property, int]:
-    """A tiny network (any rounding mode, fixed point or affine, per-tensor or per-channel, dense or conv;
-    ``float32``: onnxruntime's float32 requantizations), a random sub-box of its grid with at most ``max_points``
-    points, and the two :func:`knife_edge_properties` of the sharpest of eight random nonzero output rows ``a``
-    (entries in ``[-3, 3]``; the fewest minimizers: a single violating point is the hardest case). Half the cases
-    add a second disjunct (a robustness-style row ``y_i - y_j <= t`` at its own exact minimum minus one, so it
-    never holds) to exercise the split over disjuncts."""
-    from qverify.execute import forward
-    from qverify.property import Conjunction
-
-    rounding = Rounding(list(Rounding)[int(rng.integers(0, len(Rounding)))])
-    affine = bool(rng.integers(0, 2))
-    if rng.integers(0, 3) == 0:
-        net = random_conv_network(rng, rounding=rounding, affine=affine, padding=int(rng.integers(0, 2)),
-                                  pad_value=int(rng.integers(0, 3)), with_clamp=bool(rng.integers(0, 2)),
-                                  float32=float32)
-    else:
-        hidden = tuple(int(h) for h in rng.integers(2, 8, size=int(rng.integers(1, 3))))
-        net = random_dense_network(rng, n_in=int(rng.integers(2, 7)), hidden=hidden, rounding=rounding,
-                                   affine=affine, per_channel=bool(rng.integers(0, 2)), float32=float32)
+def _sharpest_knife_edge(net: QNetwork, rng: np.random.Generator, max_points: int, rows: int = 8
+                         ) -> tuple[Property, Property, int]:
+    """A random sub-box of the grid with at most ``max_points`` points and the :func:`knife_edge_properties` of the
+    sharpest of ``rows`` random nonzero output rows (entries in ``[-3, 3]``; the fewest minimizers)."""
     n = net.num_inputs
     lo = rng.integers(net.input_lo, net.input_hi + 1, size=n)
     width = rng.integers(1, net.input_hi - net.input_lo + 1, size=n)
@@ -224,14 +364,51 @@ def random_knife_edge_case(rng: np.random.Generator, max_points: int = 1500, flo
         k = int(np.argmax(hi - lo))
         hi[k] = lo[k] + (hi[k] - lo[k]) // 2
     best = None
-    for _ in range(8):
+    for _ in range(rows):
         a = rng.integers(-3, 4, size=net.num_outputs)
         if not a.any():
             a[int(rng.integers(0, net.num_outputs))] = 1
         cand = knife_edge_properties(net, lo, hi, a)
         if best is None or cand[2] < best[2]:
             best = cand
-    edge, tight, count = best
+    assert best is not None
+    return best
+
+
+def graph_knife_edge_case(rng: np.random.Generator, max_points: int = 300) -> tuple[QNetwork, Property, Property]:
+    """A random graph on a 3x3 input (:func:`random_graph_network`) with the two knife-edge properties of the
+    sharpest of six random output rows over a random sub-box of at most ``max_points`` points."""
+    net = random_graph_network(rng, in_shape=(1, 3, 3))
+    edge, tight, _ = _sharpest_knife_edge(net, rng, max_points, rows=6)
+    return net, edge, tight
+
+
+def random_knife_edge_case(rng: np.random.Generator, max_points: int = 1500, float32: bool = False,
+                           graphs: bool = False) -> tuple[QNetwork, Property, Property, int]:
+    """A tiny network (any rounding mode, fixed point or affine, per-tensor or per-channel, dense or conv;
+    ``float32``: onnxruntime's float32 requantizations), a random sub-box of its grid with at most ``max_points``
+    points, and the two :func:`knife_edge_properties` of the sharpest of eight random nonzero output rows ``a``
+    (entries in ``[-3, 3]``; the fewest minimizers: a single violating point is the hardest case). Half the cases
+    add a second disjunct (a robustness-style row ``y_i - y_j <= t`` at its own exact minimum minus one, so it
+    never holds) to exercise the split over disjuncts. ``graphs``: half the networks are random graphs
+    (:func:`random_graph_network`: residual adds, pooling, depthwise, concat, step functions, data movement)."""
+    from qverify.execute import forward
+    from qverify.property import Conjunction
+
+    rounding = Rounding(list(Rounding)[int(rng.integers(0, len(Rounding)))])
+    affine = bool(rng.integers(0, 2))
+    if graphs and not float32 and rng.integers(0, 2):
+        net = random_graph_network(rng, n_blocks=int(rng.integers(1, 3)), in_shape=(1, 3, 3), rounding=rounding,
+                                   affine=affine)
+    elif rng.integers(0, 3) == 0:
+        net = random_conv_network(rng, rounding=rounding, affine=affine, padding=int(rng.integers(0, 2)),
+                                  pad_value=int(rng.integers(0, 3)), with_clamp=bool(rng.integers(0, 2)),
+                                  float32=float32)
+    else:
+        hidden = tuple(int(h) for h in rng.integers(2, 8, size=int(rng.integers(1, 3))))
+        net = random_dense_network(rng, n_in=int(rng.integers(2, 7)), hidden=hidden, rounding=rounding,
+                                   affine=affine, per_channel=bool(rng.integers(0, 2)), float32=float32)
+    edge, tight, count = _sharpest_knife_edge(net, rng, max_points)
     if rng.integers(0, 2) and net.num_outputs >= 2:
         i, j = rng.choice(net.num_outputs, size=2, replace=False)
         row = np.zeros(net.num_outputs, np.int64)
@@ -243,10 +420,10 @@ def random_knife_edge_case(rng: np.random.Generator, max_points: int = 1500, flo
     return net, edge, tight, count
 
 
-def knife_edge_cases(max_points: int = 1500, float32: bool = False) -> st.SearchStrategy:
+def knife_edge_cases(max_points: int = 1500, float32: bool = False, graphs: bool = False) -> st.SearchStrategy:
     """:func:`random_knife_edge_case` from a drawn seed (hypothesis shrinks the seed)."""
     return st.integers(0, 2**32 - 1).map(
-        lambda seed: random_knife_edge_case(np.random.default_rng(seed), max_points, float32))
+        lambda seed: random_knife_edge_case(np.random.default_rng(seed), max_points, float32, graphs))
 
 
 def _milp(backend: str, encoding: str = "range", confirm: str = "auto"):

@@ -16,7 +16,16 @@ from qverify.property import Property, robustness_property
 from qverify.result import Reason, Verdict
 from qverify.settings import SolverSettings
 from qverify.solvers.base import SolveOutcome, SolveStatus
-from tests.fixtures import MNIST1000, P1_6, brute_force, networks_and_properties, tiny_fixed_point_mlp
+from tests.fixtures import (
+    MNIST1000,
+    P1_6,
+    brute_force,
+    graph_case,
+    graph_cases,
+    graph_knife_edge_case,
+    networks_and_properties,
+    tiny_fixed_point_mlp,
+)
 
 
 def _check(net, prop, res):
@@ -228,3 +237,68 @@ def test_an_unconfirmed_claim_is_never_robust(monkeypatch, split):
                       split=split)
     assert res.verdict is Verdict.UNKNOWN and res.reason == Reason.UNCONFIRMED
     assert res.vnncomp_status() != "unsat"
+
+
+# ------------------------------------------------------------------------------------------ graph networks
+@pytest.mark.parametrize("encoding", ["range", "onehot"])
+@given(case=graph_cases(), split=st.booleans(), margin=st.booleans(), loose=st.booleans())
+@settings(max_examples=20, deadline=None)
+def test_graph_cpsat_verdicts_equal_brute_force(encoding, case, split, margin, loose):
+    """Residual / pooling / depthwise / concat / step / movement graphs, boxes of up to 2000 points: the verdict is
+    the enumerated truth and every counterexample replays."""
+    net, prop = case
+    bounds = worst_case_bounds(net) if loose else None
+    res = verify_milp(net, prop, SolverSettings(encoding=encoding, threads=1), bounds=bounds, margin=margin,
+                      split=split)
+    _check(net, prop, res)
+
+
+@given(case=graph_cases(), backend=st.sampled_from(["highs", "scip", "checked"]))
+@settings(max_examples=8, deadline=None)
+def test_graph_mip_verdicts_equal_brute_force(case, backend):
+    net, prop = case
+    _check(net, prop, verify_milp(net, prop, SolverSettings(backend=backend, threads=1)))
+
+
+@given(case=graph_cases(), method=st.sampled_from(["milp", "portfolio", "bab"]))
+@settings(max_examples=20, deadline=None)
+def test_graph_verify_methods_equal_brute_force(case, method):
+    """``qverify.verify.verify`` end to end (``--method milp``, the portfolio, branch and bound) on graphs."""
+    from qverify.settings import VerifySettings
+    from qverify.verify import verify
+
+    net, prop = case
+    s = VerifySettings(method=method, timeout=30.0, solver=SolverSettings(threads=1, time_limit=30.0))
+    _check(net, prop, verify(net, prop, s))
+
+
+def test_replay_report_names_the_first_differing_value_of_a_graph():
+    """The mismatch report walks the graph's values (value index = node index + 1): the execution of a pinned
+    input, solved by CP-SAT, with one output neuron's variable moved, differs first at the last value."""
+    from qverify.encode import LinExpr
+    from qverify.solvers.cpsat import CpSatBackend
+
+    net, prop = graph_case(np.random.default_rng(5), ("residual",))
+    x = prop.lo.copy()
+    enc = exact.encode_network(net, np.full(net.num_inputs, net.input_lo), np.full(net.num_inputs, net.input_hi),
+                               worst_case_bounds(net))
+    for j, v in enumerate(enc.inputs):
+        if isinstance(v, LinExpr):
+            enc.program.add_con(v, int(x[j]), int(x[j]))
+    values = list(CpSatBackend().solve(enc.program, SolverSettings(threads=1), 10).values)
+    last = len(enc.layer_values) - 1
+    k = next(j for j, v in enumerate(enc.layer_values[last]) if isinstance(v, LinExpr))
+    values[next(iter(enc.layer_values[last][k].terms))] += 1
+    rep = exact.replay_report(net, enc, values, x, "test")
+    assert rep["first_mismatch"]["layer_index"] == last and rep["first_mismatch"]["neuron"] == k
+
+
+@pytest.mark.parametrize("encoding", ["range", "onehot"])
+@given(seed=st.integers(0, 2**32 - 1), split=st.booleans())
+@settings(max_examples=15, deadline=None)
+def test_graph_knife_edges_are_decided_exactly(encoding, seed, split):
+    """Zero-margin graph instances (the bounds rarely decide them, the solver must): the edge property is violated
+    exactly at the minimizers of its row, the tight one is robust with no slack."""
+    net, edge, tight = graph_knife_edge_case(np.random.default_rng(seed))
+    for prop in (edge, tight):
+        _check(net, prop, verify_milp(net, prop, SolverSettings(encoding=encoding, threads=1), split=split))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from qverify.execute import execute
 from qverify.io import load_model, save_model
 from qverify.network import ModelError
-from tests.fixtures import tiny_networks
+from tests.fixtures import graph_networks, tiny_networks
 
 
 @given(tiny_networks())
@@ -24,6 +24,46 @@ def test_round_trip_is_exact(tmp_path_factory, net):
         assert np.array_equal(a, b)
     for la, lb in zip(net.layers, back.layers, strict=True):
         assert type(la) is type(lb) and getattr(la, "name", "") == getattr(lb, "name", "")
+
+
+@given(graph_networks(n_blocks=3))
+@settings(max_examples=25, deadline=None)
+def test_graph_round_trip_is_exact(tmp_path_factory, net):
+    """A graph (branches, every graph op) is written as version 3 with each layer's inputs, and reads back to the
+    same function, the same edges and the same ops."""
+    path = tmp_path_factory.mktemp("g") / "g.qnn"
+    save_model(net, path)
+    with zipfile.ZipFile(path) as z:
+        m = json.loads(z.read("manifest.json"))
+    assert m["format_version"] == (3 if not net.is_chain else m["format_version"])
+    back = load_model(path)
+    assert back.inputs == net.inputs and back.shapes == net.shapes
+    x = np.random.default_rng(1).integers(net.input_lo, net.input_hi + 1, size=(6, *net.input_shape))
+    for a, b in zip(execute(net, x), execute(back, x), strict=True):
+        assert np.array_equal(a, b)
+    assert [type(la) for la in net.layers] == [type(lb) for lb in back.layers]
+
+
+def test_graph_ops_need_version_3(tmp_path):
+    """An older version's file that names a graph op or edges is refused, never read as something else."""
+    import numpy as np
+
+    from qverify.network import Add, Dense, QNetwork
+
+    net = QNetwork((2,), 0, 3, (Dense(np.eye(2, dtype=np.int64), np.zeros(2, np.int64)), Add((1, 1))),
+                   inputs=((0,), (0, 1)))
+    path = tmp_path / "g.qnn"
+    save_model(net, path)
+    bad = tmp_path / "bad.qnn"
+    _rewrite(path, bad, lambda m, files: m.update(format_version=1))
+    with pytest.raises(ModelError, match=r"layers\[0\].*'inputs' and 'groups' need format_version 3"):
+        load_model(bad)
+    _rewrite(path, bad, lambda m, files: (m.update(format_version=2), [d.pop("inputs") for d in m["layers"]]))
+    with pytest.raises(ModelError, match=r"layers\[1\] \(Add\).*version-3 op in a version-2 file"):
+        load_model(bad)
+    _rewrite(path, bad, lambda m, files: m["layers"][1].update(inputs=[0, 5]))
+    with pytest.raises(ModelError, match="must be earlier values"):
+        load_model(bad)
 
 
 def _rewrite(path, out, fn):

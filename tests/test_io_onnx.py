@@ -636,8 +636,12 @@ def test_unsupported_operator_names_op_node_and_file(tmp_path):
         load_onnx(path)
 
 
-def test_maxpool_from_quantize_static_is_rejected(tmp_path):
+def test_maxpool_from_quantize_static_imports_and_equals_onnxruntime(tmp_path):
+    """Pooling was refused while networks were chains; now a QOperator MaxPool on uint8 is a MaxPool2d node, and
+    under onnxruntime's semantics (its fused integer kernels) the executor equals onnxruntime on every output."""
     torch = pytest.importorskip("torch")
+    from qverify.network import MaxPool2d
+
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
                                 torch.nn.Flatten(), torch.nn.Linear(18, 3))
     src = tmp_path / "pool.onnx"
@@ -646,12 +650,13 @@ def test_maxpool_from_quantize_static_is_rejected(tmp_path):
         torch.onnx.export(model, torch.rand(1, 1, 8, 8), str(src), dynamo=False, input_names=["x"],
                           output_names=["y"], opset_version=17)
     q = _quantize(src, tmp_path / "pool_q.onnx", (1, 1, 8, 8), "QOperator", False)
-    node = next(n for n in onnx.load(str(q)).graph.node if n.op_type == "MaxPool")
-    with pytest.raises(ModelError, match=rf"pool_q\.onnx: node '{node.name}' \(MaxPool\).*'MaxPool'"):
-        load_onnx(q)
+    net = load_onnx(q, semantics="onnxruntime")
+    assert any(isinstance(layer, MaxPool2d) for layer in net.layers)
+    x = np.random.default_rng(0).integers(net.input_lo, net.input_hi + 1, size=(300, net.num_inputs))
+    assert np.array_equal(forward(net, x), onnx_integer_outputs(net, x))
 
 
-def test_residual_add_is_a_clear_error(tmp_path):
+def _residual_model(path):
     rng = np.random.default_rng(0)
     inits = {"w": rng.integers(-5, 5, size=(4, 4)).astype(np.int8), "sw": F32(0.01), "zw": np.int8(0),
              "sh": F32(0.03), "zh": np.uint8(0)}
@@ -661,9 +666,26 @@ def test_residual_add_is_a_clear_error(tmp_path):
         helper.make_node("QuantizeLinear", ["m", "sh", "zh"], ["mq"], name="q_m"),
         helper.make_node("DequantizeLinear", ["mq", "sh", "zh"], ["md"], name="dq_m"),
         helper.make_node("Add", ["md", "xd"], ["y"], name="skip_add")]
-    path = _save(nodes, inits, tmp_path / "res.onnx", (1, 4), (1, 4))
-    with pytest.raises(ModelError, match=r"'skip_add' \(Add\).*residual.*sequential"):
-        load_onnx(path)
+    return _save(nodes, inits, path, (1, 4), (1, 4))
+
+
+def test_residual_add_imports_exactly_and_onnxruntime_semantics_refuses_it(tmp_path):
+    """A residual ``Add`` of two activations (refused while networks were chains) is an exact integer ``Add``:
+    ``0.03 (h - 0) + 0.02 (x - 0) = 2^-e (m_h h + m_x x)``; the float graph output is that accumulator."""
+    from qverify.network import Add
+
+    path = _residual_model(tmp_path / "res.onnx")
+    net = load_onnx(path)
+    add = next(layer for layer in net.layers if isinstance(layer, Add))
+    assert net.node_inputs(net.layers.index(add)) == (2, 0)  # the requantized MatMul and the input
+    x = np.random.default_rng(1).integers(0, 256, size=(200, 4))
+    h = forward(net.__class__(net.input_shape, net.input_lo, net.input_hi, net.layers[:2]), x)
+    sh, sx = Fraction(float(F32(0.03))), Fraction(float(F32(0.02)))
+    want = [[sh * int(a) + sx * int(b) for a, b in zip(hr, xr, strict=True)] for hr, xr in zip(h, x, strict=True)]
+    got = forward(net, x)
+    assert [[net.output_scale * int(v) for v in row] for row in got] == want
+    with pytest.raises(ModelError, match=r"res\.onnx: node 'skip_add' \(Add\): semantics='onnxruntime'.*two activ"):
+        load_onnx(path, semantics="onnxruntime")
 
 
 def test_grouped_conv_and_unquantized_weight_errors(tmp_path):
@@ -672,7 +694,10 @@ def test_grouped_conv_and_unquantized_weight_errors(tmp_path):
         helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="dq_w"),
         helper.make_node("Conv", ["xd", "wd"], ["y"], name="dw_conv", group=2)]
     path = _save(nodes, inits, tmp_path / "grp.onnx", (1, 2, 3, 3), (1, 2, 3, 3))
-    with pytest.raises(ModelError, match=r"'dw_conv' \(Conv\).*group=2"):
+    assert load_onnx(path).layers[0].groups == 2  # grouped (here depthwise) convolution is supported now
+    nodes[-1] = helper.make_node("Conv", ["xd", "wd"], ["y"], name="dw_conv", group=3)
+    path = _save(nodes, inits, tmp_path / "grp3.onnx", (1, 2, 3, 3), (1, 2, 3, 3))
+    with pytest.raises(ModelError, match=r"'dw_conv' \(Conv\).*group=3"):
         load_onnx(path)
     inits = {"wf": np.ones((4, 3), dtype=F32)}
     nodes = _qdq_prefix(inits) + [helper.make_node("MatMul", ["xd", "wf"], ["y"], name="float_mm")]

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from qverify.execute import forward, predict
 from qverify.property import robustness_property
 from qverify.radius import exact_decider, max_radius, shrink_witness
+from qverify.replay import replay
 from qverify.result import Result, Verdict
 from qverify.settings import SolverSettings
-from tests.fixtures import brute_force, random_dense_network, roundings
+from tests.fixtures import brute_force, random_dense_network, random_graph_network, roundings
 
 FAST = SolverSettings(threads=1, time_limit=20)
 
@@ -108,3 +109,37 @@ def test_shrink_witness_pulls_towards_the_sample():
         d = int(np.max(np.abs(s - x)))
         assert d <= int(np.max(np.abs(w - x)))
         assert prop_at(d).contains(s)[0] and prop_at(d).is_violated(forward(net, s[None, :]))[0]
+
+
+# ------------------------------------------------------------------------------------------ graph networks
+def _oracle(net, prop, deadline):
+    """Decide by enumeration: robust, or the first violating point (replayed)."""
+    robust, w = brute_force(net, prop)
+    if robust:
+        return Result(Verdict.ROBUST, "oracle", 0.0)
+    return Result(Verdict.COUNTEREXAMPLE, "oracle", 0.0, counterexample=replay(net, prop, w))
+
+
+@given(seed=st.integers(0, 2**32 - 1), own=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_graph_radius_equals_brute_force(seed, own):
+    """Residual / pooling / depthwise / concat / step graphs on a 2x2 image: the search (exponential phase,
+    bisection, witness shrinking) lands on the enumerated radius, with a witness at radius + 1; the portfolio's
+    answer is sound (proved radius <= true radius < refuted radius)."""
+    rng = np.random.default_rng(seed)
+    net = random_graph_network(rng, in_shape=(1, 2, 2))
+    x = rng.integers(0, net.input_hi + 1, size=net.num_inputs)
+    label = int(predict(net, x[None, :])[0]) if own else int(rng.integers(0, net.num_outputs))
+    res = max_radius(net, x, label, FAST, decide=_oracle)
+    want = _brute_radius(net, x, label, res.r_max)
+    assert res.exact and res.radius == want == res.lower
+    if want < res.r_max:
+        cex = res.counterexample
+        assert res.upper == want + 1 and cex is not None and cex.confirmed
+        assert int(np.max(np.abs(cex.x - x))) == want + 1
+        assert robustness_property(net, x, label, radius=want + 1).is_violated(forward(net, cex.x[None, :]))[0]
+    port = max_radius(net, x, label, SolverSettings(threads=1, time_limit=5))
+    assert port.lower <= want and (port.upper is None or port.upper > want)
+    assert not port.exact or port.radius == want
+    if port.counterexample is not None:
+        assert replay(net, robustness_property(net, x, label, radius=port.upper), port.counterexample.x).confirmed

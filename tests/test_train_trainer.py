@@ -21,7 +21,7 @@ from qverify.train.trainer import (
     train,
 )
 from tests.fixtures import CUDA
-from tests.test_bounds_torch_ibp import _as_pairs, _numpy_interval_module, reference_intervals
+from tests.test_train_bounds_ibp import _as_pairs, _numpy_interval_module, reference_intervals
 
 TINY = ["data.train='digits'", "data.holdout=300", "model.hidden=[16]", "progress=false", "train.batch_size=64",
         "train.lr=0.01", "quant.weight_bits=6", "quant.act_bits=6", "quant.out_bits=6", "train.eps=1.0"]

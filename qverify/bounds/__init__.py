@@ -4,10 +4,10 @@
   property decisions from output intervals;
 * :mod:`qverify.bounds.symbolic` - linear (DeepPoly/CROWN-style) back-substitution bounds that carry each
   rounding's error and each clamp's relaxation; tighter per-layer bounds for the encoders and margin bounds that
-  certify argmax robustness;
-* :mod:`qverify.bounds.torch_ibp` - the differentiable interval propagation used in training (imported on demand,
-  it needs torch);
-* :mod:`qverify.bounds.torch_crown` - differentiable CROWN-IBP margin bounds (training's ``bound = "crown-ibp"``).
+  certify argmax robustness.
+
+The differentiable (torch) bounds of the training model live with training (:mod:`qverify.train.bounds_ibp`,
+:mod:`qverify.train.bounds_crown`); nothing in this package imports torch.
 """
 
 from qverify.bounds.interval import (

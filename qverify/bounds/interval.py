@@ -3,7 +3,7 @@
 For a batch of integer input boxes ``lo <= x <= hi`` every layer maps an integer interval to an integer interval
 that contains every value the executor (:func:`qverify.execute.execute`) can produce for an input of the box:
 
-* affine (dense / conv), by midpoint and radius in doubled integers (no halves):
+* linear maps (dense, conv, sum pooling, add), by midpoint and radius in doubled integers (no halves):
   ``c = lo + hi`` (``= 2 mu``), ``d = hi - lo`` (``= 2 r``), ``C = W c + 2 b``, ``D = |W| d``, and
   ``[lo', hi'] = [(C - D) / 2, (C + D) / 2]`` - which equals ``[W+ lo + W- hi + b, W+ hi + W- lo + b]``,
   the exact range of the affine map over the box (``C - D`` and ``C + D`` are even). A convolution's padded
@@ -11,7 +11,9 @@ that contains every value the executor (:func:`qverify.execute.execute`) can pro
   pass pads ``d`` with 0.
 * requantization ``clamp(R(acc p / q) + z, lo, hi)`` and clamp: monotone non-decreasing, so they map the ends:
   ``[f(lo), f(hi)]`` (the executor's own :func:`qverify.execute.requantize`, exact integer rounding).
-* flatten: reshape.
+* data movement (flatten, reshape, transpose, pad, concat): the map of each end; max pooling (non-decreasing in
+  every cell) and step functions likewise map the ends; a lookup table gives its exact range over the interval
+  (range-minimum queries, :func:`lookup_range`).
 
 **Exactness of the float64 BLAS.** The affine passes run in float64. Network validation bounds every accumulator
 by ``V = max_o sum_i |W_oi| * m + max |b| (+ sum |W| |pad_value|)`` with ``m`` the largest magnitude of the
@@ -22,10 +24,10 @@ float64 operation is exact; when even ``2V < 2^24`` the same holds in float32, w
 (:func:`_center_radius_dtype`). Otherwise (``2^52 <= V < 2^53``, only for huge weights) the layer uses positive
 and negative weight parts, ``W+ lo + W- hi + b``, whose partial sums stay below ``V``, also exact.
 
-The propagation is a table ``{layer type: function}`` (:data:`INTERVAL`) plus one entry point
+The propagation is a table ``{op type: function}`` (:data:`INTERVAL`) walked by :func:`qverify.graph.forward`
 (:func:`interval_bounds`), in the style of jax_verify's bound propagation. Each table function takes
-``(layer, lo, hi, in_bound)`` where ``in_bound`` is the largest magnitude of the layer's worst-case input range
-(``net.value_ranges``) and returns the output ``(lo, hi)``.
+``(op, input bounds, in_bounds)`` where ``in_bounds`` are the largest magnitudes of the op's worst-case input
+ranges (``net.value_ranges``) and returns the output ``(lo, hi)``.
 
 Deciding properties: an unsafe conjunction ``A y <= b`` is infeasible over the box when for some row
 ``min_{y in [ylo, yhi]} a.y = sum a+ ylo + sum a- yhi > b`` (exact integers); a property is certified when every
@@ -34,12 +36,31 @@ disjunct is infeasible (:func:`refutes_unsafe`, :func:`certified_by_interval`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from qverify.execute import check_inputs, conv2d_float, requantize
-from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
+from qverify import graph
+from qverify.execute import check_inputs, max_pool, requantize, step_function
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    LinearMap,
+    Lookup,
+    MaxPool2d,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
+)
 from qverify.property import Property
 from qverify.quant import FLOAT64_EXACT, INT64_SAFE
 
@@ -50,43 +71,23 @@ Bounds = tuple[np.ndarray, np.ndarray]
 IntervalFn = Callable[..., Bounds]
 
 
-# ----------------------------------------------------------------------------------------------- affine layers
-def affine_value_bound(layer: Dense | Conv2d, in_bound: int) -> int:
-    """``V``: the largest accumulator magnitude over inputs of magnitude ``<= in_bound`` (as network validation)."""
-    wabs = np.abs(layer.weight).reshape(layer.weight.shape[0], -1).sum(axis=1)
-    wmax = int(wabs.max()) if wabs.size else 0
-    v = wmax * int(in_bound) + (int(np.abs(layer.bias).max()) if layer.bias.size else 0)
-    if isinstance(layer, Conv2d):
-        v += wmax * abs(layer.pad_value)
-    return v
+# ----------------------------------------------------------------------------------------------- linear maps
+def affine_value_bound(layer: LinearMap, in_bound: int | Sequence[int], in_shapes: Sequence[tuple] | None = None
+                       ) -> int:
+    """``V``: the largest value (and partial sum) magnitude of a linear map over inputs of magnitude
+    ``<= in_bound`` (one bound per input; as network validation)."""
+    bounds = [int(in_bound)] if isinstance(in_bound, (int, np.integer)) else [int(b) for b in in_bound]
+    return layer.value_bound(bounds, in_shapes if in_shapes is not None else [()] * len(bounds))
 
 
-def _center_radius_exact(layer: Dense | Conv2d, in_bound: int) -> bool:
+def _center_radius_exact(layer: LinearMap, in_bound: int | Sequence[int]) -> bool:
     return 2 * affine_value_bound(layer, in_bound) < FLOAT64_EXACT
 
 
-def _center_radius_dtype(layer: Dense | Conv2d, in_bound: int) -> type:
+def _center_radius_dtype(layer: LinearMap, in_bound: int | Sequence[int]) -> type:
     """float32 when ``2V < 2^24`` (every integer up to ``2^24`` is a float32, so the same argument as for float64
     applies and BLAS runs twice as fast), else float64."""
     return np.float32 if 2 * affine_value_bound(layer, in_bound) < FLOAT32_EXACT else np.float64
-
-
-def _dense(layer: Dense, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
-    if _center_radius_exact(layer, in_bound):
-        dt = _center_radius_dtype(layer, in_bound)
-        c = np.add(lo, hi, dtype=dt)
-        d = np.subtract(hi, lo, dtype=dt)
-        cc = c @ layer.weight.T.astype(dt)
-        cc += (2 * layer.bias).astype(dt)
-        dd = d @ np.abs(layer.weight).T.astype(dt)
-        return _halves(cc, dd)
-    wp = np.maximum(layer.weight, 0).T.astype(np.float64)
-    wn = np.minimum(layer.weight, 0).T.astype(np.float64)
-    lf, hf = lo.astype(np.float64), hi.astype(np.float64)
-    b = layer.bias.astype(np.float64)
-    out_lo = (lf @ wp + hf @ wn) + b
-    out_hi = (hf @ wp + lf @ wn) + b
-    return out_lo.astype(np.int64), out_hi.astype(np.int64)
 
 
 def _halves(cc: np.ndarray, dd: np.ndarray) -> Bounds:
@@ -98,45 +99,112 @@ def _halves(cc: np.ndarray, dd: np.ndarray) -> Bounds:
     return lo.astype(np.int64), cc.astype(np.int64)
 
 
-def _conv(layer: Conv2d, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
-    if _center_radius_exact(layer, in_bound):
-        dt = _center_radius_dtype(layer, in_bound)
-        center = Conv2d(layer.weight, 2 * layer.bias, layer.stride, layer.padding, layer.dilation,
-                        2 * layer.pad_value)
-        radius = Conv2d(np.abs(layer.weight), np.zeros_like(layer.bias), layer.stride, layer.padding,
-                        layer.dilation, 0)
-        return _halves(conv2d_float(center, lo + hi, dt), conv2d_float(radius, hi - lo, dt))
-    zero = np.zeros_like(layer.bias)
-    pos = Conv2d(np.maximum(layer.weight, 0), layer.bias, layer.stride, layer.padding, layer.dilation,
-                 layer.pad_value)
-    neg = Conv2d(np.minimum(layer.weight, 0), zero, layer.stride, layer.padding, layer.dilation, layer.pad_value)
-    out_lo = conv2d_float(pos, lo) + conv2d_float(neg, hi)
-    out_hi = conv2d_float(pos, hi) + conv2d_float(neg, lo)
+def _linear(layer: LinearMap, ins: list[Bounds], in_bounds: list[int]) -> Bounds:
+    """``C = L(c) + 2 off``, ``D = |L|(d)`` (center and radius, doubled); data movement maps the ends; maps whose
+    doubled values could reach ``2^53`` use ``L+ lo + L- hi + off`` (partial sums below ``V``)."""
+    shapes = [lo.shape[1:] for lo, _ in ins]
+    off = layer.offset(shapes)
+    if layer.movement:
+        return layer.linear([lo for lo, _ in ins]) + off, layer.linear([hi for _, hi in ins]) + off
+    if _center_radius_exact(layer, in_bounds):
+        dt = _center_radius_dtype(layer, in_bounds)
+        cc = layer.linear([np.add(lo, hi, dtype=dt) for lo, hi in ins], "w")
+        cc += (2 * off).astype(dt)
+        dd = layer.linear([np.subtract(hi, lo, dtype=dt) for lo, hi in ins], "abs")
+        return _halves(cc, dd)
+    lf = [lo.astype(np.float64) for lo, _ in ins]
+    hf = [hi.astype(np.float64) for _, hi in ins]
+    out_lo = layer.linear(lf, "pos") + layer.linear(hf, "neg") + off
+    out_hi = layer.linear(hf, "pos") + layer.linear(lf, "neg") + off
     return out_lo.astype(np.int64), out_hi.astype(np.int64)
 
 
-def _requantize(layer: Requantize, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
+def _requantize(layer: Requantize, ins: list[Bounds], in_bounds: list[int]) -> Bounds:
+    (lo, hi), = ins
     return requantize(layer, lo), requantize(layer, hi)
 
 
-def _clamp(layer: Clamp, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
+def _clamp(layer: Clamp, ins: list[Bounds], in_bounds: list[int]) -> Bounds:
+    (lo, hi), = ins
     return np.clip(lo, layer.lo, layer.hi), np.clip(hi, layer.lo, layer.hi)
 
 
-def _flatten(layer: Flatten, lo: np.ndarray, hi: np.ndarray, in_bound: int) -> Bounds:
-    return lo.reshape(len(lo), -1), hi.reshape(len(hi), -1)
+def _step(layer: Step, ins: list[Bounds], in_bounds: list[int]) -> Bounds:
+    (lo, hi), = ins
+    return step_function(layer, lo), step_function(layer, hi)
 
 
-#: the interval table: one exact function per layer type, ``fn(layer, lo, hi, in_bound) -> (lo, hi)``
-INTERVAL: dict[type, IntervalFn] = {Dense: _dense, Conv2d: _conv, Requantize: _requantize, Clamp: _clamp,
-                                    Flatten: _flatten}
+_RMQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sparse_tables(layer: Lookup) -> tuple[np.ndarray, np.ndarray]:
+    """Range-minimum and -maximum tables ``[K, C, D]``: level ``k`` holds ``min``/``max`` of ``table_c[i : i + 2^k]``
+    (cached per op)."""
+    if layer not in _RMQ:
+        mins, maxs = [layer.table], [layer.table]
+        d = layer.table.shape[1]
+        k = 1
+        while (1 << k) <= d:
+            h = 1 << (k - 1)
+            mins.append(np.minimum(mins[-1][:, :-h], mins[-1][:, h:]))
+            maxs.append(np.maximum(maxs[-1][:, :-h], maxs[-1][:, h:]))
+            k += 1
+        pad = [np.pad(m, ((0, 0), (0, d - m.shape[1]))) for m in mins]
+        padx = [np.pad(m, ((0, 0), (0, d - m.shape[1]))) for m in maxs]
+        _RMQ[layer] = (np.stack(pad), np.stack(padx))
+    return _RMQ[layer]
+
+
+def lookup_range(layer: Lookup, lo: np.ndarray, hi: np.ndarray) -> Bounds:
+    """``(min, max)`` of ``table_c`` over the integers of ``[lo, hi]`` elementwise: two overlapping power-of-two
+    windows of the sparse tables, ``k = floor(log2(hi - lo + 1))`` (exact, O(1) per element)."""
+    mins, maxs = _sparse_tables(layer)
+    a = np.asarray(lo, dtype=np.int64) - layer.start
+    b = np.asarray(hi, dtype=np.int64) - layer.start
+    k = np.floor(np.log2(b - a + 1)).astype(np.int64)
+    k = np.where((1 << (k + 1)) <= b - a + 1, k + 1, k)  # guard the float log2 at powers of two
+    k = np.where((1 << k) > b - a + 1, k - 1, k)
+    shape = a.shape
+    ch = np.zeros(shape, dtype=np.int64) if layer.channels == 1 else np.broadcast_to(
+        np.arange(layer.channels).reshape((1, -1) + (1,) * (a.ndim - 2)), shape)
+    right = b - (1 << k) + 1
+    out_lo = np.minimum(mins[k, ch, a], mins[k, ch, right])
+    out_hi = np.maximum(maxs[k, ch, a], maxs[k, ch, right])
+    return out_lo, out_hi
+
+
+def _lookup(layer: Lookup, ins: list[Bounds], in_bounds: list[int]) -> Bounds:
+    (lo, hi), = ins
+    return lookup_range(layer, lo, hi)
+
+
+def _max_pool(layer: MaxPool2d, ins: list[Bounds], in_bounds: list[int]) -> Bounds:
+    """The maximum is non-decreasing in every cell: ``[max lo, max hi]`` per window (exact ends)."""
+    (lo, hi), = ins
+    return max_pool(layer, lo), max_pool(layer, hi)
+
+
+#: the interval table: one exact function per op type, ``fn(op, input bounds, input magnitudes) -> (lo, hi)``
+INTERVAL: dict[type, IntervalFn] = {Dense: _linear, Conv2d: _linear, SumPool2d: _linear, Add: _linear,
+                                    Flatten: _linear, Reshape: _linear, Transpose: _linear, Pad: _linear,
+                                    Concat: _linear, Requantize: _requantize, Clamp: _clamp, Step: _step,
+                                    Lookup: _lookup, MaxPool2d: _max_pool}
+
+
+def node_interval(net: QNetwork, index: int, ins: list[Bounds]) -> Bounds:
+    """Bounds of node ``index``'s output for bounds ``ins`` of the values it reads (``[B, *shape]`` each)."""
+    layer = net.layers[index]
+    mags = [max(abs(a), abs(b)) for a, b in (net.value_ranges[j] for j in net.node_inputs(index))]
+    return graph.rule(INTERVAL, layer, "interval bounds")(layer, ins, mags)
 
 
 def layer_interval(net: QNetwork, index: int, lo: np.ndarray, hi: np.ndarray) -> Bounds:
-    """Bounds of layer ``index``'s output for input bounds ``[lo, hi]`` (``[B, *net.shapes[index]]``)."""
-    layer = net.layers[index]
-    a, b = net.value_ranges[index]
-    return INTERVAL[type(layer)](layer, lo, hi, max(abs(a), abs(b)))
+    """Bounds of one-input node ``index``'s output for input bounds ``[lo, hi]``."""
+    return node_interval(net, index, [(lo, hi)])
+
+
+def _walk(net: QNetwork, lo: np.ndarray, hi: np.ndarray, keep: bool) -> list[Bounds | None]:
+    return graph.forward(net, (lo, hi), lambda i, layer, ins: node_interval(net, i, ins), keep=keep)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -173,18 +241,14 @@ def interval_bounds(net: QNetwork, lo: np.ndarray, hi: np.ndarray, batch_size: i
     lo_a, hi_a = check_boxes(net, lo, hi)
     n = len(lo_a)
     if n <= batch_size:
-        out = [(lo_a, hi_a)]
-        for i in range(len(net.layers)):
-            out.append(layer_interval(net, i, *out[-1]))
-        return out
+        return _walk(net, lo_a, hi_a, True)  # type: ignore[return-value]
     out = [(lo_a, hi_a)] + [(np.empty((n, *shape), dtype=np.int64), np.empty((n, *shape), dtype=np.int64))
                             for shape in net.shapes[1:]]
     for s in range(0, n, batch_size):
-        l, h = lo_a[s:s + batch_size], hi_a[s:s + batch_size]
+        vals = _walk(net, lo_a[s:s + batch_size], hi_a[s:s + batch_size], True)
         for i in range(len(net.layers)):
-            l, h = layer_interval(net, i, l, h)
-            out[i + 1][0][s:s + batch_size] = l
-            out[i + 1][1][s:s + batch_size] = h
+            out[i + 1][0][s:s + batch_size] = vals[i + 1][0]  # type: ignore[index]
+            out[i + 1][1][s:s + batch_size] = vals[i + 1][1]  # type: ignore[index]
     return out
 
 
@@ -193,9 +257,7 @@ def interval_output_bounds(net: QNetwork, lo: np.ndarray, hi: np.ndarray, batch_
     lo_a, hi_a = check_boxes(net, lo, hi)
     outs_lo, outs_hi = [], []
     for s in range(0, max(len(lo_a), 1), batch_size):
-        l, h = lo_a[s:s + batch_size], hi_a[s:s + batch_size]
-        for i in range(len(net.layers)):
-            l, h = layer_interval(net, i, l, h)
+        l, h = _walk(net, lo_a[s:s + batch_size], hi_a[s:s + batch_size], False)[-1]  # type: ignore[misc]
         outs_lo.append(l.reshape(len(l), -1))
         outs_hi.append(h.reshape(len(h), -1))
     return np.concatenate(outs_lo), np.concatenate(outs_hi)

@@ -85,16 +85,37 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qverify import execute, graph
 from qverify.bounds.interval import (
+    INTERVAL,
     Bounds,
     check_boxes,
     interval_bounds,
+    node_interval,
     property_boxes,
     refutes_each,
     row_lower_bounds,
 )
-from qverify.execute import conv2d_float, requantize
-from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
+from qverify.execute import requantize
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    LinearMap,
+    Lookup,
+    MaxPool2d,
+    Monotone,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
+)
 from qverify.property import Property
 from qverify.quant import Rounding, f32_error_bounds, f32_thresholds, round_div
 
@@ -240,6 +261,9 @@ class Relaxation:
     @property
     def bmax(self) -> np.ndarray:
         return np.maximum(np.abs(self.bL), np.abs(self.bU))
+
+    def take(self, idx: np.ndarray) -> Relaxation:
+        return Relaxation(self.aL[idx], self.bL[idx], self.aU[idx], self.bU[idx])
 
 
 def _chords(X: np.ndarray, V: np.ndarray) -> np.ndarray:
@@ -389,100 +413,128 @@ def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3) -> R
     return Relaxation(aL, bL, aU, bU)
 
 
-# ============================================================================================ the linear chain
-@dataclass
-class _Op:
-    """One layer of the linear chain: ``kind`` is ``"affine"`` (dense matrix ``W``), ``"conv"`` (applied
-    transposed, never materialised), ``"act"`` or ``"flat"``. ``b`` is the effective bias (a convolution's
-    includes the constant padded cells)."""
-
-    kind: str
-    W: np.ndarray | None = None  # float64 [out, in] (exact integers); conv: the kernel [O, C, kh, kw]
-    b: np.ndarray | None = None
-    absW: np.ndarray | None = None
-    absb: np.ndarray | None = None
-    params: ActParams | None = None
-    conv: Conv2d | None = None
-    in_shape: tuple[int, ...] = ()
-    out_shape: tuple[int, ...] = ()
-
-    @property
-    def n_out(self) -> int:
-        return int(np.prod(self.out_shape)) if self.kind == "conv" else self.W.shape[0]
-
-    @property
-    def n_in(self) -> int:
-        return int(np.prod(self.in_shape)) if self.kind == "conv" else self.W.shape[1]
-
-    def back(self, lam: np.ndarray, absolute: bool = False) -> np.ndarray:
-        """``lam W`` (or ``lam |W|``) for rows ``lam`` ``[N, n_out]`` -> ``[N, n_in]`` in float64."""
-        W = self.absW if absolute else self.W
-        if self.kind != "conv":
-            return lam @ W
-        return conv_transpose(lam.reshape(len(lam), *self.out_shape), W, self.conv, self.in_shape
-                              ).reshape(len(lam), -1)
-
-
+# ============================================================================================ graph pieces
 def conv_transpose(lam: np.ndarray, kernel: np.ndarray, layer: Conv2d, in_shape: tuple[int, ...]) -> np.ndarray:
-    """The transpose of a convolution's linear part: for rows ``lam`` over its output ``[N, O, OH, OW]``, the
-    coefficients over its input ``[N, C, H, W]`` (``sum_o,i,j lam[o,i,j] acc[o,i,j]`` as a function of ``x``;
-    padded cells are constants and dropped). One BLAS contraction over ``O`` per kernel offset."""
-    N, O, OH, OW = lam.shape
-    C, H, Wd = in_shape
-    kh, kw = kernel.shape[2:]
-    pt, pl, pb, pr = layer.padding
-    sh, sw = layer.stride
-    dh, dw = layer.dilation
-    out = np.zeros((N, H + pt + pb, Wd + pl + pr, C))  # channels last: the scatter adds contiguous rows
-    lam_t = np.ascontiguousarray(lam.transpose(0, 2, 3, 1)).reshape(-1, O)  # [N OH OW, O]
-    kern = np.ascontiguousarray(kernel.transpose(2, 3, 0, 1))  # [kh, kw, O, C]
-    for u in range(kh):
-        for v in range(kw):
-            contrib = (lam_t @ kern[u, v]).reshape(N, OH, OW, C)
-            out[:, u * dh:u * dh + (OH - 1) * sh + 1:sh, v * dw:v * dw + (OW - 1) * sw + 1:sw, :] += contrib
-    return out[:, pt:pt + H, pl:pl + Wd, :].transpose(0, 3, 1, 2)
-
-
-_CHAINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    """The transpose of a convolution's linear part with ``kernel`` (the layer's own, or its absolute value): for
+    rows ``lam`` over its output ``[N, O, OH, OW]``, the coefficients over its input ``[N, C, H, W]`` (padded cells
+    are constants and dropped; :meth:`qverify.ops.Conv2d.transpose`)."""
+    k = Conv2d(np.rint(kernel).astype(np.int64), np.zeros(kernel.shape[0], np.int64), layer.stride, layer.padding,
+               layer.dilation, 0, groups=layer.groups)
+    return k.transpose(np.asarray(lam, dtype=np.float64), [in_shape])[0]
 
 
 def conv_matrix(layer: Conv2d, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """A convolution as its exact integer matrix ``[out, in]`` (flattened C order) and effective bias (the bias
-    plus the padded cells' constant ``pad_value`` contributions), via the executor's convolution."""
+    plus the padded cells' constant ``pad_value`` contributions)."""
     n_in = int(np.prod(in_shape))
     n_out = int(np.prod(layer.output_shape(in_shape)))
     if n_in * n_out > MAX_CONV_MATRIX:
         raise ValueError(f"convolution too large to materialise for symbolic bounds ({n_out} x {n_in}); "
                          "use interval bounds")
-    lin = Conv2d(layer.weight, np.zeros_like(layer.bias), layer.stride, layer.padding, layer.dilation, 0)
-    W = conv2d_float(lin, np.eye(n_in).reshape(n_in, *in_shape)).reshape(n_in, n_out).T.copy()
-    b = conv2d_float(layer, np.zeros((1, *in_shape), dtype=np.int64)).reshape(-1)
-    return W, b
+    W = layer.matrices([in_shape])[0].toarray().astype(np.float64)
+    return W, layer.offset([in_shape]).reshape(-1).astype(np.float64)
 
 
-def _chain(net: QNetwork) -> list[_Op]:
-    ops = _CHAINS.get(net)
-    if ops is not None:
-        return ops
-    ops = []
-    for i, layer in enumerate(net.layers):
-        if isinstance(layer, Dense):
-            W, b = layer.weight.astype(np.float64), layer.bias.astype(np.float64)
-        elif isinstance(layer, Conv2d):
-            k = layer.weight.astype(np.float64)
-            b = conv2d_float(layer, np.zeros((1, *net.shapes[i]), dtype=np.int64)).reshape(-1)
-            ops.append(_Op("conv", k, b, np.abs(k), np.abs(b), conv=layer, in_shape=net.shapes[i],
-                           out_shape=net.shapes[i + 1]))
+@dataclass
+class _Linear:
+    """A linear node for back-substitution: its offset (float64, exact integers) and the pull-back of rows."""
+
+    op: LinearMap
+    in_shapes: list[tuple[int, ...]]
+    out_shape: tuple[int, ...]
+    b: np.ndarray
+    absb: np.ndarray
+
+    @classmethod
+    def of(cls, net: QNetwork, i: int) -> _Linear:
+        op = net.layers[i]
+        shapes = net.in_shapes(i)
+        b = op.offset(shapes).reshape(-1).astype(np.float64)
+        return cls(op, shapes, net.shapes[i + 1], b, np.abs(b))
+
+    @property
+    def n_out(self) -> int:
+        return int(np.prod(self.out_shape))
+
+    def back(self, lam: np.ndarray, absolute: bool = False) -> list[np.ndarray]:
+        """``lam L_i`` (or ``lam |L_i|``) for rows ``lam [N, n_out]`` -> per input ``[N, n_in_i]`` (float64)."""
+        parts = self.op.transpose(lam.reshape(len(lam), *self.out_shape), self.in_shapes,
+                                  "abs" if absolute else "w")
+        return [p.reshape(len(lam), -1) for p in parts]
+
+
+@dataclass
+class PoolRelaxation:
+    """Max pooling relaxed per box (DeepPoly): ``y_j >= x_{cell(j, lower[j])}`` (the window cell with the largest
+    lower bound) and ``y_j <= x_{cell(j, upper[j])}`` where that cell's lower bound reaches every other cell's upper
+    bound (then ``y_j = x_cell`` exactly), else ``y_j <= ub[j]`` (``upper[j] = -1``, the largest upper bound).
+    ``lower``, ``upper`` ``[B, n_out]`` index the window cells; ``cells [n_out, K]`` maps window cells to flat
+    input positions (``-1``: padding)."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    ub: np.ndarray
+    cells: np.ndarray
+
+    def take(self, idx: np.ndarray) -> PoolRelaxation:
+        return PoolRelaxation(self.lower[idx], self.upper[idx], self.ub[idx], self.cells)
+
+    @property
+    def bmax(self) -> np.ndarray:
+        return np.abs(self.ub)
+
+
+def relax_max_pool(layer: MaxPool2d, in_shape: tuple[int, ...], l: np.ndarray, u: np.ndarray) -> PoolRelaxation:
+    """:class:`PoolRelaxation` from the integer bounds ``l, u [B, n_in]`` of the pooled value."""
+    cells = layer.window_indices(in_shape).reshape(-1, layer.kernel[0] * layer.kernel[1])  # [n_out, K]
+    valid = cells >= 0
+    safe = np.where(valid, cells, 0)
+    low = np.iinfo(np.int64).min
+    wl = np.where(valid[None], l[:, safe], low)  # [B, n_out, K]
+    wu = np.where(valid[None], u[:, safe], low)
+    kl = np.argmax(wl, axis=2)
+    best_l = np.take_along_axis(wl, kl[:, :, None], axis=2)[:, :, 0]
+    others_u = np.where(np.arange(cells.shape[1])[None, None, :] == kl[:, :, None], low, wu)
+    exact = best_l >= others_u.max(axis=2)
+    return PoolRelaxation(kl, np.where(exact, kl, -1), wu.max(axis=2).astype(np.float64), cells)
+
+
+def _pool_back(rel: PoolRelaxation, lam: np.ndarray, n_in: int, sl: slice, absolute: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Pull ``lam [Bc, R, n_out]`` through a max pooling: positive coefficients to the lower cell, negative ones
+    to the upper cell (or the constant ``ub``). Returns the rows over the input ``[Bc, R, n_in]`` (per window
+    offset ``k`` the outputs map to distinct cells, so each offset is one scatter; at most ``K`` terms add up per
+    input coefficient) and the constant ``[Bc, R]``. ``absolute``: the magnitudes of the moved terms instead
+    (for the error bound)."""
+    pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+    if absolute:
+        neg = -neg
+    lower, upper, ub = rel.lower[sl], rel.upper[sl], rel.ub[sl]
+    Bc, R, _ = lam.shape
+    out = np.zeros((Bc, R, n_in))
+    for k in range(rel.cells.shape[1]):
+        col = rel.cells[:, k]
+        ok = np.nonzero(col >= 0)[0]
+        if not len(ok):
             continue
-        elif isinstance(layer, Flatten):
-            ops.append(_Op("flat"))
-            continue
-        else:
-            ops.append(_Op("act", params=ActParams.of(layer, net.shapes[i + 1])))
-            continue
-        ops.append(_Op("affine", W, b, np.abs(W), np.abs(b)))
-    _CHAINS[net] = ops
-    return ops
+        contrib = pos * (lower == k)[:, None, :] + neg * (upper == k)[:, None, :]
+        out[:, :, col[ok]] += contrib[:, :, ok]
+    const = _rowdot(np.where((upper < 0)[:, None, :], neg, 0.0), ub)
+    return out, const
+
+
+def _constant_relaxation(layer: Step | Lookup, shape: tuple[int, ...], l: np.ndarray, u: np.ndarray) -> Relaxation:
+    """A step function or a table between constants: its exact range over the integers of ``[l, u]`` (a step
+    function: ``f(l) <= f(x) <= f(u)``; a table: the range-minimum and -maximum; slope 0, exact integers)."""
+    lo, hi = node_rule_interval(layer, l.reshape(len(l), *shape), u.reshape(len(u), *shape))
+    z = np.zeros(l.shape)
+    return Relaxation(z, lo.reshape(len(l), -1).astype(np.float64), z.copy(),
+                      hi.reshape(len(u), -1).astype(np.float64))
+
+
+def node_rule_interval(layer: Step | Lookup, l: np.ndarray, u: np.ndarray) -> Bounds:
+    """The interval rule of a one-input op (:data:`qverify.bounds.interval.INTERVAL`) on shaped bounds."""
+    return graph.rule(INTERVAL, layer, "interval bounds")(layer, [(l, u)], [0])
 
 
 # ============================================================================================ back-substitution
@@ -496,50 +548,124 @@ def _concretize(lam: np.ndarray, c: np.ndarray, s: np.ndarray, lo: np.ndarray, h
     """Rigorous float lower bound of ``lam . v + C`` over the box ``lo <= v <= hi`` (``|v| <= m``), given the
     float constant ``c`` and slack ``s`` (items 3, 4 of the module docstring, then ``fl(C~ - 2 s)`` lowered
     by two ulps)."""
-    n = lam.shape[2]
-    r = c + (_rowdot(np.maximum(lam, 0.0), lo.astype(np.float64))
-             + _rowdot(np.minimum(lam, 0.0), hi.astype(np.float64)))
-    s = s + _gam(2 * n) * _rowdot(np.abs(lam), m) + _U52 * np.abs(r) + _TINY
+    return _concretize_all([(lam, lo, hi, m)], c, s)
+
+
+def _concretize_all(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], c: np.ndarray,
+                    s: np.ndarray) -> np.ndarray:
+    """:func:`_concretize` of ``sum_v lam_v . v + C`` over several values' boxes (the rows pending at a cut of
+    the graph): ``C + sum_v (lam_v+ . lo_v + lam_v- . hi_v)``, each value's dot product with its own error."""
+    r = c.copy()
+    for lam, lo, hi, m in rows:
+        n = lam.shape[2]
+        r = r + (_rowdot(np.maximum(lam, 0.0), lo.astype(np.float64))
+                 + _rowdot(np.minimum(lam, 0.0), hi.astype(np.float64)))
+        s = s + _gam(2 * n) * _rowdot(np.abs(lam), m) + _U52 * np.abs(r) + _TINY
     low = r - 2.0 * s
     return np.nextafter(np.nextafter(low, -np.inf), -np.inf)
 
 
-def _backsub_lower(ops: list[_Op], top: int, lam: np.ndarray, flat: list[Bounds], mags: list[np.ndarray],
-                   relax_of: dict[int, Relaxation], sl: slice) -> np.ndarray:
+def _backsub_lower(net: QNetwork, top: int, lam: np.ndarray, flat: list[Bounds], mags: list[np.ndarray],
+                   relax_of: dict[int, Relaxation | PoolRelaxation], sl: slice) -> np.ndarray:
     """Rigorous integer lower bounds ``[Bc, R]`` of ``lam . v_top`` over boxes ``sl`` (see the module
-    docstring); ``lam`` float64 ``[Bc, R, n_top]`` holding exact small numbers (integers). Every intermediate
-    layer's bounds also give a bound (concretise ``lam . v_k + C`` over them, as DeepPoly does); the best is
-    returned, so the result is never worse than the interval bound one layer down."""
+    docstring); ``lam`` float64 ``[Bc, R, n_top]`` holding exact small numbers (integers). The rows are pulled
+    back through the graph (:func:`qverify.graph.backward`; rows of a value read by several nodes add up, each
+    float addition's rounding charged to the slack). After every linear node the pending rows are also
+    concretised over their values' bounds (as DeepPoly does, over several values at a cut of a graph); the best
+    bound is returned, so the result is never worse than the interval bound one node down."""
     Bc, R, _ = lam.shape
-    c = np.zeros((Bc, R))
-    s = np.zeros((Bc, R))
-    best = np.full((Bc, R), -np.inf)
-    for i in range(top - 1, -1, -1):
-        op = ops[i]
-        if op.kind == "flat":
-            continue
-        m = mags[i][sl]
-        if op.kind == "act":
-            rel = relax_of[i]
-            pos = np.maximum(lam, 0.0)
-            neg = np.minimum(lam, 0.0)
-            n = lam.shape[2]
-            c += _rowdot(pos, rel.bL[sl]) + _rowdot(neg, rel.bU[sl])
-            s += _gam(2 * n) * _rowdot(pos - neg, rel.bmax[sl]) + _U52 * np.abs(c) + _TINY
-            lam = pos * rel.aL[sl][:, None, :] + neg * rel.aU[sl][:, None, :]
-            s += _U52 * _rowdot(np.abs(lam), m) + _TINY
-        else:
-            n_out = op.n_out
-            absl = np.abs(lam)
-            c += lam @ op.b
-            s += _gam(n_out) * (absl @ op.absb) + _U52 * np.abs(c) + _TINY
-            s += _gam(n_out) * _rowdot(op.back(absl.reshape(-1, n_out), absolute=True).reshape(Bc, R, -1), m)
-            s += _TINY
-            lam = op.back(lam.reshape(-1, n_out)).reshape(Bc, R, -1)
-            if i > 0:  # over an activation's output: concretise with its (exact image) bounds too
-                best = np.maximum(best, _concretize(lam, c, s, flat[i][0][sl], flat[i][1][sl], m))
-    best = np.maximum(best, _concretize(lam, c, s, flat[0][0][sl], flat[0][1][sl], mags[0][sl]))
+    st = {"c": np.zeros((Bc, R)), "s": np.zeros((Bc, R)), "best": np.full((Bc, R), -np.inf)}
+
+    def pull(i: int, op: object, lam: np.ndarray) -> list[np.ndarray]:
+        return graph.rule(BACKSUB, op, "symbolic bounds")(net, i, lam, st, mags, relax_of, sl)
+
+    def add(j: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = a + b
+        st["s"] = st["s"] + _U52 * _rowdot(np.abs(out), mags[j][sl]) + _TINY
+        return out
+
+    def after(i: int, pending: dict[int, np.ndarray]) -> None:
+        op = net.layers[i]
+        if isinstance(op, LinearMap) and not op.movement:
+            rows = [(lam_v, flat[v][0][sl], flat[v][1][sl], mags[v][sl]) for v, lam_v in pending.items()]
+            st["best"] = np.maximum(st["best"], _concretize_all(rows, st["c"], st["s"]))
+
+    left = graph.backward(net, top, lam, pull, add, after=after)
+    rows = [(lam_v, flat[v][0][sl], flat[v][1][sl], mags[v][sl]) for v, lam_v in left.items()]
+    best = np.maximum(st["best"], _concretize_all(rows, st["c"], st["s"]))
     return np.ceil(best)
+
+
+def _back_linear(net: QNetwork, i: int, lam: np.ndarray, st: dict, mags: list[np.ndarray],
+                 relax_of: dict, sl: slice) -> list[np.ndarray]:
+    """Through ``y = sum_k L_k x_k + b``: ``lam . y = sum_k (lam L_k) . x_k + lam . b``; float errors
+    ``g(n_out) (|lam| |L_k|) . m_k`` and ``g(n_out) |lam| . |b|`` (item 3). Data movement copies coefficients
+    (no rounding at all)."""
+    lin = _linear_of(net, i)
+    Bc, R, n_out = lam.shape
+    flat_lam = lam.reshape(-1, n_out)
+    ins = net.node_inputs(i)
+    if lin.op.movement:
+        st["c"] = st["c"] + lam @ lin.b if lin.b.any() else st["c"]
+        if lin.b.any():
+            st["s"] = st["s"] + _gam(n_out) * (np.abs(lam) @ lin.absb) + _U52 * np.abs(st["c"]) + _TINY
+        return [p.reshape(Bc, R, -1) for p in lin.back(flat_lam)]
+    absl = np.abs(lam)
+    st["c"] = st["c"] + lam @ lin.b
+    s = st["s"] + _gam(n_out) * (absl @ lin.absb) + _U52 * np.abs(st["c"]) + _TINY
+    for j, back_abs in zip(ins, lin.back(absl.reshape(-1, n_out), absolute=True), strict=True):
+        s = s + _gam(n_out) * _rowdot(back_abs.reshape(Bc, R, -1), mags[j][sl]) + _TINY
+    st["s"] = s
+    return [p.reshape(Bc, R, -1) for p in lin.back(flat_lam)]
+
+
+def _back_monotone(net: QNetwork, i: int, lam: np.ndarray, st: dict, mags: list[np.ndarray],
+                   relax_of: dict, sl: slice) -> list[np.ndarray]:
+    """Through a relaxed activation (items 1, 2): ``lam . v >= mu . x + nu``, ``mu = lam+ aL + lam- aU``,
+    ``nu = lam+ . bL + lam- . bU``."""
+    rel = relax_of[i]
+    (j,) = net.node_inputs(i)
+    pos = np.maximum(lam, 0.0)
+    neg = np.minimum(lam, 0.0)
+    n = lam.shape[2]
+    st["c"] = st["c"] + _rowdot(pos, rel.bL[sl]) + _rowdot(neg, rel.bU[sl])
+    s = st["s"] + _gam(2 * n) * _rowdot(pos - neg, rel.bmax[sl]) + _U52 * np.abs(st["c"]) + _TINY
+    mu = pos * rel.aL[sl][:, None, :] + neg * rel.aU[sl][:, None, :]
+    st["s"] = s + _U52 * _rowdot(np.abs(mu), mags[j][sl]) + _TINY
+    return [mu]
+
+
+def _back_max_pool(net: QNetwork, i: int, lam: np.ndarray, st: dict, mags: list[np.ndarray],
+                   relax_of: dict, sl: slice) -> list[np.ndarray]:
+    """Through max pooling (:class:`PoolRelaxation`): coefficients move to one cell each (exact products by 1;
+    at most ``K`` (window cells) terms add up per input coefficient) and constant-bounded neurons go to ``C``."""
+    rel = relax_of[i]
+    (j,) = net.node_inputs(i)
+    n_in = mags[j].shape[1]
+    mu, const = _pool_back(rel, lam, n_in, sl)
+    n_out = lam.shape[2]
+    st["c"] = st["c"] + const
+    mu_abs, _ = _pool_back(rel, lam, n_in, sl, absolute=True)
+    st["s"] = (st["s"] + _gam(2 * n_out) * _rowdot(np.abs(lam), rel.bmax[sl]) + _U52 * np.abs(st["c"])
+               + _gam(rel.cells.shape[1]) * _rowdot(mu_abs, mags[j][sl]) + _TINY)
+    return [mu]
+
+
+#: back-substitution's table: how rows are pulled back through each op type
+BACKSUB: dict[type, Callable] = {Dense: _back_linear, Conv2d: _back_linear, SumPool2d: _back_linear,
+                                 Add: _back_linear, Flatten: _back_linear, Reshape: _back_linear,
+                                 Transpose: _back_linear, Pad: _back_linear, Concat: _back_linear,
+                                 Requantize: _back_monotone, Clamp: _back_monotone, Step: _back_monotone,
+                                 Lookup: _back_monotone, MaxPool2d: _back_max_pool}
+
+_LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _linear_of(net: QNetwork, i: int) -> _Linear:
+    cache = _LINEARS.setdefault(net, {})
+    if i not in cache:
+        cache[i] = _Linear.of(net, i)
+    return cache[i]
 
 
 # ============================================================================================ analysis
@@ -586,11 +712,10 @@ class SymbolicAnalysis:
                          for i in range(B)]) if B else np.zeros(rows.shape[:2], dtype=np.int64))
         exact = np.abs(rows).max(axis=2, initial=0) < 2**53  # [B, R]
         rows_f = np.where(exact[:, :, None], rows, 0).astype(np.float64)
-        ops = _chain(self.net)
         sym = np.empty(rows.shape[:2])
         for s0 in range(0, B, self.chunk):
             sl = slice(s0, min(B, s0 + self.chunk))
-            sym[sl] = _backsub_lower(ops, k, rows_f[sl], flat, mags, self.relaxations, sl)
+            sym[sl] = _backsub_lower(self.net, k, rows_f[sl], flat, mags, self.relaxations, sl)
         sym[~exact] = -np.inf
         if ivl.dtype != object and np.all(np.abs(sym[np.isfinite(sym)]) < 2**62):
             return np.maximum(ivl, np.where(np.isfinite(sym), sym, -(2.0**62)).astype(np.int64))
@@ -627,29 +752,37 @@ class SymbolicAnalysis:
         src = self.bounds if which == "bounds" else self.interval
         B = self.num_boxes
         out = {}
-        for i, layer in enumerate(self.net.layers):
-            if isinstance(layer, (Requantize, Clamp)):
+        for i in self.relaxations:
+            if isinstance(self.net.layers[i], Monotone):
                 lo, hi = src[i + 1]
                 out[i] = (lo.reshape(B, -1) == hi.reshape(B, -1)).sum(axis=1)
         return out
 
 
 def _needs_symbolic(net: QNetwork, i: int) -> bool:
-    return any(not isinstance(layer, Flatten) for layer in net.layers[:i])
+    """Whether a linear node can gain from back-substitution: some earlier node computes (is not data movement)."""
+    return any(not (isinstance(layer, LinearMap) and layer.movement) for layer in net.layers[:i])
 
 
-def _refine_mask(ops: list[_Op], i: int, il: np.ndarray, ih: np.ndarray) -> np.ndarray:
-    """Neurons of affine layer ``i``'s output worth refining: all, unless the next non-flatten layer is an
-    activation, then only those it does not already fix (a fixed neuron's output is exact)."""
-    nxt = next((op for op in ops[i + 1:] if op.kind != "flat"), None)
-    if nxt is None or nxt.kind != "act":
+def _refine_mask(net: QNetwork, i: int, il: np.ndarray, ih: np.ndarray) -> np.ndarray:
+    """Neurons of linear node ``i``'s output worth refining: all, unless every reader of the value is a monotone
+    activation, then only those some reader does not already fix (a fixed neuron's output is exact)."""
+    readers = net.consumers()[i + 1]
+    if not readers or not all(isinstance(net.layers[r], Monotone) for r in readers):
         return np.ones(il.shape, dtype=bool)
-    assert nxt.params is not None
-    return nxt.params.apply(il) != nxt.params.apply(ih)
+    shape = net.shapes[i + 1]
+    B = len(il)
+    need = np.zeros(il.shape, dtype=bool)
+    for r in readers:
+        layer = net.layers[r]
+        lo = execute.apply_layer(layer, il.reshape(B, *shape)).reshape(B, -1)
+        hi = execute.apply_layer(layer, ih.reshape(B, *shape)).reshape(B, -1)
+        need |= lo != hi
+    return need
 
 
-def _refine(ops: list[_Op], top: int, need: np.ndarray, flat: list[Bounds], mags: list[np.ndarray],
-            relax_of: dict[int, Relaxation], chunk: int) -> Bounds:
+def _refine(net: QNetwork, top: int, need: np.ndarray, flat: list[Bounds], mags: list[np.ndarray],
+            relax_of: dict, chunk: int) -> Bounds:
     """Symbolic bounds of the neurons ``need`` (bool ``[B, n]``) of value ``top``: rows ``+e_j`` and ``-e_j``
     per needed neuron, packed per box (padded with zero rows). Others get the trivial ``(-2^62, 2^62)``."""
     B, n = need.shape
@@ -657,7 +790,7 @@ def _refine(ops: list[_Op], top: int, need: np.ndarray, flat: list[Bounds], mags
     hi_out = np.full((B, n), 2**62, dtype=np.int64)
     counts = need.sum(axis=1)
     order = np.argsort(~need, axis=1, kind="stable")  # needed neurons first, in index order
-    widest = max((op.n_in for op in ops[:top] if op.kind in ("affine", "conv")), default=n)
+    widest = max((int(np.prod(s)) for s in net.shapes[:top]), default=n)
     s0 = 0
     while s0 < B:
         # boxes per chunk so that the row block [Bc, 2 Rmax, widest] stays around 4M floats
@@ -675,53 +808,70 @@ def _refine(ops: list[_Op], top: int, need: np.ndarray, flat: list[Bounds], mags
         bb, rr = np.nonzero(valid)
         lam[bb, rr, J[bb, rr]] = 1.0
         lam[bb, rmax + rr, J[bb, rr]] = -1.0
-        low = _backsub_lower(ops, top, lam, flat, mags, relax_of, sl)
+        low = _backsub_lower(net, top, lam, flat, mags, relax_of, sl)
         gb = bb + sl.start
         lo_out[gb, J[bb, rr]] = low[bb, rr].astype(np.int64)
         hi_out[gb, J[bb, rr]] = (-low[bb, rmax + rr]).astype(np.int64)
     return lo_out, hi_out
 
 
+def _relaxation(net: QNetwork, i: int, ins: list[Bounds], levels: int) -> Relaxation | PoolRelaxation:
+    """The relaxation of activation node ``i`` from the (tightened, flattened) bounds of its input."""
+    layer = net.layers[i]
+    (l, u), = ins
+    shape = net.shapes[i + 1]
+    if isinstance(layer, MaxPool2d):
+        return relax_max_pool(layer, net.in_shapes(i)[0], l, u)
+    if isinstance(layer, (Step, Lookup)):
+        return _constant_relaxation(layer, shape, l, u)
+    return relax(ActParams.of(layer, shape), l, u, levels=levels)
+
+
 def symbolic_analysis(net: QNetwork, lo: np.ndarray, hi: np.ndarray, chunk: int = 64,
                       interval: list[Bounds] | None = None, levels: int = 3,
                       intermediate: str = "symbolic") -> SymbolicAnalysis:
-    """Symbolic bounds of every layer for a batch of integer input boxes (same box format as
+    """Symbolic bounds of every value for a batch of integer input boxes (same box format as
     :func:`qverify.bounds.interval.interval_bounds`); ``chunk`` boxes are back-substituted at a time;
     ``interval`` reuses interval bounds already computed for these boxes; ``levels``: exact levels per end in
-    each relaxation (:func:`relax`). ``intermediate="interval"`` skips the back-substitution of hidden layers
+    each relaxation (:func:`relax`). ``intermediate="interval"`` skips the back-substitution of hidden nodes
     (CROWN-IBP style: relaxations from interval bounds, symbolic bounds only for the output rows), much cheaper
-    on wide convolutional networks; the default refines every hidden affine layer (DeepPoly)."""
+    on wide convolutional networks; the default refines every hidden linear node (DeepPoly).
+
+    Every value's bounds are the interval step from its inputs' tightened bounds intersected with the interval
+    bounds and, for refined linear nodes, with the back-substitution bounds (all sound)."""
     if intermediate not in ("symbolic", "interval"):
         raise ValueError(f"intermediate must be 'symbolic' or 'interval', got {intermediate!r}")
     lo_a, hi_a = check_boxes(net, lo, hi)
     B = len(lo_a)
     ivb = interval_bounds(net, lo_a, hi_a) if interval is None else interval
-    ops = _chain(net)
     flat: list[Bounds] = [(lo_a.reshape(B, -1), hi_a.reshape(B, -1))]
     mags = [np.maximum(np.abs(flat[0][0]), np.abs(flat[0][1])).astype(np.float64)]
-    relax_of: dict[int, Relaxation] = {}
+    relax_of: dict[int, Relaxation | PoolRelaxation] = {}
     sym_only: dict[int, Bounds] = {}
     refined: dict[int, np.ndarray] = {}
-    for i, op in enumerate(ops):
+    n = len(net.layers)
+    later_act = [any(not isinstance(layer, LinearMap) for layer in net.layers[i + 1:]) for i in range(n)]
+
+    def step(i: int, layer: object, ins: list[Bounds]) -> Bounds:
         il, ih = ivb[i + 1]
         il, ih = il.reshape(B, -1), ih.reshape(B, -1)
-        if op.kind == "flat":
-            nl, nh = flat[i]
-        elif op.kind == "act":
-            assert op.params is not None
-            relax_of[i] = relax(op.params, *flat[i], levels=levels)
-            nl, nh = op.params.apply(flat[i][0]), op.params.apply(flat[i][1])
-        elif not _needs_symbolic(net, i) or (intermediate == "interval" and i < len(ops) - 1
-                                             and any(o.kind == "act" for o in ops[i + 1:])):
-            nl, nh = il, ih
-        else:
-            need = _refine_mask(ops, i, il, ih)
-            sl_lo, sl_hi = _refine(ops, i + 1, need, flat, mags, relax_of, chunk)
+        shaped = [(a.reshape(B, *s), b.reshape(B, *s)) for (a, b), s in zip(ins, net.in_shapes(i), strict=True)]
+        tl, th = node_interval(net, i, shaped)
+        nl, nh = np.maximum(tl.reshape(B, -1), il), np.minimum(th.reshape(B, -1), ih)
+        if not isinstance(layer, LinearMap):
+            relax_of[i] = _relaxation(net, i, ins, levels)
+        elif (not layer.movement and _needs_symbolic(net, i)
+              and not (intermediate == "interval" and i < n - 1 and later_act[i])):
+            need = _refine_mask(net, i, nl, nh)
+            sl_lo, sl_hi = _refine(net, i + 1, need, flat, mags, relax_of, chunk)
             sym_only[i + 1] = (sl_lo, sl_hi)
             refined[i + 1] = need
-            nl, nh = np.maximum(sl_lo, il), np.minimum(sl_hi, ih)
+            nl, nh = np.maximum(sl_lo, nl), np.minimum(sl_hi, nh)
         flat.append((nl, nh))
         mags.append(np.maximum(np.abs(nl), np.abs(nh)).astype(np.float64))
+        return nl, nh
+
+    graph.forward(net, flat[0], step)
     bounds = [(fl_.reshape(B, *shape), fh.reshape(B, *shape))
               for (fl_, fh), shape in zip(flat, net.shapes, strict=True)]
     return SymbolicAnalysis(net, bounds, ivb, relax_of, sym_only, refined, chunk)
@@ -773,8 +923,7 @@ def certified_by_symbolic(net: QNetwork, props: Property | Sequence[Property],
     rows, spans = _spec_rows([plist[i] for i in todo], net.num_outputs)
     sub = SymbolicAnalysis(net, [(lo_[todo], hi_[todo]) for lo_, hi_ in ana.bounds],
                            [(lo_[todo], hi_[todo]) for lo_, hi_ in ana.interval],
-                           {k: Relaxation(r.aL[todo], r.bL[todo], r.aU[todo], r.bU[todo])
-                            for k, r in ana.relaxations.items()}, chunk=chunk)
+                           {k: r.take(todo) for k, r in ana.relaxations.items()}, chunk=chunk)
     low = sub.row_lower_bounds(rows)
     for t, i in enumerate(todo):
         p = plist[i]

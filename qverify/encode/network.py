@@ -1,16 +1,22 @@
-"""Layer encoders: a :class:`~qverify.network.QNetwork` over an integer input box as an exact integer program.
+"""Node encoders: a :class:`~qverify.network.QNetwork` graph over an integer input box as an exact integer program.
 
-The equations are written out in ``encodings/network.md``; in short, for every layer of the network the encoder
-keeps one :data:`~qverify.encode.program.Value` per (flattened) neuron: an ``int`` when the bounds fix the neuron,
-else a linear expression over program variables.
+The equations are written out in ``encodings/network.md``; in short, for every value of the network (index 0 the
+input, ``i + 1`` node ``i``'s output) the encoder keeps one :data:`~qverify.encode.program.Value` per (flattened)
+neuron: an ``int`` when the bounds fix the neuron, else a linear expression over program variables. The encoder
+is a rule table ``{op type: rule}`` (:data:`ENCODE`) walked by :func:`qverify.graph.forward`:
 
-* **Affine** (:class:`Dense`, :class:`Conv2d`, unrolled): ``acc_i = sum_j W_ij x_j + b_i``; zero weights and fixed
-  inputs are folded into the constant. With ``acc_vars`` the accumulator becomes an integer variable with the
-  bound domain ``[A_lo, A_hi]`` and one equality row.
+* **Linear maps** (every :class:`~qverify.ops.base.LinearMap`: dense, convolution with groups, sum pooling, the
+  residual add; one rule from the op's exact integer matrices ``L_k`` and offset ``c``):
+  ``y_r = sum_k sum_j L_k[r, j] x_k[j] + c_r``; zero coefficients and fixed inputs are folded into the constant,
+  expression inputs are first materialized as variables (once per value, however many nodes read it). **Data
+  movement** (flatten, reshape, transpose, pad, concat) passes each input value through, and a padded cell is the
+  constant ``c_r``: no variables, no rows.
 * **Requantize** ``y = clamp(R(acc p / q) + z, lo, hi)`` (and :class:`Clamp` as ``p = q = 1``, floor, ``z = 0``):
   with ``f`` that function and the exact cut points ``C(v) = threshold(v - z, p, q, R)`` (``y >= v`` iff
   ``acc >= C(v)`` for ``lo < v <= hi``) the output domain is ``[f(A_lo), f(A_hi)]`` intersected with the given
-  output bounds. A neuron with a single feasible value is a constant. Otherwise, one of two encodings:
+  output bounds. With ``acc_vars`` the accumulator becomes an integer variable with the bound domain
+  ``[A_lo, A_hi]`` and one equality row. A neuron with a single feasible value is a constant. Otherwise, one of two
+  encodings:
 
   - ``onehot`` (QVIP): a binary ``b_v`` per feasible value ``v``, ``sum b_v = 1``, ``y = sum v b_v``,
     ``acc >= sum_v L_v b_v`` and ``acc <= sum_v U_v b_v`` with ``L_v = max(C(v), A_lo)``,
@@ -27,27 +33,64 @@ else a linear expression over program variables.
     ``2^53`` or more (huge affine multipliers) fall back to ``onehot`` (counted in the stats), and so do float32
     requantizations (onnxruntime's ``clamp(rne(fl32(fl32(acc) m)) + z, lo, hi)``): their cut points
     ``C(v) = f32_thresholds(v - z, m)`` are exact, but no pair of ``p, q`` rows describes them.
-* :class:`Flatten` is the identity on the flattened values.
+* **Step** functions ``y = v_0 + sum_k (v_k - v_{k-1}) d_k`` with threshold indicators ``d_k = [x >= T_k]``
+  (exact big-M pairs from the integer bounds of ``x``; cut points outside the bounds are constants), see
+  :meth:`NetworkEncoder.step`.
+* **Lookup** tables (any integer function of one value, ``QLinearSigmoid`` and kin) piecewise: one binary per run
+  of equal outputs over the input's bounds, see :meth:`NetworkEncoder.lookup`.
+* **Max pooling** exactly with one binary per candidate cell, ``y >= x_j``, ``y <= x_j + M_j (1 - s_j)``,
+  ``sum s_j = 1``, see :meth:`NetworkEncoder.max_pool`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from qverify import graph
 from qverify.encode._bounds import Bounds, box_bounds, normalize_bounds
 from qverify.encode.program import LinExpr, Program, Value, Var
 from qverify.execute import step_tables
-from qverify.network import Clamp, Conv2d, Dense, Flatten, QNetwork, Requantize
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    LinearMap,
+    Lookup,
+    MaxPool2d,
+    Op,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
+)
 from qverify.quant import FLOAT64_EXACT, Rounding, f32_round, f32_thresholds, round_div, threshold
+
+Bound = tuple[np.ndarray, np.ndarray]
+
+
+def _diag(v: np.ndarray):
+    """The sparse diagonal matrix of ``v`` (int64)."""
+    from scipy.sparse import diags
+
+    return diags(v, 0, shape=(len(v), len(v)), format="csr", dtype=np.int64)
+
 
 ENCODINGS = ("range", "onehot")
 
 
 @dataclass
 class NetworkEncoding:
-    """The program and, per layer (index 0 the input, ``i + 1`` layer ``i``), the flattened neuron values."""
+    """The program and, per value (index 0 the input, ``i + 1`` node ``i``'s output), the flattened neuron
+    values."""
 
     program: Program
     layer_values: list[list[Value]]
@@ -68,7 +111,8 @@ class NetworkEncoding:
         return self.layer_values[-1]
 
     def decode(self, assignment: list[int] | dict[int, int], layer: int = 0) -> np.ndarray:
-        """The integer values of one layer's neurons under an (integer) assignment of the variables."""
+        """The integer values of one value's neurons (``layer``: the value index, ``i + 1`` for node ``i``) under an
+        (integer) assignment of the variables."""
         return np.array([v.value(assignment) if isinstance(v, LinExpr) else int(v)
                          for v in self.layer_values[layer]], dtype=np.int64)
 
@@ -110,7 +154,7 @@ class _RoundClamp:
 
 
 class NetworkEncoder:
-    """Builds the program layer by layer (see the module docstring)."""
+    """Builds the program node by node (see the module docstring)."""
 
     def __init__(self, program: Program, bounds: Bounds, encoding: str = "range", acc_vars: bool = True) -> None:
         if encoding not in ENCODINGS:
@@ -121,7 +165,17 @@ class NetworkEncoder:
         self.acc_vars = acc_vars
         self.relaxable: list[int] = []
         self.stats = {"fixed_neurons": 0, "encoded_neurons": 0, "range_fallback": 0, "tie_binaries": 0,
-                      "clamp_binaries": 0, "onehot_binaries": 0}
+                      "clamp_binaries": 0, "onehot_binaries": 0, "step_binaries": 0, "maxpool_binaries": 0,
+                      "lookup_binaries": 0, "identity_pools": 0}
+        self._net: QNetwork | None = None
+        self._plain_cache: dict[int, list[Value]] = {}
+
+    @property
+    def net(self) -> QNetwork:
+        """The network being encoded (set by :meth:`network`)."""
+        if self._net is None:
+            raise ValueError("NetworkEncoder: no network (call network() first)")
+        return self._net
 
     # ------------------------------------------------------------------ inputs
     def inputs(self, lo: np.ndarray, hi: np.ndarray) -> list[Value]:
@@ -135,9 +189,9 @@ class NetworkEncoder:
             out.append(LinExpr.var(v))
         return out
 
-    # ------------------------------------------------------------------ affine
+    # ------------------------------------------------------------------ linear maps
     def _materialize(self, vals: list[Value], blo: np.ndarray, bhi: np.ndarray, tag: str) -> list[Value]:
-        """Make every non-constant value a plain variable (so affine layers stay linear in few terms)."""
+        """Make every non-constant value a plain variable (so linear maps stay linear in few terms)."""
         out: list[Value] = []
         for j, v in enumerate(vals):
             if isinstance(v, LinExpr) and not _is_plain_var(v):
@@ -153,83 +207,111 @@ class NetworkEncoder:
                 out.append(v)
         return out
 
-    def _affine_rows(self, W: np.ndarray, b: np.ndarray, vals: list[Value], idx: np.ndarray | None,
-                     pad_value: int = 0) -> list[Value]:
-        """``acc_i = sum_j W[i, j] * vals[idx[i, j]] + b_i`` (``idx = -1``: a padded cell holding ``pad_value``)."""
-        n_in = len(vals)
-        const = np.zeros(n_in + 1, dtype=np.int64)
-        var_of = np.full(n_in + 1, -1, dtype=np.int64)
-        for j, v in enumerate(vals):
-            if isinstance(v, LinExpr):
-                var_of[j] = next(iter(v.terms))
-            else:
-                const[j] = v
-        const[n_in] = pad_value  # index -1 -> the last slot
+    def _plain(self, value: int, vals: list[Value]) -> list[Value]:
+        """Value ``value`` with every expression materialized as a variable (once per value: a value read by
+        several nodes, a residual shortcut, keeps one set of variables)."""
+        if value not in self._plain_cache:
+            self._plain_cache[value] = self._materialize(vals, *self.bounds[value], tag=f"m{value}")
+        return self._plain_cache[value]
+
+    def linear(self, i: int, op: LinearMap, ins: list[list[Value]]) -> list[Value]:
+        """``y_r = sum_k sum_j L_k[r, j] x_k[j] + c_r`` from the exact integer matrices ``L_k``
+        (:meth:`~qverify.ops.base.LinearMap.matrices`) and the offset ``c`` (biases, padded cells).
+
+        Maps with coefficients read their inputs as plain variables or constants (expressions are materialized
+        first); constant inputs and zero coefficients fold into the constant, so ``y_r`` is an ``int`` when no
+        variable is left. Data movement (``op.movement``: each output one input cell or the constant ``c_r``)
+        passes the input values through unchanged: no variable and no row."""
+        in_shapes = self.net.in_shapes(i)
+        mats = op.matrices(in_shapes)
+        off = np.asarray(op.offset(in_shapes), dtype=np.int64).ravel()
+        if op.movement:
+            return self._gather(mats, off, ins)
+        reads = self.net.node_inputs(i)
+        const = np.zeros(len(off), dtype=np.int64)
+        terms: list[dict[int, int]] = [{} for _ in range(len(off))]
+        for value, vals, m in zip(reads, ins, mats, strict=True):
+            vals = self._plain(value, vals)
+            cvec = np.array([0 if isinstance(v, LinExpr) else int(v) for v in vals], dtype=np.int64)
+            var_of = np.array([next(iter(v.terms)) if isinstance(v, LinExpr) else -1 for v in vals],
+                              dtype=np.int64)
+            const += np.asarray(m @ cvec, dtype=np.int64).ravel()  # exact: |partial sums| <= value_bound < 2^53
+            isv = var_of >= 0
+            if not isv.any():
+                continue
+            mv = (m @ _diag(isv.astype(np.int64))).tocsr()
+            mv.eliminate_zeros()
+            ptr, cols, data = mv.indptr, var_of[mv.indices], mv.data
+            for r in np.nonzero(np.diff(ptr))[0].tolist():
+                t = terms[r]
+                for k, c in zip(cols[ptr[r]:ptr[r + 1]].tolist(), data[ptr[r]:ptr[r + 1]].tolist(), strict=True):
+                    t[k] = t.get(k, 0) + c
         out: list[Value] = []
-        for i in range(W.shape[0]):
-            cols = np.arange(n_in) if idx is None else np.where(idx[i] < 0, n_in, idx[i])
-            w = W[i]
-            nz = w != 0
-            w, cols = w[nz], cols[nz]
-            c0 = int(b[i]) + int(np.dot(w, const[cols]))
-            vv = var_of[cols]
-            isv = vv >= 0
-            terms: dict[int, int] = {}
-            for k, c in zip(vv[isv].tolist(), w[isv].tolist(), strict=True):
-                terms[k] = terms.get(k, 0) + c
-            out.append(LinExpr(terms, c0) if terms else c0)
+        for r, t in enumerate(terms):
+            c0 = int(off[r]) + int(const[r])
+            e = LinExpr(t, c0)
+            out.append(e if e.terms else c0)
         return out
 
-    def dense(self, layer: Dense, vals: list[Value]) -> list[Value]:
-        return self._affine_rows(layer.weight, layer.bias, vals, None)
-
-    def conv(self, layer: Conv2d, vals: list[Value], in_shape: tuple[int, ...]) -> list[Value]:
-        c, h, w = in_shape
-        o, _, kh, kw = layer.weight.shape
-        pt, pl, pb, pr = layer.padding
-        grid = np.full((c, h + pt + pb, w + pl + pr), -1, dtype=np.int64)
-        grid[:, pt:pt + h, pl:pl + w] = np.arange(c * h * w).reshape(c, h, w)
-        dh, dw = layer.dilation
-        sh, sw = layer.stride
-        win = np.lib.stride_tricks.sliding_window_view(grid, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
-        win = win[:, ::sh, ::sw, ::dh, ::dw]  # [C, OH, OW, kh, kw]
-        oh, ow = win.shape[1], win.shape[2]
-        cols = win.transpose(1, 2, 0, 3, 4).reshape(oh * ow, c * kh * kw)  # per output position
-        wflat = layer.weight.reshape(o, c * kh * kw)
-        W = np.repeat(wflat, oh * ow, axis=0)  # row (o, pos) in C order: o major
-        idx = np.tile(cols, (o, 1))
-        bias = np.repeat(layer.bias, oh * ow)
-        return self._affine_rows(W, bias, vals, idx, layer.pad_value)
+    @staticmethod
+    def _gather(mats: list, off: np.ndarray, ins: list[list[Value]]) -> list[Value]:
+        """Data movement: output ``r`` is the input cell its 0/1 row selects (the value itself, passed through), or
+        the constant ``off[r]`` (a padded cell). A row of any other form (not produced by the movement ops) is
+        written as its exact sum ``sum c x + off[r]``."""
+        items: list[list[tuple[int, Value]]] = [[] for _ in range(len(off))]
+        for vals, m in zip(ins, mats, strict=True):
+            m = m.tocsr()
+            for r in np.nonzero(np.diff(m.indptr))[0].tolist():
+                for j, c in zip(m.indices[m.indptr[r]:m.indptr[r + 1]].tolist(),
+                                m.data[m.indptr[r]:m.indptr[r + 1]].tolist(), strict=True):
+                    items[r].append((int(c), vals[j]))
+        out: list[Value] = []
+        for r, it in enumerate(items):
+            if len(it) == 1 and it[0][0] == 1 and off[r] == 0:
+                out.append(it[0][1])
+            elif not it:
+                out.append(int(off[r]))
+            else:
+                e = LinExpr.weighted_sum(it, int(off[r]))
+                out.append(e if e.terms else e.const)
+        return out
 
     # ------------------------------------------------------------------ requantize / clamp
-    def requant(self, layer: Requantize | Clamp, vals: list[Value], shape: tuple[int, ...], li: int) -> list[Value]:
-        alo, ahi = self.bounds[li]
-        ylo, yhi = self.bounds[li + 1]
-        n = len(vals)
-        per = n // shape[0] if shape else 1  # flattened positions per channel (axis 1 of the batch)
-        out: list[Value] = []
-        fns: dict[tuple[int, int], _RoundClamp] = {}
-        for j, acc in enumerate(vals):
-            ch = j // per if shape else 0
-            if isinstance(layer, Clamp):
-                key = (0, 0)
-                if key not in fns:
-                    fns[key] = _RoundClamp(1, 1, 0, layer.lo, layer.hi, Rounding.FLOOR)
-            else:
-                cn = ch if len(layer.num) > 1 else 0
-                cz = ch if layer.zero_point.size > 1 else 0
-                key = (cn, cz)
-                if key not in fns:
-                    m32, table = None, None
-                    if layer.float32_scale is not None:
-                        m32 = layer.float32_scale[cn]
-                        tables = step_tables(layer)  # cached per layer: all cut points of a channel at once
-                        table = None if tables is None else tables[ch if len(tables) > 1 else 0]
-                    fns[key] = _RoundClamp(layer.num[cn], layer.den[cn], int(layer.zero_point[cz]), layer.lo,
-                                           layer.hi, layer.rounding, m32, table)
-            out.append(self.neuron(fns[key], acc, int(alo[j]), int(ahi[j]), int(ylo[j]), int(yhi[j]),
-                                   f"l{li}_{j}"))
-        return out
+    def requantize(self, i: int, op: Requantize, ins: list[list[Value]]) -> list[Value]:
+        """``y = clamp(R(acc p_c / q_c) + z_c, lo, hi)`` per neuron (:meth:`neuron`; float32 requantizations by
+        their exact cut points)."""
+        fns: dict[int, _RoundClamp] = {}
+
+        def fn(ch: int) -> _RoundClamp:
+            cn = ch if len(op.num) > 1 else 0
+            cz = ch if op.zero_point.size > 1 else 0
+            key = cn * op.zero_point.size + cz
+            if key not in fns:
+                m32, table = None, None
+                if op.float32_scale is not None:
+                    m32 = op.float32_scale[cn]
+                    tables = step_tables(op)  # cached per op: all cut points of a channel at once
+                    table = None if tables is None else tables[ch if len(tables) > 1 else 0]
+                fns[key] = _RoundClamp(op.num[cn], op.den[cn], int(op.zero_point[cz]), op.lo, op.hi, op.rounding,
+                                       m32, table)
+            return fns[key]
+
+        return self._neurons(i, ins[0], fn)
+
+    def clamp(self, i: int, op: Clamp, ins: list[list[Value]]) -> list[Value]:
+        """``y = clamp(x, lo, hi)``: the requantization with ``p = q = 1``, ``z = 0``, floor."""
+        f = _RoundClamp(1, 1, 0, op.lo, op.hi, Rounding.FLOOR)
+        return self._neurons(i, ins[0], lambda ch: f)
+
+    def _neurons(self, i: int, vals: list[Value], fn: Callable[[int], _RoundClamp]) -> list[Value]:
+        """Node ``i``'s elementwise function ``fn(channel)`` on every neuron, channels on axis 0 of the value."""
+        (value,) = self.net.node_inputs(i)
+        shape = self.net.shapes[value]
+        alo, ahi = self.bounds[value]
+        ylo, yhi = self.bounds[i + 1]
+        per = len(vals) // shape[0] if shape else 1  # flattened positions per channel (axis 1 of the batch)
+        return [self.neuron(fn(j // per if shape else 0), acc, int(alo[j]), int(ahi[j]), int(ylo[j]), int(yhi[j]),
+                            f"l{i}_{j}") for j, acc in enumerate(vals)]
 
     def neuron(self, f: _RoundClamp, acc: Value, a_lo: int, a_hi: int, y_lo: int, y_hi: int, tag: str) -> Value:
         prog = self.prog
@@ -389,23 +471,206 @@ class NetworkEncoder:
                 total += c * (v.lo if c > 0 else v.hi)
         return total
 
+    # ------------------------------------------------------------------ step functions
+    def step(self, i: int, op: Step, ins: list[list[Value]]) -> list[Value]:
+        """``y = levels[#{k : T_{c,k} <= x}]`` per neuron by threshold indicators (``encodings/network.md``).
+
+        With ``x in [l, u]`` (the value's bounds intersected with the activity of its expression) only the cut
+        points ``l < T_k <= u`` whose level jumps (``v_k > v_{k-1}``) can change ``y``; each gets a binary
+        ``d_k = [x >= T_k]`` by the exact big-M pair ``x - (T_k - l) d_k >= l`` (``d_k = 1 => x >= T_k``) and
+        ``x - (u - T_k + 1) d_k <= T_k - 1`` (``d_k = 0 => x <= T_k - 1``), ordered ``d_k >= d_{k+1}``; then
+        ``y = f(l) + sum_k (v_k - v_{k-1}) d_k`` is an expression (no variable). No live cut point: a constant."""
+        (value,) = self.net.node_inputs(i)
+        shape = self.net.shapes[value]
+        xlo, xhi = self.bounds[value]
+        vals = ins[0]
+        per = len(vals) // shape[0] if shape else 1
+        levels = np.asarray(op.levels, dtype=np.int64)
+        out: list[Value] = []
+        for j, x in enumerate(vals):
+            cuts = op.channel_cuts(j // per if shape else 0)
+
+            def f(a: int, cuts: np.ndarray = cuts) -> int:
+                return int(levels[int(np.searchsorted(cuts, a, side="right"))])
+
+            if not isinstance(x, LinExpr):
+                self.stats["fixed_neurons"] += 1
+                out.append(f(int(x)))
+                continue
+            e_lo, e_hi = self.prog.expr_bounds(x)
+            lo, hi = max(int(xlo[j]), e_lo), min(int(xhi[j]), e_hi)
+            if lo > hi:
+                raise ValueError(f"step {i}_{j}: the bounds leave no feasible value (unsound bounds?)")
+            base = f(lo)
+            live = [(int(t), int(levels[k + 1] - levels[k])) for k, t in enumerate(cuts.tolist())
+                    if lo < t <= hi and levels[k + 1] > levels[k]]
+            if not live:
+                self.stats["fixed_neurons"] += 1
+                out.append(base)
+                continue
+            self.stats["encoded_neurons"] += 1
+            tag = f"s{i}_{j}"
+            if self.acc_vars and not _is_plain_var(x):
+                av = self.prog.add_var(f"a{tag}", lo, hi)
+                self.relaxable.append(av.index)
+                self.prog.add_con(x - LinExpr.var(av), 0, 0, name=f"a{tag}_def")
+                x = LinExpr.var(av)
+            ds = []
+            for t, _ in live:
+                d = self.prog.add_binary(f"d{tag}_{t}")
+                self.prog.add_con(x - LinExpr.var(d, t - lo), lo, None, name=f"d{tag}_{t}_on")
+                self.prog.add_con(x - LinExpr.var(d, hi - t + 1), None, t - 1, name=f"d{tag}_{t}_off")
+                if ds:
+                    self.prog.add_con(LinExpr.var(ds[-1]) - LinExpr.var(d), 0, None, name=f"d{tag}_{t}_order")
+                ds.append(d)
+            self.stats["step_binaries"] += len(ds)
+            out.append(LinExpr.weighted_sum([(dv, LinExpr.var(d)) for (_, dv), d in zip(live, ds, strict=True)],
+                                            base))
+        return out
+
+    # ------------------------------------------------------------------ lookup tables
+    def lookup(self, i: int, op: Lookup, ins: list[list[Value]]) -> list[Value]:
+        """``y = table_c[x - start]`` (any integer function, monotone or not) per neuron, piecewise: the table over
+        ``x in [l, u]`` splits into maximal runs ``[s_k, e_k]`` of one output ``t_k``; runs whose ``t_k`` leaves
+        the output's bounds are dropped (no execution reaches them), and the rest get one binary ``b_k`` each:
+
+        ``sum_k b_k = 1``, ``x >= sum_k s_k b_k``, ``x <= sum_k e_k b_k``, ``y = sum_k t_k b_k``.
+
+        Exactly one ``b_k`` is 1, so the two rows say ``s_k <= x <= e_k`` for the chosen run and ``y = t_k`` is
+        the table's value there (the aggregated one-hot form, no big-M; binaries: the number of runs). One run
+        left: a constant. With ``acc_vars`` an expression ``x`` first gets an accumulator variable ``a = x``."""
+        (value,) = self.net.node_inputs(i)
+        shape = self.net.shapes[value]
+        xlo, xhi = self.bounds[value]
+        ylo, yhi = self.bounds[i + 1]
+        vals = ins[0]
+        per = len(vals) // shape[0] if shape else 1
+        prog = self.prog
+        out: list[Value] = []
+        for j, x in enumerate(vals):
+            table = op.channel_table(j // per if shape else 0)
+            if not isinstance(x, LinExpr):
+                self.stats["fixed_neurons"] += 1
+                out.append(int(table[int(x) - op.start]))
+                continue
+            e_lo, e_hi = prog.expr_bounds(x)
+            lo, hi = max(int(xlo[j]), e_lo, op.start), min(int(xhi[j]), e_hi, op.start + len(table) - 1)
+            seg = table[lo - op.start:hi - op.start + 1]
+            starts = np.concatenate([[0], np.nonzero(np.diff(seg))[0] + 1])
+            ends = np.concatenate([starts[1:] - 1, [len(seg) - 1]])
+            runs = [(lo + int(s), lo + int(e), int(seg[s])) for s, e in zip(starts, ends, strict=True)
+                    if int(ylo[j]) <= int(seg[s]) <= int(yhi[j])]
+            if not runs:
+                raise ValueError(f"lookup {i}_{j}: the bounds leave no feasible value (unsound bounds?)")
+            if len(runs) == 1:
+                self.stats["fixed_neurons"] += 1
+                out.append(runs[0][2])
+                continue
+            self.stats["encoded_neurons"] += 1
+            tag = f"t{i}_{j}"
+            r_lo, r_hi = runs[0][0], runs[-1][1]
+            if self.acc_vars and not _is_plain_var(x):
+                av = prog.add_var(f"a{tag}", r_lo, r_hi)
+                self.relaxable.append(av.index)
+                prog.add_con(x - LinExpr.var(av), 0, 0, name=f"a{tag}_def")
+                x = LinExpr.var(av)
+            bs = [prog.add_binary(f"b{tag}_{s}") for s, _, _ in runs]
+            self.stats["lookup_binaries"] += len(bs)
+            prog.add_con(LinExpr.weighted_sum([(1, LinExpr.var(b)) for b in bs]), 1, 1, name=f"b{tag}_one")
+            prog.add_con(x - LinExpr.weighted_sum([(s, LinExpr.var(b)) for (s, _, _), b in zip(runs, bs, strict=True)]),
+                         0, None, name=f"b{tag}_lo")
+            prog.add_con(x - LinExpr.weighted_sum([(e, LinExpr.var(b)) for (_, e, _), b in zip(runs, bs, strict=True)]),
+                         None, 0, name=f"b{tag}_hi")
+            out.append(LinExpr.weighted_sum([(t, LinExpr.var(b)) for (_, _, t), b in zip(runs, bs, strict=True)]))
+        return out
+
+    # ------------------------------------------------------------------ max pooling
+    def max_pool(self, i: int, op: MaxPool2d, ins: list[list[Value]]) -> list[Value]:
+        """``y = max_j x_j`` over each window's cells (padded cells ignored) with one binary per candidate cell.
+
+        With cell bounds ``[l_j, u_j]`` (value bounds intersected with the activity of the expression) and
+        ``L = max_j l_j``: a cell with ``u_j < L`` is never the maximum (dropped; ``y >= L > x_j`` holds anyway); a
+        cell with ``l_j >= u_k`` for every other kept ``k`` dominates (``y = x_j``, no variable). Otherwise
+        ``y in [L, U]`` (``U = max u_j``, intersected with the output bounds), ``s_j`` binary per kept cell and
+        ``M_j = min(U, max_{k != j} u_k) - l_j``: ``y >= x_j``, ``y <= x_j + M_j (1 - s_j)``, ``sum_j s_j = 1`` and
+        ``y <= sum_j u_j s_j``. The chosen cell gives ``y = x_j`` and the lower rows make it the maximum; an
+        unchosen cell's row holds on every execution (``y`` is another cell, ``<= max_{k != j} u_k``, and
+        ``x_j >= l_j``); the last row is the chosen cell's upper bound (implied on the integers, tightens the
+        LP)."""
+        (value,) = self.net.node_inputs(i)
+        in_shape = self.net.shapes[value]
+        vals = ins[0]
+        blo, bhi = self.bounds[value]
+        ylo, yhi = self.bounds[i + 1]
+        win = op.window_indices(in_shape)
+        win = win.reshape(-1, win.shape[-1])
+        prog = self.prog
+        out: list[Value] = []
+        for r, cells in enumerate(win.tolist()):
+            cells = [c for c in cells if c >= 0]
+            bounds = []
+            for c in cells:
+                e_lo, e_hi = prog.expr_bounds(vals[c])
+                bounds.append((max(int(blo[c]), e_lo), min(int(bhi[c]), e_hi)))
+            if any(lo > hi for lo, hi in bounds):
+                raise ValueError(f"max pool {i}_{r}: the bounds leave no feasible value (unsound bounds?)")
+            big_l = max(lo for lo, _ in bounds)
+            keep = [k for k, (_, hi) in enumerate(bounds) if hi >= big_l]
+            dom = [k for k in keep if all(bounds[k][0] >= bounds[m][1] for m in keep if m != k)]
+            if dom:
+                self.stats["fixed_neurons" if not isinstance(vals[cells[dom[0]]], LinExpr) else "identity_pools"] += 1
+                out.append(vals[cells[dom[0]]])
+                continue
+            y_lo = max(big_l, int(ylo[r]))
+            y_hi = min(max(bounds[k][1] for k in keep), int(yhi[r]))
+            if y_lo > y_hi:
+                raise ValueError(f"max pool {i}_{r}: the bounds leave no feasible value (unsound bounds?)")
+            if y_lo == y_hi:
+                self.stats["fixed_neurons"] += 1
+                out.append(y_lo)
+                continue
+            self.stats["encoded_neurons"] += 1
+            tag = f"p{i}_{r}"
+            y = prog.add_var(f"y{tag}", y_lo, y_hi)
+            ye = LinExpr.var(y)
+            ss = []
+            for k in keep:
+                x, lk = vals[cells[k]], bounds[k][0]
+                # s_k = 0: y is another kept cell, y <= max_{m != k} u_m, and x_k >= l_k (M_k > 0: no dominance)
+                big = min(y_hi, max(bounds[m][1] for m in keep if m != k)) - lk
+                s = prog.add_binary(f"s{tag}_{k}")
+                prog.add_con(ye - x, 0, None, name=f"s{tag}_{k}_ge")
+                prog.add_con(ye - x + LinExpr.var(s, big), None, big, name=f"s{tag}_{k}_le")
+                ss.append(s)
+            prog.add_con(LinExpr.weighted_sum([(1, LinExpr.var(s)) for s in ss]), 1, 1, name=f"s{tag}_one")
+            # y <= sum_j u_j s_j: the chosen cell's upper bound (valid on every execution; tightens the LP)
+            prog.add_con(ye - LinExpr.weighted_sum([(bounds[k][1], LinExpr.var(s)) for k, s in zip(keep, ss,
+                                                                                                   strict=True)]),
+                         None, 0, name=f"s{tag}_ub")
+            self.stats["maxpool_binaries"] += len(ss)
+            out.append(ye)
+        return out
+
     # ------------------------------------------------------------------ the whole network
     def network(self, net: QNetwork, lo: np.ndarray, hi: np.ndarray) -> list[list[Value]]:
-        vals = self.inputs(lo, hi)
-        layers = [vals]
-        for i, layer in enumerate(net.layers):
-            shape_in = net.shapes[i]
-            if isinstance(layer, (Dense, Conv2d)):
-                vals = self._materialize(vals, *self.bounds[i], tag=f"m{i}")
-                vals = self.dense(layer, vals) if isinstance(layer, Dense) else self.conv(layer, vals, shape_in)
-            elif isinstance(layer, (Requantize, Clamp)):
-                vals = self.requant(layer, vals, shape_in, i)
-            elif isinstance(layer, Flatten):
-                vals = list(vals)
-            else:  # pragma: no cover
-                raise TypeError(f"cannot encode layer {type(layer).__name__}")
-            layers.append(vals)
-        return layers
+        """Every value's neurons (index 0 the input, ``i + 1`` node ``i``'s output): :data:`ENCODE` walked by
+        :func:`qverify.graph.forward`."""
+        self._net = net
+        self._plain_cache = {}
+
+        def step(i: int, op: Op, ins: list[list[Value]]) -> list[Value]:
+            return graph.rule(ENCODE, op, "integer program encoder")(self, i, op, ins)
+
+        return graph.forward(net, self.inputs(lo, hi), step)  # type: ignore[return-value]
+
+
+#: the encoder's rule table: ``rule(encoder, node index, op, input values) -> output values`` (flattened)
+ENCODE: dict[type, Callable[..., list[Value]]] = {
+    Dense: NetworkEncoder.linear, Conv2d: NetworkEncoder.linear, SumPool2d: NetworkEncoder.linear,
+    Add: NetworkEncoder.linear, Flatten: NetworkEncoder.linear, Reshape: NetworkEncoder.linear,
+    Transpose: NetworkEncoder.linear, Pad: NetworkEncoder.linear, Concat: NetworkEncoder.linear,
+    Requantize: NetworkEncoder.requantize, Clamp: NetworkEncoder.clamp, Step: NetworkEncoder.step,
+    Lookup: NetworkEncoder.lookup, MaxPool2d: NetworkEncoder.max_pool}
 
 
 def encode_network(net: QNetwork, lo: np.ndarray, hi: np.ndarray, bounds: Bounds | None = None,
@@ -413,8 +678,8 @@ def encode_network(net: QNetwork, lo: np.ndarray, hi: np.ndarray, bounds: Bounds
                    ) -> NetworkEncoding:
     """Encode ``net`` over the integer box ``[lo, hi]`` (flattened input) exactly.
 
-    ``bounds``: per-layer ``(lo, hi)`` (see :mod:`qverify.encode._bounds`), valid on the box; default: interval
-    bounds of the box. The input box is intersected with ``bounds[0]``.
+    ``bounds``: per-value ``(lo, hi)`` (one per value of the graph, see :mod:`qverify.encode._bounds`), valid on
+    the box; default: interval bounds of the box. The input box is intersected with ``bounds[0]``.
     """
     lo = np.asarray(lo, dtype=np.int64).ravel()
     hi = np.asarray(hi, dtype=np.int64).ravel()

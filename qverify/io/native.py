@@ -4,9 +4,13 @@ Self-describing (every layer's kind and fields are named in the manifest), versi
 to load: arrays are read with ``allow_pickle=False`` and the manifest is plain JSON; nothing is executed.
 Exact multipliers and scales are stored as ``"num/den"`` strings; a float32 requantization (onnxruntime's
 semantics) also stores ``float32_scale``, its float32 multipliers as exact hexadecimal floats (``float.hex``).
-Version 2 is version 1 plus ``float32_scale``; a file is written as version 1 when it has no float32
-requantization (so older readers still read it) and as version 2 when it has (so an older reader refuses it rather
-than run the exact fraction in its place). ``metadata["semantics"]`` travels with the metadata.
+Version 2 is version 1 plus ``float32_scale``; version 3 holds graphs: every layer entry names the values it reads
+(``inputs``: value 0 is the network input, value ``k + 1`` layer ``k``'s output) and the graph ops (``Add``,
+``SumPool2d``, ``MaxPool2d``, ``Step``, ``Lookup``, ``Reshape``, ``Transpose``, ``Pad``, ``Concat``,
+``Conv2d.groups``) are allowed. A file is written in the oldest version that holds the network
+(:func:`format_version`), so older readers still read chains and refuse what they could not run rather than run
+something else in its place.
+``metadata["semantics"]`` travels with the metadata.
 """
 
 from __future__ import annotations
@@ -16,15 +20,37 @@ import json
 import re
 import zipfile
 import zlib
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from qverify.network import Clamp, Conv2d, Dense, Flatten, Layer, ModelError, QNetwork, Requantize
+from qverify import graph
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    Layer,
+    Lookup,
+    MaxPool2d,
+    ModelError,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    Step,
+    SumPool2d,
+    Transpose,
+)
+from qverify.ops import CHAIN_OPS
 
 FORMAT = "qverify-qnn"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: the version written for networks without float32 requantizations
 FORMAT_VERSION_EXACT = 1
 
@@ -33,43 +59,92 @@ def _frac(f: Fraction) -> str:
     return f"{f.numerator}/{f.denominator}"
 
 
-def _layer_manifest(i: int, layer: Layer, arrays: dict[str, np.ndarray]) -> dict:
+def _arrays(i: int, arrays: dict[str, np.ndarray]) -> Callable[[str, np.ndarray], str]:
     def arr(field: str, a: np.ndarray) -> str:
         key = f"arrays/{i}_{field}.npy"
         arrays[key] = np.ascontiguousarray(a, dtype=np.int64)
         return key
+    return arr
 
-    kind = type(layer).__name__
-    d: dict = {"kind": kind, "name": getattr(layer, "name", "")}
-    if isinstance(layer, Dense):
-        d.update(weight=arr("weight", layer.weight), bias=arr("bias", layer.bias))
-    elif isinstance(layer, Conv2d):
-        d.update(weight=arr("weight", layer.weight), bias=arr("bias", layer.bias), stride=list(layer.stride),
-                 padding=list(layer.padding), dilation=list(layer.dilation), pad_value=layer.pad_value)
-    elif isinstance(layer, Requantize):
-        d.update(multiplier=[_frac(m) for m in layer.multipliers()], zero_point=arr("zero_point", layer.zero_point),
-                 lo=layer.lo, hi=layer.hi, rounding=layer.rounding.value)
-        if layer.float32_scale is not None:
-            d["float32_scale"] = [float(m).hex() for m in layer.float32_scale]
-    elif isinstance(layer, Clamp):
-        d.update(lo=layer.lo, hi=layer.hi)
-    elif not isinstance(layer, Flatten):
-        raise ModelError(f"cannot save layer {i} of kind {kind}")
+
+def _save_requantize(layer: Requantize, arr: Callable) -> dict:
+    d = {"multiplier": [_frac(m) for m in layer.multipliers()], "zero_point": arr("zero_point", layer.zero_point),
+         "lo": layer.lo, "hi": layer.hi, "rounding": layer.rounding.value}
+    if layer.float32_scale is not None:
+        d["float32_scale"] = [float(m).hex() for m in layer.float32_scale]
     return d
+
+
+def _save_conv(layer: Conv2d, arr: Callable) -> dict:
+    d = {"weight": arr("weight", layer.weight), "bias": arr("bias", layer.bias), "stride": list(layer.stride),
+         "padding": list(layer.padding), "dilation": list(layer.dilation), "pad_value": layer.pad_value}
+    if layer.groups != 1:
+        d["groups"] = layer.groups
+    return d
+
+
+def _save_sum_pool(layer: SumPool2d, arr: Callable) -> dict:
+    d = {"kernel": list(layer.kernel), "stride": list(layer.stride), "padding": list(layer.padding),
+         "pad_value": layer.pad_value}
+    if layer.weight is not None:
+        d["weight"] = arr("weight", layer.weight)
+    return d
+
+
+#: the writer's table: the manifest fields of each op type (arrays go to ``.npy`` members via ``arr``)
+SAVE: dict[type, Callable[[Any, Callable], dict]] = {
+    Dense: lambda layer, arr: {"weight": arr("weight", layer.weight), "bias": arr("bias", layer.bias)},
+    Conv2d: _save_conv,
+    SumPool2d: _save_sum_pool,
+    Add: lambda layer, arr: {"weights": list(layer.weights), "bias": layer.bias},
+    Flatten: lambda layer, arr: {},
+    Reshape: lambda layer, arr: {"shape": list(layer.shape)},
+    Transpose: lambda layer, arr: {"perm": list(layer.perm)},
+    Pad: lambda layer, arr: {"pads": list(layer.pads), "value": layer.value},
+    Concat: lambda layer, arr: {"axis": layer.axis, "count": layer.inputs},
+    Requantize: _save_requantize,
+    Clamp: lambda layer, arr: {"lo": layer.lo, "hi": layer.hi},
+    Step: lambda layer, arr: {"cuts": arr("cuts", layer.cuts), "levels": list(layer.levels)},
+    Lookup: lambda layer, arr: {"start": layer.start, "table": arr("table", layer.table)},
+    MaxPool2d: lambda layer, arr: {"kernel": list(layer.kernel), "stride": list(layer.stride),
+                                   "padding": list(layer.padding), "dilation": list(layer.dilation)},
+}
+
+
+def _layer_manifest(i: int, layer: Layer, arrays: dict[str, np.ndarray], inputs: tuple[int, ...] | None) -> dict:
+    d: dict = {"kind": type(layer).__name__, "name": getattr(layer, "name", "")}
+    try:
+        d.update(graph.rule(SAVE, layer, "the .qnn writer")(layer, _arrays(i, arrays)))
+    except ModelError as e:
+        raise ModelError(f"cannot save layer {i}: {e}") from None
+    if inputs is not None:
+        d["inputs"] = list(inputs)
+    return d
+
+
+def format_version(net: QNetwork) -> int:
+    """The oldest format that holds ``net``: 1 (an exact chain), 2 (float32 requantizations), 3 (a graph: branches,
+    or ops beyond the five chain ops, or grouped convolutions), so an older reader refuses what it cannot run."""
+    if not net.is_chain or any(isinstance(layer, Conv2d) and layer.groups != 1 for layer in net.layers):
+        return FORMAT_VERSION
+    if any(isinstance(layer, Requantize) and layer.float32_scale is not None for layer in net.layers):
+        return 2
+    return FORMAT_VERSION_EXACT
 
 
 def save_native(net: QNetwork, path: str | Path) -> None:
     """Write ``net`` to ``path`` (``.qnn``)."""
     arrays: dict[str, np.ndarray] = {}
-    f32 = any(isinstance(layer, Requantize) and layer.float32_scale is not None for layer in net.layers)
+    version = format_version(net)
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION if f32 else FORMAT_VERSION_EXACT, "name": net.name,
+        "format": FORMAT, "format_version": version, "name": net.name,
         "input_shape": list(net.input_shape), "input_lo": net.input_lo, "input_hi": net.input_hi,
         "input_scale": _frac(net.input_scale), "input_zero_point": net.input_zero_point,
         "output_scale": _frac(net.output_scale), "output_zero_point": net.output_zero_point,
         "input_rounding": net.input_rounding.value if net.input_rounding is not None else None,
         "tie_rule": net.tie_rule, "metadata": dict(net.metadata),
-        "layers": [_layer_manifest(i, layer, arrays) for i, layer in enumerate(net.layers)],
+        "layers": [_layer_manifest(i, layer, arrays, net.node_inputs(i) if version == FORMAT_VERSION else None)
+                   for i, layer in enumerate(net.layers)],
     }
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("manifest.json", json.dumps(manifest, indent=1))
@@ -179,6 +254,61 @@ def _show(v: object) -> str:
     return f"{type(v).__name__} {t[:60]}{'...' if len(t) > 60 else ''}"
 
 
+def _load_requantize(r: _Reader, d: dict, where: str, name: str) -> Requantize:
+    ms = r.get(d, "multiplier", where)
+    if not isinstance(ms, list) or not ms:
+        raise r.error(f"{where}.multiplier", f"expected a list of rationals, got {_show(ms)}")
+    mult = [r.fraction(v, f"{where}.multiplier[{k}]") for k, v in enumerate(ms)]
+    f32 = d.get("float32_scale")
+    if f32 is not None:
+        if not isinstance(f32, list) or not all(isinstance(v, str) for v in f32):
+            raise ModelError("float32_scale must be a list of hexadecimal float strings")
+        f32 = tuple(float.fromhex(v) for v in f32)
+    return Requantize(tuple(f.numerator for f in mult), tuple(f.denominator for f in mult),
+                      r.array(d, "zero_point", where, (0, 1)), r.int(d, "lo", where), r.int(d, "hi", where),
+                      r.str(d, "rounding", where), name=name, float32_scale=f32)
+
+
+def _load_conv(r: _Reader, d: dict, where: str, name: str) -> Conv2d:
+    return Conv2d(r.array(d, "weight", where, (4,)), r.array(d, "bias", where, (1,)),
+                  stride=r.ints(d, "stride", where, 2), padding=r.ints(d, "padding", where, 4),
+                  dilation=r.ints(d, "dilation", where, 2, [1, 1]), pad_value=r.int(d, "pad_value", where, 0),
+                  name=name, groups=r.int(d, "groups", where, 1))
+
+
+def _load_sum_pool(r: _Reader, d: dict, where: str, name: str) -> SumPool2d:
+    weight = r.array(d, "weight", where, (2,)) if "weight" in d else None
+    return SumPool2d(r.ints(d, "kernel", where, 2), r.ints(d, "stride", where, 2), r.ints(d, "padding", where, 4),
+                     r.int(d, "pad_value", where, 0), weight, name=name)
+
+
+def _load_step(r: _Reader, d: dict, where: str, name: str) -> Step:
+    return Step(r.array(d, "cuts", where, (2,)), r.ints(d, "levels", where, None), name=name)
+
+
+#: the reader's table: one builder per layer kind (the manifest's ``kind``)
+LOAD: dict[str, Callable[[_Reader, dict, str, str], Layer]] = {
+    "Dense": lambda r, d, w, n: Dense(r.array(d, "weight", w, (2,)), r.array(d, "bias", w, (1,)), name=n),
+    "Conv2d": _load_conv,
+    "SumPool2d": _load_sum_pool,
+    "Add": lambda r, d, w, n: Add(r.ints(d, "weights", w, None), r.int(d, "bias", w, 0), name=n),
+    "Flatten": lambda r, d, w, n: Flatten(name=n),
+    "Reshape": lambda r, d, w, n: Reshape(r.ints(d, "shape", w, None), name=n),
+    "Transpose": lambda r, d, w, n: Transpose(r.ints(d, "perm", w, None), name=n),
+    "Pad": lambda r, d, w, n: Pad(r.ints(d, "pads", w, None), r.int(d, "value", w, 0), name=n),
+    "Concat": lambda r, d, w, n: Concat(r.int(d, "axis", w), r.int(d, "count", w), name=n),
+    "Requantize": _load_requantize,
+    "Clamp": lambda r, d, w, n: Clamp(r.int(d, "lo", w), r.int(d, "hi", w), name=n),
+    "Step": _load_step,
+    "Lookup": lambda r, d, w, n: Lookup(r.int(d, "start", w), r.array(d, "table", w, (1, 2)), name=n),
+    "MaxPool2d": lambda r, d, w, n: MaxPool2d(r.ints(d, "kernel", w, 2), r.ints(d, "stride", w, 2),
+                                              r.ints(d, "padding", w, 4), r.ints(d, "dilation", w, 2, [1, 1]),
+                                              name=n),
+}
+#: the kinds of format versions 1 and 2
+CHAIN_KINDS = frozenset(t.__name__ for t in CHAIN_OPS)
+
+
 def load_native(path: str | Path) -> QNetwork:
     """Read a ``.qnn`` file; every problem is a :class:`ModelError` naming the file and the manifest field or zip
     member (never another exception). Fields are type-checked (an integer field must be a JSON integer, not ``2.0``
@@ -215,6 +345,7 @@ def load_native(path: str | Path) -> QNetwork:
         if not isinstance(entries, list):
             raise r.error("manifest.layers", f"expected a list of layers, got {_show(entries)}")
         layers: list[Layer] = []
+        inputs: list[tuple[int, ...]] = []
         for i, d in enumerate(entries):
             where = f"layers[{i}]"
             if not isinstance(d, dict):
@@ -222,35 +353,15 @@ def load_native(path: str | Path) -> QNetwork:
             kind = r.str(d, "kind", where)
             name = r.str(d, "name", where, "")
             try:
-                if kind == "Dense":
-                    layers.append(Dense(r.array(d, "weight", where, (2,)), r.array(d, "bias", where, (1,)),
-                                        name=name))
-                elif kind == "Conv2d":
-                    layers.append(Conv2d(r.array(d, "weight", where, (4,)), r.array(d, "bias", where, (1,)),
-                                         stride=r.ints(d, "stride", where, 2),
-                                         padding=r.ints(d, "padding", where, 4),
-                                         dilation=r.ints(d, "dilation", where, 2, [1, 1]),
-                                         pad_value=r.int(d, "pad_value", where, 0), name=name))
-                elif kind == "Requantize":
-                    ms = r.get(d, "multiplier", where)
-                    if not isinstance(ms, list) or not ms:
-                        raise r.error(f"{where}.multiplier", f"expected a list of rationals, got {_show(ms)}")
-                    mult = [r.fraction(v, f"{where}.multiplier[{k}]") for k, v in enumerate(ms)]
-                    f32 = d.get("float32_scale")
-                    if f32 is not None:
-                        if not isinstance(f32, list) or not all(isinstance(v, str) for v in f32):
-                            raise ModelError("float32_scale must be a list of hexadecimal float strings")
-                        f32 = tuple(float.fromhex(v) for v in f32)
-                    layers.append(Requantize(tuple(f.numerator for f in mult), tuple(f.denominator for f in mult),
-                                             r.array(d, "zero_point", where, (0, 1)), r.int(d, "lo", where),
-                                             r.int(d, "hi", where), r.str(d, "rounding", where), name=name,
-                                             float32_scale=f32))
-                elif kind == "Clamp":
-                    layers.append(Clamp(r.int(d, "lo", where), r.int(d, "hi", where), name=name))
-                elif kind == "Flatten":
-                    layers.append(Flatten(name=name))
-                else:
-                    raise ModelError(f"unknown layer kind {kind!r}")
+                build = LOAD.get(kind)
+                if build is None or (ver < FORMAT_VERSION and kind not in CHAIN_KINDS):
+                    raise ModelError(f"unknown layer kind {kind!r}" + (
+                        f" (a version-{FORMAT_VERSION} op in a version-{ver} file)" if build is not None else ""))
+                layers.append(build(r, d, where, name))
+                if ver >= FORMAT_VERSION:
+                    inputs.append(r.ints(d, "inputs", where, None, [i]))
+                elif "inputs" in d or "groups" in d:
+                    raise ModelError(f"'inputs' and 'groups' need format_version {FORMAT_VERSION}")
             except ModelError as e:
                 if str(e).startswith(f"{path}: "):
                     raise
@@ -276,6 +387,7 @@ def load_native(path: str | Path) -> QNetwork:
                 output_zero_point=r.int(m, "output_zero_point", "manifest", 0),
                 input_rounding=ir, tie_rule=r.str(m, "tie_rule", "manifest", "first"),
                 name=r.str(m, "name", "manifest", path.stem), metadata=dict(meta),
+                inputs=tuple(inputs) if ver >= FORMAT_VERSION else None,
             )
         except ModelError as e:
             if str(e).startswith(f"{path}: "):

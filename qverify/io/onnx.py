@@ -1,14 +1,17 @@
 """Importer for quantized ONNX models (QDQ and QOperator forms) and their replay on onnxruntime.
 
-The graph must be a chain from one input to one output (a :class:`~qverify.network.QNetwork` is sequential). It is
-read node by node (ONNX graphs are topologically sorted) into symbolic values; every tensor is one of
+The graph has one input and one output; in between it may branch and join (a :class:`~qverify.network.QNetwork` is a
+graph: each node reads the qverify values it names, a tensor read by two nodes is one value read twice). It is read
+node by node (ONNX graphs are topologically sorted) into symbolic values; every tensor is one of
 
 * ``Const``    an initializer or ``Constant`` (float or integer);
 * ``ConstDQ``  ``DequantizeLinear`` of an integer constant: ``real = s (q - z)`` elementwise (weights, biases);
-* ``Quant``    the live integer activation: the output of the layers built so far;
+* ``Quant``    an integer activation: the qverify value that holds its integers;
 * ``Real``     ``DequantizeLinear`` of the live activation, ``real = clip(s (q - z), a, b)`` (``Relu``/``Clip`` widen
   nothing: they only narrow the clip interval ``[a, b]``);
-* ``Acc``      an integer accumulator of the last affine layer, ``real_c = clip(M_c acc_c, a, b)`` per channel ``c``.
+* ``Acc``      an integer accumulator (a value), ``real_c = clip(M_c acc_c, a, b)`` per channel ``c``;
+* ``RealConcat`` a ``Concat`` of dequantized activations with different ``(s, z)``, quantized part by part;
+* ``Softmax``  a final ``Softmax``/``LogSoftmax`` of the dequantized logits (dropped: argmax-preserving).
 
 Mapping (all exact: Python integers and :class:`~fractions.Fraction` of the float32 scales; ``R`` = round half to
 even, as ONNX ``QuantizeLinear`` specifies):
@@ -35,10 +38,26 @@ even, as ONNX ``QuantizeLinear`` specifies):
   parameters, an identity affine layer ``acc = x - z`` then ``Requantize(s / s_y)``;
 * ``Add(DQ(x), c)``, ``QLinearAdd(x, c)`` with a constant ``c`` (per channel): the exact identity affine layer
   ``acc = D (x - z_x) + D c / s_x`` with ``D`` the least common denominator of ``c / s_x`` and ``M = s_x / D``;
-* ``Flatten``/``Reshape`` to ``[batch, n]``: ``Flatten``.
+* ``Flatten``/``Reshape``/``Squeeze``/``Unsqueeze``/``Transpose`` of an activation anywhere (also of an accumulator
+  before its ``QuantizeLinear``, PT2E): ``Flatten``, ``Reshape``, ``Transpose`` nodes (a transpose that only moves
+  axes of size 1 is a reshape); ``Pad`` (constant): ``Pad`` with the integer ``z + c / s``;
+* residual ``Add(DQ(a), DQ(b))`` / ``QLinearAdd(a, b)``: ``Add(weights=(m_A, m_B), bias=-(m_A z_A + m_B z_B))`` with
+  ``s_A = m_A g / D``, ``s_B = m_B g / D`` (``D`` the larger power-of-two denominator, ``g`` the gcd), real value
+  ``(g / D) acc``, then ``Requantize(g / (D s_C), z_C)`` (:meth:`_Importer.add_activations`);
+* ``MaxPool`` on integers (QOperator) or between DQ and Q: ``MaxPool2d`` (``ceil_mode`` = extra bottom/right
+  padding); DQ -> MaxPool -> Q with other parameters is MaxPool then an identity layer and a ``Requantize``;
+* ``AveragePool``/``GlobalAveragePool`` between DQ and Q, ``QLinearAveragePool``/``QLinearGlobalAveragePool``:
+  ``SumPool2d`` (weight ``L / count``), an ``Add`` of the zero-point constant, ``Requantize(s_x / (L s_y))``
+  (:meth:`_Importer.average`);
+* ``Conv``/``QLinearConv`` with ``group``: ``Conv2d(groups=group)``;
+* ``Concat``/``QLinearConcat``: each input quantized to the output's ``(s, z)`` (nothing when it has them), then
+  ``Concat``;
+* ``Identity``, inference ``Dropout``, ``Cast`` that keeps the values, ``Clip`` of constant weights: nothing.
 
 The network's input is the quantized input: for a float graph input followed by ``QuantizeLinear(s_in, z_in)`` the
-grid is the range of ``z_in``'s type, ``input_rounding = half_even``; for an integer graph input the grid is its type's
+grid is the range of ``z_in``'s type, ``input_rounding = half_even`` (a ``Transpose`` that reorders the float input
+before it, as TensorFlow conversions of NHWC models write it, becomes a ``Transpose`` node after the quantization: the
+network input keeps the graph input's layout); for an integer graph input the grid is its type's
 range and ``(s_in, z_in)`` come from its first consumer: the first ``DequantizeLinear`` (or quantized operator) it
 reaches, also through ``Reshape``/``Flatten`` (a reshape of the input before any layer becomes the network's input
 shape), a ``Transpose`` that only moves axes of size 1 (NHWC to NCHW of one channel), ``Cast`` to an integer type that
@@ -49,8 +68,13 @@ The output is the last integer tensor: the input of a final
 ``DequantizeLinear`` (``output_scale``, ``output_zero_point`` from it), a quantized graph output, or a float
 accumulator (``output_scale = M``).
 
-Anything else (an unknown operator, a pooling layer, a residual ``Add`` of two activations, grouped convolutions) is a
-:class:`~qverify.network.ModelError` that names the file, the operator and the node.
+Anything else (an unknown operator, ``BatchNormalization`` left in the graph, float arithmetic between DQ and Q other
+than the patterns above) is a :class:`~qverify.network.ModelError` that names the file, the operator and the node.
+Under ``semantics="onnxruntime"`` the residual add, the non-global average pools and requantizations outside
+onnxruntime's integer kernels are refused (named); ``GlobalAveragePool`` follows onnxruntime's kernel exactly.
+
+onnxruntime replay (:func:`onnx_integer_outputs`) is registered with :mod:`qverify.replay` as the runtime of
+``format = "onnx"`` networks when this module is imported.
 """
 
 from __future__ import annotations
@@ -67,8 +91,24 @@ from typing import Any
 import numpy as np
 
 from qverify.io.ort_fusion import FusedKernel, fused_kernels
-from qverify.network import Clamp, Conv2d, Dense, Flatten, ModelError, QNetwork, Requantize
+from qverify.network import (
+    Add,
+    Clamp,
+    Concat,
+    Conv2d,
+    Dense,
+    Flatten,
+    MaxPool2d,
+    ModelError,
+    Pad,
+    QNetwork,
+    Requantize,
+    Reshape,
+    SumPool2d,
+    Transpose,
+)
 from qverify.quant import Rounding, round_fraction
+from qverify.replay import RuntimeReplay, register_runtime
 
 #: integer ranges of the ONNX tensor element types that can carry quantized values
 _INT_RANGES: dict[int, tuple[str, int, int]] = {
@@ -115,14 +155,19 @@ class _ConstDQ:
 
 @dataclass
 class _Input:
-    """The float graph input, before its ``QuantizeLinear``."""
+    """The float graph input, before its ``QuantizeLinear``; ``pending``: data movement of the float input that
+    reorders it (an NHWC -> NCHW ``Transpose`` of a TensorFlow conversion), applied to the integers after the
+    quantization (``QuantizeLinear`` is elementwise, so it commutes with any data movement); ``base``: the shape
+    the network input keeps then."""
 
     shape: tuple[int, ...]
+    pending: tuple = ()
+    base: tuple[int, ...] = ()
 
 
 @dataclass
 class _Quant:
-    """The live integer activation: the output of ``layers[:pos]``."""
+    """An integer activation: qverify value ``pos`` (0: the network input, ``i + 1``: node ``i``'s output)."""
 
     pos: int
     shape: tuple[int, ...]
@@ -131,6 +176,7 @@ class _Quant:
     scale: Fraction | None = None
     zero_point: int | None = None
     etype: int = 2  # ONNX element type of the tensor
+    raw: bool = False  # the integer graph input itself, moved at most by data-movement operators
 
 
 @dataclass
@@ -141,11 +187,14 @@ class _Real:
     scale: Fraction
     zero_point: int
     clip: tuple[Fraction | None, Fraction | None] = (None, None)
+    #: the float operator between its ``DequantizeLinear`` and here (a MaxPool, a reshape, ...), ``""`` for none
+    via: str = ""
 
 
 @dataclass
 class _Acc:
-    """``clip(mult_c * acc_c, clip)`` where ``acc`` is the output of ``layers[:pos]`` (the last one affine)."""
+    """``clip(mult_c * acc_c, clip)`` where ``acc`` is qverify value ``pos`` (an integer linear map's output, or a
+    data movement of one)."""
 
     pos: int
     shape: tuple[int, ...]
@@ -153,15 +202,46 @@ class _Acc:
     clip: tuple[Fraction | None, Fraction | None] = (None, None)
     integer: bool = False  # MatMulInteger output, before its Cast to float
     kernel: str = ""  # the quantized weight initializer of the affine node (``semantics='onnxruntime'`` looks it up)
+    #: the node whose bias a following ``Add`` of a constant may change (``pos - 1`` for a Dense/Conv2d output;
+    #: ``-1``: none, e.g. a sum pooling, an add of two activations, a reshape of an accumulator)
+    src: int = -1
+    #: its layer got a bias after it (an ``Add`` of a constant folded): this tensor is gone
+    spent: bool = False
+    #: ``semantics='onnxruntime'``, a global average pool ``acc = sum (x - z_x)`` over ``n`` cells: ``(s_x, n)``,
+    #: requantized by onnxruntime with ``m = fl32(s_x / fl32(s_y fl32(n)))`` (``qverify.quant``)
+    ort_gap: tuple[Fraction, int] | None = None
+    #: ``semantics='onnxruntime'``, a windowed average pool with one count ``K`` everywhere: ``(s_x, K, S_min,
+    #: S_max)``, requantized as onnxruntime's ``QLinearAveragePool`` (a function of ``S = acc``, ``qverify.quant``)
+    ort_avg: tuple[Fraction, int, int, int] | None = None
 
 
-_Sym = _Const | _ConstDQ | _Input | _Quant | _Real | _Acc
+@dataclass
+class _RealConcat:
+    """``concat(parts, axis)`` of dequantized activations with different ``(s, z)``: quantized part by part."""
+
+    parts: list[_Real]
+    axis: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Softmax:
+    """``Softmax``/``LogSoftmax`` over the classes of the final dequantized output ``inner`` (ONNX tensor
+    ``tensor``): strictly increasing in each logit, so the argmax is that of the logits."""
+
+    inner: _Real | _Acc
+    tensor: str
+
+
+_Sym = _Const | _ConstDQ | _Input | _Quant | _Real | _Acc | _RealConcat | _Softmax
 
 
 def _kind(sym: _Sym) -> str:
     return {_Const: "a constant", _ConstDQ: "a dequantized constant", _Input: "the float graph input",
             _Quant: "a quantized activation", _Real: "a dequantized activation",
-            _Acc: "an accumulator (not yet requantized)"}[type(sym)]
+            _Acc: "an accumulator (not yet requantized)",
+            _RealConcat: "a concatenation of dequantized activations (not yet quantized)",
+            _Softmax: "a Softmax of the output"}[type(sym)]
 
 
 def _etype(lo: int, hi: int) -> int:
@@ -188,7 +268,9 @@ _MAX_INPUT_SIZE = 2**26
 _MIN_INPUTS = {"QuantizeLinear": 2, "DequantizeLinear": 2, "MatMul": 2, "Gemm": 2, "Conv": 2, "Add": 2, "Mul": 2,
                "Relu": 1, "Clip": 1, "Identity": 1, "Reshape": 2, "Flatten": 1, "Transpose": 1, "Squeeze": 1,
                "Unsqueeze": 1, "Cast": 1, "Shape": 1, "QLinearMatMul": 8, "QLinearConv": 8, "QGemm": 6,
-               "MatMulInteger": 2, "QLinearAdd": 7, "Constant": 0}
+               "MatMulInteger": 2, "QLinearAdd": 7, "Constant": 0, "QLinearAveragePool": 4,
+               "QLinearGlobalAveragePool": 4, "QLinearConcat": 5, "Pad": 1, "Concat": 1, "MaxPool": 1,
+               "BatchNormalization": 5}
 
 
 def _lcm(values: Sequence[int]) -> int:
@@ -226,6 +308,10 @@ class _Importer:
     fused: dict = field(default_factory=dict)
     #: per affine layer index: (activation type, weight type, form of the node: ``QDQ`` or ``QOperator``)
     affine_types: dict[int, tuple[str, str, str]] = field(default_factory=dict)
+    #: per node: the qverify values it reads (the graph of the network being built)
+    inputs: list[tuple[int, ...]] = field(default_factory=list)
+    #: values some node reads already: their producing layer can no longer change (a bias folded later)
+    sealed: set[int] = field(default_factory=set)
 
     # ------------------------------------------------------------------ errors and lookups
     def where(self) -> str:
@@ -305,14 +391,18 @@ class _Importer:
                 return v
         return default
 
-    def take(self, sym: _Sym, role: str = "input") -> None:
-        """The chain rule: an activation can only be extended at the end of the layer list."""
-        pos = getattr(sym, "pos", None)
-        if isinstance(sym, _Real):
-            pos = sym.q.pos
-        if pos is not None and pos != len(self.layers):
-            raise self.error(f"the {role} activation is used after later layers were built from it: the graph "
-                             f"branches (qverify networks are sequential)")
+    def append(self, layer: Any, ins: Sequence[int]) -> int:
+        """Add node ``layer`` reading the values ``ins``; returns the index of its output value."""
+        self.layers.append(layer)
+        self.inputs.append(tuple(int(v) for v in ins))
+        self.sealed.update(ins)
+        return len(self.layers)
+
+    def take(self, sym: _Sym) -> None:
+        """An accumulator whose layer was changed after it (a bias added: ``spent``) is no tensor anymore."""
+        if isinstance(sym, _Acc) and sym.spent:
+            raise self.error("the accumulator before a folded bias is read by another node too (the bias was added "
+                             "to its layer): not supported")
 
     # ------------------------------------------------------------------ layer builders
     def expand(self, param: np.ndarray, axis: int, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -382,10 +472,10 @@ class _Importer:
         if wp.shape[1] != x.q.shape[0]:
             raise self.error(f"weight of shape {w.q.shape} does not match input size {x.q.shape[0]}")
         bias = -x.zero_point * wp.sum(axis=1)
-        self.layers.append(Dense(wp, bias, name=self.node.name))
+        v = self.append(Dense(wp, bias, name=self.node.name), (x.q.pos,))
         self.record_types(x, w)
         mult = [x.scale * s * _frac(alpha) for s in ws]
-        return _Acc(len(self.layers), (wp.shape[0],), mult, kernel=w.init)
+        return _Acc(v, (wp.shape[0],), mult, kernel=w.init, src=v - 1)
 
     def conv(self, x: _Real, w: _ConstDQ) -> _Acc:
         self.take(x)
@@ -394,20 +484,39 @@ class _Importer:
         if len(x.q.shape) != 3 or w.q.ndim != 4:
             raise self.error(f"only 2-D convolutions are supported (input {x.q.shape}, weight {w.q.shape})")
         group = int(self.attr("group", 1))
-        if group != 1:
-            raise self.error(f"grouped convolution (group={group}) is not supported")
+        if group < 1 or x.q.shape[0] != w.q.shape[1] * group or w.q.shape[0] % group:
+            raise self.error(f"convolution with group={group}: weight {w.q.shape} does not fit the input "
+                             f"{x.q.shape} (weight [O, C / group, kh, kw] with group dividing O)")
         wp, ws = self.weight_oriented(w, False, "weight")
         kh, kw = wp.shape[2:]
         strides = tuple(self.attr("strides", [1, 1]))
         dil = tuple(self.attr("dilations", [1, 1]))
+        pads = self.spatial_pads(x.q.shape, (kh, kw), strides, dil)
+        wsum = wp.reshape(wp.shape[0], -1).sum(axis=1)
+        layer = Conv2d(wp, -x.zero_point * wsum, stride=strides, padding=pads, dilation=dil,
+                       pad_value=x.zero_point, name=self.node.name, groups=group)
+        try:
+            shape = layer.output_shape(x.q.shape)
+        except ModelError as e:
+            raise self.error(str(e)) from None
+        v = self.append(layer, (x.q.pos,))
+        self.record_types(x, w)
+        return _Acc(v, shape, [x.scale * s for s in ws], kernel=w.init, src=v - 1)
+
+    def spatial_pads(self, shape: tuple[int, ...], kernel: tuple[int, int], strides: Sequence[int],
+                     dil: Sequence[int]) -> tuple[int, int, int, int]:
+        """``(top, left, bottom, right)`` from ``pads`` (ONNX order ``[top, left, bottom, right]``) or ``auto_pad``
+        (``SAME_*``: total ``(ceil(H / s) - 1) s + (k - 1) d + 1 - H``, the odd cell at the end for ``SAME_UPPER``)."""
+        if len(shape) != 3:
+            raise self.error(f"only 2-D spatial operators are supported (input {shape})")
         auto_pad = self.attr("auto_pad", "NOTSET")
         if auto_pad in ("NOTSET", ""):
-            pads = tuple(self.attr("pads", [0, 0, 0, 0]))
+            pads = tuple(int(p) for p in self.attr("pads", [0, 0, 0, 0]))
         elif auto_pad == "VALID":
             pads = (0, 0, 0, 0)
         elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             tot = []
-            for size, k, s, d in zip(x.q.shape[1:], (kh, kw), strides, dil, strict=True):
+            for size, k, s, d in zip(shape[1:], kernel, strides, dil, strict=True):
                 out = -(-size // s)
                 tot.append(max(0, (out - 1) * s + (k - 1) * d + 1 - size))
             small = [t // 2 for t in tot]
@@ -415,16 +524,9 @@ class _Importer:
             pads = (*small, *big) if auto_pad == "SAME_UPPER" else (*big, *small)
         else:
             raise self.error(f"unknown auto_pad {auto_pad!r}")
-        wsum = wp.reshape(wp.shape[0], -1).sum(axis=1)
-        layer = Conv2d(wp, -x.zero_point * wsum, stride=strides, padding=pads, dilation=dil,
-                       pad_value=x.zero_point, name=self.node.name)
-        try:
-            shape = layer.output_shape(x.q.shape)
-        except ModelError as e:
-            raise self.error(str(e)) from None
-        self.layers.append(layer)
-        self.record_types(x, w)
-        return _Acc(len(self.layers), shape, [x.scale * s for s in ws], kernel=w.init)
+        if len(pads) != 4 or min(pads) < 0:
+            raise self.error(f"pads must be 4 non-negative integers, got {list(pads)}")
+        return pads  # type: ignore[return-value]
 
     def record_types(self, x: _Real, w: _ConstDQ) -> None:
         """Remember the element types of the affine layer just built: which onnxruntime kernel runs it
@@ -445,16 +547,21 @@ class _Importer:
         return v
 
     def set_bias(self, acc: _Acc, add: np.ndarray) -> None:
+        """Add ``add`` to the bias of the layer that computes ``acc`` (which no node may read yet)."""
         idx = acc.pos - 1
+        if acc.src != idx or acc.pos in self.sealed:
+            raise self.error("a constant added to an accumulator that is not a fresh Dense/Conv output (it is read "
+                             "by another node, or moved, pooled or added): cannot be folded into a bias")
         layer = self.layers[idx]
         self.layers[idx] = replace(layer, bias=layer.bias + np.asarray(add, dtype=np.int64))
+        acc.spent = True
 
     def add_int_bias(self, acc: _Acc, b: np.ndarray) -> _Acc:
         """An integer bias in accumulator units (``QLinearConv``'s ``B``, ``QGemm``'s ``C``)."""
         self.take(acc)
         vec = self.per_channel(np.asarray(b, dtype=np.int64), acc.shape, "bias")
         self.set_bias(acc, np.broadcast_to(vec, (acc.shape[0],)))
-        return acc
+        return replace(acc, spent=False)
 
     def add_const_to_acc(self, acc: _Acc, c: _Const | _ConstDQ) -> _Acc:
         self.take(acc)
@@ -474,7 +581,7 @@ class _Importer:
                     raise self.error(f"semantics='onnxruntime': bias {c.node!r} must be integers with zero point 0 "
                                      f"(onnxruntime's fused kernels add the int32 bias as it is)")
                 self.set_bias(acc, np.asarray(qv, dtype=np.int64))
-                return acc
+                return replace(acc, spent=False)
             for i in range(n):
                 sb = _frac(sv[i])
                 if sb == mult[i] or abs(sb / mult[i] - 1) <= _BIAS_SCALE_RTOL:
@@ -488,7 +595,7 @@ class _Importer:
                 self.notes.append(f"{self.node.name}: integer bias {c.node!r} has scale s_x*s_w up to float32 "
                                   f"rounding ({approx} channels); added to the accumulator as is")
         else:
-            acc.kernel = ""  # a float bias is no input of onnxruntime's integer kernels (semantics='onnxruntime')
+            kernel = ""  # a float bias is no input of onnxruntime's integer kernels (semantics='onnxruntime')
             cv = np.broadcast_to(self.per_channel(c.value.astype(np.float64), acc.shape, "bias"), (n,))
             for i in range(n):
                 f = _frac(cv[i]) / mult[i]
@@ -498,11 +605,10 @@ class _Importer:
             self.notes.append(f"{self.node.name}: real bias rounded to accumulator units R(c/(s_x*s_w)) "
                               f"({rounded} channels)")
         self.set_bias(acc, out)
-        return acc
+        return replace(acc, spent=False) if isinstance(c, _ConstDQ) else replace(acc, kernel=kernel, spent=False)
 
     def identity(self, x: _Real, offset: np.ndarray | None) -> _Acc:
         """The exact identity affine layer ``acc = D (x - z) + D c / s``, ``M = s / D`` (``c`` per channel)."""
-        self.take(x)
         shape = x.q.shape
         n = shape[0]
         ratios = [Fraction(0)] * n
@@ -524,8 +630,8 @@ class _Importer:
             layer = Conv2d(w, bias, name=f"{self.node.name}/identity")
         else:
             raise self.error(f"activation of shape {shape} is not supported")
-        self.layers.append(layer)
-        return _Acc(len(self.layers), shape, [x.scale / d], x.clip)
+        v = self.append(layer, (x.q.pos,))
+        return _Acc(v, shape, [x.scale / d], x.clip, src=v - 1)
 
     def clipped_range(self, clip: tuple, s: Fraction, z: int, lo: int, hi: int) -> tuple[int, int]:
         """``[lo, hi]`` narrowed by a real clip interval ``(a, b)`` (``None`` = open) quantized with scale ``s`` and
@@ -545,16 +651,32 @@ class _Importer:
             raise self.error("integer accumulator must be Cast to float before QuantizeLinear")
         etype = _etype(lo, hi)
         lo, hi = self.clipped_range(acc.clip, s, z, lo, hi)
-        if self.semantics == "onnxruntime":
+        if self.semantics == "onnxruntime" and acc.ort_avg is not None:
+            from qverify.quant import ort_avgpool_from_sum
+
+            if acc.clip != (None, None):
+                raise self.error("semantics='onnxruntime': Relu/Clip between AveragePool and QuantizeLinear")
+            sx, count, smin, smax = acc.ort_avg
+            ss = np.arange(smin, smax + 1, dtype=np.int64)
+            ys = ort_avgpool_from_sum(ss, count, float(sx), float(s), int(z), lo, hi).astype(np.int64)
+            return self.table_step(acc.pos, ss, ys, acc.shape, s, z, lo, hi, name)
+        if self.semantics == "onnxruntime" and acc.ort_gap is not None:
+            from qverify.quant import ort_global_avgpool_multiplier
+
+            try:
+                m32 = [float(ort_global_avgpool_multiplier(float(acc.ort_gap[0]), float(s), acc.ort_gap[1]))]
+            except ValueError as e:
+                raise self.error(f"semantics='onnxruntime': {e}") from None
+            layer = Requantize.float32(m32, z, lo, hi, name=name)
+        elif self.semantics == "onnxruntime":
             m32 = self.ort_multiplier(acc, s)
             try:
-                self.layers.append(Requantize.float32(m32, z, lo, hi, name=name))
+                layer = Requantize.float32(m32, z, lo, hi, name=name)
             except ModelError as e:
                 raise self.error(f"semantics='onnxruntime': {e}") from None
         else:
-            self.layers.append(Requantize.affine([m / s for m in acc.mult], z, lo, hi, Rounding.HALF_EVEN,
-                                                 name=name))
-        return _Quant(len(self.layers), acc.shape, lo, hi, s, z, etype)
+            layer = Requantize.affine([m / s for m in acc.mult], z, lo, hi, Rounding.HALF_EVEN, name=name)
+        return _Quant(self.append(layer, (acc.pos,)), acc.shape, lo, hi, s, z, etype)
 
     def ort_kernel(self, acc: _Acc) -> FusedKernel:
         """The onnxruntime integer kernel that computes ``acc`` (``semantics='onnxruntime'``), or a ModelError that
@@ -590,54 +712,124 @@ class _Importer:
                              f"{acc.shape[0]} channels")
         return m
 
-    def quantize_real(self, x: _Real, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
+    def quantize_real(self, x: _Real, s: Fraction, z: int, lo: int, hi: int, name: str, in_kernel: bool = False
+                      ) -> _Quant:
+        """``Q(clip(DQ(q)))``: a clamp (or nothing) with the same parameters; with new ones an identity layer and a
+        ``Requantize`` (``exact``), or under ``semantics='onnxruntime'`` onnxruntime's float32 table
+        (:meth:`ort_requantize_step`) where onnxruntime computes that table: inside ``QLinearConcat`` (``in_kernel``)
+        or around a float operator between the ``DequantizeLinear`` and the ``QuantizeLinear`` (``x.via``). A bare
+        ``DQ -> Q`` pair with new parameters is refused there: onnxruntime's graph transformers may rewrite such
+        pairs (double-QDQ removal), so the arithmetic it runs is not fixed by the graph."""
         if s == x.scale and z == x.zero_point and (lo, hi) == (_INT_RANGES[x.q.etype][1:]):
             # Q(clip(DQ(q))) with the same parameters and type: a clamp
-            self.take(x)
             qlo, qhi = self.clipped_range(x.clip, s, z, max(lo, x.q.lo), min(hi, x.q.hi))
             if (qlo, qhi) == (x.q.lo, x.q.hi):
-                return _Quant(x.q.pos, x.q.shape, qlo, qhi, s, z, x.q.etype)
-            self.layers.append(Clamp(qlo, qhi, name=name))
-            return _Quant(len(self.layers), x.q.shape, qlo, qhi, s, z, x.q.etype)
+                return _Quant(x.q.pos, x.q.shape, qlo, qhi, s, z, x.q.etype, x.q.raw)
+            return _Quant(self.append(Clamp(qlo, qhi, name=name), (x.q.pos,)), x.q.shape, qlo, qhi, s, z, x.q.etype)
+        if self.semantics == "onnxruntime" and (in_kernel or x.via):
+            return self.ort_requantize_step(x, s, z, lo, hi, name)
         return self.requantize(self.identity(x, None), s, z, lo, hi, name)
 
+    def ort_requantize_step(self, x: _Real, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
+        """``semantics='onnxruntime'``: a dequantized activation quantized with new parameters, as onnxruntime
+        computes it (``QLinearConcat``'s lookup table, or the separate float kernels of an unfused ``DQ -> Q`` /
+        ``DQ -> MaxPool/Reshape/Transpose -> Q``; ``encodings/graph_ops.md``): ``y = clamp(rne(fl32(fl32(s_x (q -
+        z_x)) / s_y)) + z_y)``, a non-decreasing function of the one integer ``q`` (:func:`qverify.quant.
+        ort_requantize`), evaluated on every ``q`` of its range and stored exactly as a ``Step`` (cut points: the
+        first ``q`` of each level)."""
+        from qverify.quant import ort_requantize
+
+        if x.clip != (None, None):
+            raise self.error("semantics='onnxruntime': a Relu/Clip between DequantizeLinear and a QuantizeLinear with "
+                             "new parameters runs in float32 kernels qverify does not model; use semantics='exact'")
+        if x.q.hi - x.q.lo > 1 << 16:
+            raise self.error(f"semantics='onnxruntime': requantizing a value of range [{x.q.lo}, {x.q.hi}] by table "
+                             f"is too wide")
+        qs = np.arange(x.q.lo, x.q.hi + 1, dtype=np.int64)
+        ys = ort_requantize(qs, float(x.scale), int(x.zero_point), float(s), int(z), lo, hi).astype(np.int64)
+        return self.table_step(x.q.pos, qs, ys, x.q.shape, s, z, lo, hi, name)
+
+    def table_step(self, src: int, qs: np.ndarray, ys: np.ndarray, shape: tuple[int, ...], s: Fraction, z: int,
+                   lo: int, hi: int, name: str) -> _Quant:
+        """The non-decreasing integer function ``q -> y`` given on every ``q`` of value ``src``'s range (``qs``
+        consecutive) as a ``Step`` node: levels = its values, cut point of each level = the first ``q`` reaching
+        it (exact, no interpolation)."""
+        from qverify.network import Step
+
+        if np.any(np.diff(ys) < 0):
+            raise self.error("semantics='onnxruntime': onnxruntime's requantization table is not monotone")
+        levels = sorted({int(v) for v in ys})
+        if len(levels) == 1:
+            layer: Any = Clamp(levels[0], levels[0], name=name)
+        else:
+            cuts = [int(qs[np.searchsorted(ys, v, side="left")]) for v in levels[1:]]
+            layer = Step(np.array([cuts], dtype=np.int64), tuple(levels), name=name)
+        return _Quant(self.append(layer, (src,)), shape, levels[0], levels[-1], s, z, _etype(lo, hi))
+
     def flatten_to(self, sym: _Sym, target: tuple[int, ...]) -> _Sym:
-        """Reshape to per-sample ``target`` (C order): only a flatten (or nothing) is supported."""
+        """Reshape to per-sample ``target`` (C order): a ``Flatten`` node when ``target`` is a vector, else a
+        ``Reshape`` node (the integer graph input itself, before any node, takes the new shape instead)."""
         if isinstance(sym, _Input):
             if int(np.prod(target)) != int(np.prod(sym.shape)):
                 raise self.error(f"cannot reshape the input {sym.shape} to {target}")
+            if sym.pending:
+                op = Flatten(name=self.node.name) if len(target) == 1 else Reshape(target, name=self.node.name)
+                return _Input(target, (*sym.pending, (op, target)), sym.base)
             return _Input(target)
+        if isinstance(sym, _Acc):
+            return self.move_acc(sym, target)
         q = sym.q if isinstance(sym, _Real) else sym
         if not isinstance(q, _Quant):
             raise self.error(f"Flatten/Reshape of {_kind(sym)} is not supported")
         if target == q.shape:
             return sym
-        if self.is_raw_input(q) and q.pos == 0 and not self.layers and target != (int(np.prod(q.shape)),):
+        if int(np.prod(target)) != int(np.prod(q.shape)) or min(target, default=1) < 1:
+            raise self.error(f"cannot reshape {q.shape} to {target}")
+        if q.raw and q.pos == 0 and not self.layers and target != (int(np.prod(q.shape)),):
             # the integer graph input itself, before any layer: the network's input takes the new shape (C order)
-            if int(np.prod(target)) != int(np.prod(q.shape)):
-                raise self.error(f"cannot reshape the input {q.shape} to {target}")
             self.net_input_shape = target
             self.notes.append(f"input reshaped from {self.input_shape_full[1:]} to {target}")
             nq = replace(q, shape=target)
             return replace(sym, q=nq) if isinstance(sym, _Real) else nq
-        if target != (int(np.prod(q.shape)),):
-            raise self.error(f"reshape of {q.shape} to {target} is not a flatten (only [batch, n] is supported)")
-        self.take(q)
-        self.layers.append(Flatten(name=self.node.name))
-        nq = _Quant(len(self.layers), target, q.lo, q.hi, q.scale, q.zero_point, q.etype)
-        return replace(sym, q=nq) if isinstance(sym, _Real) else nq
+        op = Flatten(name=self.node.name) if len(target) == 1 else Reshape(target, name=self.node.name)
+        return self.move_act(sym, op, target)
 
-    def is_raw_input(self, q: _Quant) -> bool:
-        """Whether ``q`` is the integer graph input itself, moved at most by data-movement operators (only
-        ``Flatten`` layers before it)."""
-        return self.input_dtype != "float" and all(isinstance(layer, Flatten) for layer in self.layers[:q.pos])
+    def move_act(self, sym: _Quant | _Real, op: Any, shape: tuple[int, ...], fill: int | None = None) -> _Quant | _Real:
+        """A data-movement node ``op`` on an activation (``fill``: the constant it may output, a pad value): the
+        integers move, the real interpretation ``s (q - z)`` (and a pending clip) stays."""
+        q = sym.q if isinstance(sym, _Real) else sym
+        lo, hi = (q.lo, q.hi) if fill is None else (min(q.lo, fill), max(q.hi, fill))
+        nq = _Quant(self.append(op, (q.pos,)), shape, lo, hi, q.scale, q.zero_point, q.etype, q.raw)
+        return replace(sym, q=nq, via=op.name or op.kind) if isinstance(sym, _Real) else nq
+
+    def move_acc(self, acc: _Acc, target: tuple[int, ...], perm: tuple[int, ...] | None = None) -> _Acc:
+        """A ``Reshape`` (or ``Transpose`` with ``perm``) of an accumulator before its requantization (PT2E
+        exports): the requantization's channels are axis 0 of the moved value, so a per-channel multiplier must
+        stay on axis 0 (a reshape that keeps the leading dimension, a transpose that keeps axis 0)."""
+        self.take(acc)
+        if acc.integer:
+            raise self.error("movement of an integer accumulator before its Cast is not supported")
+        if target == acc.shape and perm is None:
+            return acc
+        if len(set(acc.mult)) > 1 and not (target and acc.shape and target[0] == acc.shape[0] == len(acc.mult)
+                                           and (perm is None or perm[0] == 0)):
+            raise self.error(f"movement of an accumulator with per-channel scales from {acc.shape} to {target} moves "
+                             f"its channel axis: not supported")
+        if perm is not None:
+            op: Any = Transpose(perm, name=self.node.name)
+        else:
+            if int(np.prod(target)) != int(np.prod(acc.shape)):
+                raise self.error(f"cannot reshape {acc.shape} to {target}")
+            op = Flatten(name=self.node.name) if len(target) == 1 else Reshape(target, name=self.node.name)
+        mult = acc.mult if len(set(acc.mult)) > 1 else acc.mult[:1]
+        return _Acc(self.append(op, (acc.pos,)), target, list(mult), acc.clip, kernel="")
 
     def use_input_params(self, q: _Quant, s: Fraction, z: int) -> None:
         """An integer graph input takes its real interpretation ``s (x - z)`` from its first consumer: the first
         ``DequantizeLinear`` (or quantized operator) it reaches, also after ``Reshape``, ``Flatten``, a ``Transpose``
         that keeps the memory order, ``Cast`` or ``Identity`` (tf2onnx reshapes an int8 input before its first
         ``DequantizeLinear``)."""
-        if self.input_scale is None and self.is_raw_input(q):
+        if self.input_scale is None and q.raw and self.input_dtype != "float":
             self.input_scale, self.input_zero_point = s, z
             q.scale, q.zero_point = s, z
 
@@ -689,7 +881,7 @@ class _Importer:
             self.syms[inp.name] = _Input(shape)
         elif et in _INT_RANGES and et != 6:
             self.input_dtype, self.input_lo, self.input_hi = _INT_RANGES[et]
-            self.syms[inp.name] = _Quant(0, shape, self.input_lo, self.input_hi, etype=et)
+            self.syms[inp.name] = _Quant(0, shape, self.input_lo, self.input_hi, etype=et, raw=True)
             self.net_input_shape = shape
         else:
             raise self.error(f"input {inp.name!r} has unsupported element type {et}")
@@ -698,6 +890,9 @@ class _Importer:
         op = node.op_type
         dom = node.domain if node.domain not in ("ai.onnx",) else ""
         handler = getattr(self, f"op_{op}", None)
+        if (handler is not None and dom == "" and op not in ("Constant", "QuantizeLinear", "DequantizeLinear")
+                and node.input and self.all_const(node)):
+            handler = None  # constants only (shape arithmetic, weight preprocessing): evaluated, whatever the op
         if dom not in ("", "com.microsoft") or handler is None:
             if self.all_const(node) and dom == "":
                 self.fold(node)
@@ -707,6 +902,7 @@ class _Importer:
         if len(node.input) < need or any(not node.input[k] for k in range(min(need, 2))) or not node.output:
             raise self.error(f"needs at least {need} inputs (the first {min(need, 2)} named) and an output, got "
                              f"inputs {list(node.input)} and outputs {list(node.output)}")
+        before = len(self.layers)
         try:
             out = handler(node)
         except ModelError as e:  # raised below the importer (a layer constructor, _frac): add the place
@@ -719,7 +915,7 @@ class _Importer:
             raise self.error(f"malformed node ({type(e).__name__}: {e})") from None
         if out is not None:
             self.syms[node.output[0]] = out
-            if isinstance(out, _Quant) and 0 < out.pos == len(self.layers):
+            if isinstance(out, _Quant) and 0 < out.pos and (out.pos > before or out.pos == len(self.layers)):
                 self.tensors.setdefault(out.pos - 1, (node.output[0], out.etype))
 
     def all_const(self, node: Any) -> bool:
@@ -795,14 +991,23 @@ class _Importer:
             self.input_lo, self.input_hi = lo, hi
             self.input_scale, self.input_zero_point = s, z
             self.input_rounding = Rounding.HALF_EVEN
-            self.net_input_shape = x.shape
-            if x.shape != self.input_shape_full[1:]:
-                self.notes.append(f"input reshaped from {self.input_shape_full[1:]} to {x.shape} before quantization")
-            return _Quant(0, x.shape, lo, hi, s, z, _etype(lo, hi))
+            shape0 = x.base if x.pending else x.shape
+            self.net_input_shape = shape0
+            if shape0 != self.input_shape_full[1:]:
+                self.notes.append(f"input reshaped from {self.input_shape_full[1:]} to {shape0} before quantization")
+            q: _Quant = _Quant(0, shape0, lo, hi, s, z, _etype(lo, hi))
+            for op, shape in x.pending:  # the float input's data movement, on the integers
+                q = self.move_act(q, op, shape)  # type: ignore[assignment]
+            if x.pending:
+                self.notes.append(f"the float input's {', '.join(op.kind for op, _ in x.pending)} applied after its "
+                                  f"quantization (the network input keeps the graph input's layout {shape0})")
+            return q
         if isinstance(x, _Acc):
             return self.requantize(x, s, z, lo, hi, node.name)
         if isinstance(x, _Real):
             return self.quantize_real(x, s, z, lo, hi, node.name)
+        if isinstance(x, _RealConcat):
+            return self.quantize_concat(x, s, z, lo, hi, node.name)
         raise self.error(f"QuantizeLinear of {_kind(x)} is not supported")
 
     def quantize_const(self, node: Any, x: np.ndarray, out_type: int) -> _Const:
@@ -909,8 +1114,44 @@ class _Importer:
             if isinstance(a, _Real):
                 return self.identity(a, b.real() if isinstance(b, _ConstDQ) else b.value)
             raise self.error(f"Add of a constant to {_kind(a)} is not supported")
-        raise self.error("Add of two activations (a residual connection) is not supported: qverify networks are "
-                         "sequential")
+        if isinstance(a, _Real) and isinstance(b, _Real):
+            return self.add_activations(a, b, "QDQ Add")
+        raise self.error(f"Add of {_kind(a)} and {_kind(b)} is not supported (a residual Add takes two dequantized "
+                         f"activations)")
+
+    def add_activations(self, a: _Real, b: _Real, what: str) -> _Acc:
+        """The residual add of two activations, ``s_A (a - z_A) + s_B (b - z_B)``, as an exact integer ``Add``.
+
+        Float32 scales are dyadic: with ``D`` the larger of their denominators (a power of two) ``m_A = s_A D`` and
+        ``m_B = s_B D`` are integers; divided by ``g = gcd(m_A, m_B)``, ``s_A (a - z_A) + s_B (b - z_B) =
+        (g / D) acc`` with ``acc = m_A' a + m_B' b - (m_A' z_A + m_B' z_B)``: an ``Add(weights=(m_A', m_B'),
+        bias)`` node whose real value is ``(g / D) acc``; the ``QuantizeLinear(s_C, z_C)`` after it is then
+        ``Requantize(g / (D s_C), z_C)``, exactly ``R((s_A (a - z_A) + s_B (b - z_B)) / s_C) + z_C``."""
+        if self.semantics == "onnxruntime":
+            raise self.error(f"semantics='onnxruntime': {what} of two activations: onnxruntime computes it in float "
+                             f"(QLinearAdd's float or fixed-point kernel, chosen by the CPU), which qverify does not "
+                             f"model; use semantics='exact'")
+        if a.clip != (None, None) or b.clip != (None, None):
+            raise self.error(f"{what} of a Relu/Clip of a dequantized activation is not supported")
+        if a.q.shape != b.q.shape:
+            raise self.error(f"{what} of activations of shapes {a.q.shape} and {b.q.shape}: broadcasting two "
+                             f"activations is not supported")
+        den = max(a.scale.denominator, b.scale.denominator)
+        ma, mb = a.scale * den, b.scale * den
+        if ma.denominator != 1 or mb.denominator != 1:
+            raise self.error(f"{what}: scales {float(a.scale)!r}, {float(b.scale)!r} are not dyadic rationals")
+        g = math.gcd(int(ma), int(mb))
+        wa, wb = int(ma) // g, int(mb) // g
+        bias = -(wa * a.zero_point + wb * b.zero_point)
+        bound = (wa * max(abs(a.q.lo - a.zero_point), abs(a.q.hi - a.zero_point))
+                 + wb * max(abs(b.q.lo - b.zero_point), abs(b.q.hi - b.zero_point)))
+        worst = wa * max(abs(a.q.lo), abs(a.q.hi)) + wb * max(abs(b.q.lo), abs(b.q.hi)) + abs(bias)
+        if max(bound, worst) >= 2**53:
+            raise self.error(f"{what}: the scales {float(a.scale)!r} and {float(b.scale)!r} need integer weights "
+                             f"{wa}, {wb}: the accumulator may reach {max(bound, worst)} >= 2^53 (no exact integer "
+                             f"form)")
+        v = self.append(Add((wa, wb), bias, name=self.node.name), (a.q.pos, b.q.pos))
+        return _Acc(v, a.q.shape, [Fraction(g, den)])
 
     def op_Mul(self, node: Any) -> _Sym:
         a, b = self.get(node.input[0]), self.get(node.input[1])
@@ -954,8 +1195,63 @@ class _Importer:
             hi = self.const(node.input[2], "Clip max") if len(node.input) > 2 else None
         else:
             lo, hi = self.attr("min"), self.attr("max")
-        return self.clip_sym(self.get(node.input[0]), None if lo is None else _frac(np.asarray(lo).ravel()[0]),
-                             None if hi is None else _frac(np.asarray(hi).ravel()[0]))
+        x = self.get(node.input[0])
+        flo = None if lo is None else _frac(np.asarray(lo).ravel()[0])
+        fhi = None if hi is None else _frac(np.asarray(hi).ravel()[0])
+        if isinstance(x, _Const):  # Clip of constant weights (Brevitas QCDQ): folded
+            self.fold(node)
+            return self.syms[node.output[0]]
+        if isinstance(x, _ConstDQ):
+            real = x.real()
+            if (flo is None or all(v >= flo for v in real.ravel())) and (fhi is None or all(v <= fhi
+                                                                                            for v in real.ravel())):
+                return x  # the dequantized constant lies in the interval: nothing changes
+            raise self.error("Clip of a dequantized constant that changes its values is not supported")
+        if isinstance(x, _Quant):  # Clip of the integers between Q and DQ (Brevitas, narrow bit widths)
+            for v in (flo, fhi):
+                if v is not None and v.denominator != 1:
+                    raise self.error(f"Clip of an integer activation with a non-integer bound {float(v)!r}")
+            qlo = x.lo if flo is None else max(x.lo, int(flo))
+            qhi = x.hi if fhi is None else min(x.hi, int(fhi))
+            if qlo > qhi:
+                raise self.error(f"Clip of an integer activation to an empty range [{qlo}, {qhi}]")
+            if (qlo, qhi) == (x.lo, x.hi):
+                return x
+            return replace(x, pos=self.append(Clamp(qlo, qhi, name=node.name), (x.pos,)), lo=qlo, hi=qhi, raw=False)
+        return self.clip_sym(x, flo, fhi)
+
+    def op_Dropout(self, node: Any) -> _Sym:
+        """Inference-mode ``Dropout`` is the identity (``training_mode`` absent or false; no mask output read)."""
+        if len(node.input) > 2 and node.input[2]:
+            t = self.const(node.input[2], "Dropout training_mode")
+            if t is not None and bool(np.asarray(t).ravel()[0]):
+                raise self.error("Dropout in training mode is random: not an inference graph")
+        if len(node.output) > 1 and node.output[1] and self.consumed(node.output[1]):
+            raise self.error("the mask output of Dropout is used: not supported")
+        return self.get(node.input[0])  # type: ignore[return-value]
+
+    def consumed(self, name: str) -> bool:
+        """Whether some node or graph output reads tensor ``name``."""
+        g = self.model.graph
+        return any(name in n.input for n in g.node) or any(o.name == name for o in g.output)
+
+    def op_Softmax(self, node: Any) -> _Sym:
+        """``Softmax``/``LogSoftmax`` of the final dequantized logits: strictly increasing in each logit, so it keeps
+        the argmax (the first maximal index stays first; equal logits give equal probabilities). It is dropped: the
+        network's outputs are the logits and properties are stated on them (``onnx_notes`` says so)."""
+        x = self.get(node.input[0])
+        shape = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        if not isinstance(x, (_Real, _Acc)) or shape is None or len(shape) != 1:
+            raise self.error(f"{node.op_type} of {_kind(x)} of shape {shape}: only a final {node.op_type} over the "
+                             f"classes of a dequantized vector is supported")
+        axis = int(self.attr("axis", -1))
+        if axis not in (1, -1):
+            raise self.error(f"{node.op_type} over axis {axis}: only over the classes (axis 1 / -1)")
+        if isinstance(x, _Acc) and len(set(x.mult)) > 1:
+            raise self.error(f"{node.op_type} of an accumulator with per-channel scales: not argmax-preserving")
+        return _Softmax(x, node.input[0])
+
+    op_LogSoftmax = op_Softmax
 
     def op_Identity(self, node: Any) -> _Sym:
         return self.get(node.input[0])  # type: ignore[return-value]
@@ -1027,17 +1323,52 @@ class _Importer:
         if sorted(perm) != list(range(len(full))):
             raise self.error(f"Transpose perm {perm} does not fit a tensor of rank {len(full)}")
         moved = [p for p in perm if full[p] != 1]
-        if perm[0] != 0 or moved != sorted(moved):
-            raise self.error(f"Transpose of {_kind(x)} with perm {perm} (shape {list(full)}) reorders the data: only "
-                             f"a transpose that keeps the memory order (it moves axes of size 1) is supported")
-        return self.flatten_to(x, tuple(full[p] for p in perm[1:]))
+        target = tuple(full[p] for p in perm[1:])
+        if perm[0] == 0 and moved == sorted(moved):  # it keeps the memory order: a reshape
+            return self.flatten_to(x, target)
+        if perm[0] != 0:
+            raise self.error(f"Transpose of {_kind(x)} with perm {perm} moves the batch axis: not supported")
+        inner = tuple(p - 1 for p in perm[1:])
+        if isinstance(x, _Acc):
+            return self.move_acc(x, target, inner)
+        if isinstance(x, (_Quant, _Real)):
+            return self.move_act(x, Transpose(inner, name=node.name), target)
+        if isinstance(x, _Input):
+            return _Input(target, (*x.pending, (Transpose(inner, name=node.name), target)), x.base or x.shape)
+        raise self.error(f"Transpose of {_kind(x)} with perm {perm} (shape {list(full)}) reorders the data: only "
+                         f"a transpose of a quantized activation, or one that keeps the memory order, is supported")
 
     def op_Squeeze(self, node: Any) -> _Sym:
         x = self.get(node.input[0])
         done = self.pass_constant(node, x)
         if done is not None:
             return done
-        raise self.error(f"{node.op_type} of {_kind(x)} is not supported")
+        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        if cur is None:
+            raise self.error(f"{node.op_type} of {_kind(x)} is not supported")
+        full = [1, *cur]
+        if len(node.input) > 1 and node.input[1]:
+            axes = self.const(node.input[1], f"{node.op_type} axes")
+            axes = [] if axes is None else [int(a) for a in np.asarray(axes).ravel()]
+        else:
+            axes = [int(a) for a in (self.attr("axes") or [])]
+        if node.op_type == "Squeeze":
+            if not axes:
+                axes = [i for i in range(1, len(full)) if full[i] == 1]
+            axes = [a + len(full) if a < 0 else a for a in axes]
+            if 0 in axes or any(not 0 < a < len(full) or full[a] != 1 for a in axes):
+                raise self.error(f"Squeeze axes {axes} of a tensor of shape {full}: only axes of size 1 after the "
+                                 f"batch axis")
+            target = tuple(d for i, d in enumerate(full) if i not in axes)[1:]
+        else:
+            rank = len(full) + len(axes)
+            axes = sorted(a + rank if a < 0 else a for a in axes)
+            if 0 in axes or any(not 0 < a < rank for a in axes) or len(set(axes)) != len(axes):
+                raise self.error(f"Unsqueeze axes {axes} of a tensor of shape {full}: not supported")
+            it = iter(full)
+            out = [1 if i in axes else next(it) for i in range(rank)]
+            target = tuple(out[1:])
+        return self.flatten_to(x, target)
 
     op_Unsqueeze = op_Squeeze
 
@@ -1053,6 +1384,8 @@ class _Importer:
             return replace(x, etype=to)  # an integer type that holds every value: the values do not change
         if isinstance(x, _Input) and to in (1, 10, 11, 16):
             return x
+        if isinstance(x, (_Real, _Softmax)) and to == 1:
+            return x  # dequantized values are float32 already: a no-op
         raise self.error(f"Cast of {_kind(x)} to type {to} is not supported")
 
     def op_Shape(self, node: Any) -> _Sym:
@@ -1064,6 +1397,364 @@ class _Importer:
         if node.attribute:
             raise self.error("Shape with start/end attributes of an activation is not supported")
         return _Const(np.array([1, *cur], dtype=np.int64))
+
+    # ---------------- BatchNormalization left in the graph
+    def op_BatchNormalization(self, node: Any) -> _Sym:
+        """Inference ``BatchNormalization`` of a dequantized activation (between ``DequantizeLinear`` and
+        ``QuantizeLinear``, as ``quantize_static`` leaves it when the exporter kept it): per channel ``c``,
+        ``y_c = a_c s_x (q - z) + b_c`` with ``a_c = gamma_c / sqrt(var_c + eps)`` and ``b_c = beta_c - a_c mu_c``.
+
+        ``a_c`` is irrational in general: float arithmetic with no exact integer counterpart. It is taken as the
+        float64 value of ``gamma_c / sqrt(var_c + eps)`` (the exact values of the float32 constants), and the layer
+        is a depthwise 1x1 ``Conv2d`` ``acc_c = sign(a_c) K (q - z) + B_c`` (``K = 2^16``) read as ``M_c acc_c``
+        with ``M_c = |a_c| s_x / K``, ``B_c = R(b_c / M_c)``: the shift is rounded to ``M_c / 2`` in real units.
+        Both roundings are recorded in ``metadata['onnx_notes']``."""
+        if self.semantics == "onnxruntime":
+            raise self.error("semantics='onnxruntime': BatchNormalization runs in float32 kernels qverify does not "
+                             "model; use semantics='exact'")
+        if int(self.attr("training_mode", 0)):
+            raise self.error("BatchNormalization in training mode is not an inference graph")
+        if any(o and self.consumed(o) for o in node.output[1:]):
+            raise self.error("the running-statistics outputs of BatchNormalization are used: not supported")
+        x = self.get(node.input[0])
+        if not isinstance(x, _Real) or x.clip != (None, None):
+            raise self.error(f"BatchNormalization of {_kind(x)} is not supported (only of a dequantized activation)")
+        c = x.q.shape[0] if x.q.shape else 0
+        if len(x.q.shape) not in (1, 3) or len(node.input) < 5:
+            raise self.error(f"BatchNormalization of shape {x.q.shape} with {len(node.input)} inputs: not supported")
+
+        def vec(name: str, what: str) -> list[Fraction]:
+            sym = self.get(name)
+            if isinstance(sym, _ConstDQ):
+                vals = list(sym.real().ravel())
+            elif isinstance(sym, _Const):
+                vals = [_frac(v) for v in np.asarray(sym.value, dtype=np.float64).ravel()]
+            else:
+                raise self.error(f"BatchNormalization {what} must be a constant, got {_kind(sym)}")
+            if len(vals) != c:
+                raise self.error(f"BatchNormalization {what} has {len(vals)} values for {c} channels")
+            return vals
+
+        gamma, beta, mean, var = (vec(node.input[k], w) for k, w in
+                                  ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
+        eps = Fraction(float(np.float32(float(self.attr("epsilon", 1e-5)))))
+        k_units = 1 << 16
+        weight = np.zeros((c, 1, 1, 1), dtype=np.int64)
+        bias = np.zeros(c, dtype=np.int64)
+        mult: list[Fraction] = []
+        for ch in range(c):
+            if var[ch] + eps <= 0:
+                raise self.error(f"BatchNormalization channel {ch}: var + epsilon <= 0")
+            a = Fraction(float(gamma[ch]) / math.sqrt(float(var[ch] + eps)))
+            if a == 0:
+                raise self.error(f"BatchNormalization channel {ch} has scale 0: a constant channel, not supported")
+            m = abs(a) * x.scale / k_units
+            sign = 1 if a > 0 else -1
+            weight[ch, 0, 0, 0] = sign * k_units
+            b = beta[ch] - a * mean[ch]
+            bias[ch] = self.bias_units(round_fraction(b / m, Rounding.HALF_EVEN), ch) - sign * k_units * x.zero_point
+            mult.append(m)
+        self.notes.append(f"{node.name}: BatchNormalization folded with a = gamma / sqrt(var + eps) rounded to "
+                          f"float64 and its shift rounded to 2^-16 of an input step ({c} channels)")
+        if len(x.q.shape) == 1:
+            layer: Any = Dense(weight.reshape(c, 1) * np.eye(c, dtype=np.int64), bias, name=node.name)
+        else:
+            layer = Conv2d(weight, bias, name=node.name, groups=c)
+        v = self.append(layer, (x.q.pos,))
+        return _Acc(v, x.q.shape, mult, src=v - 1)
+
+    # ---------------- pooling, concatenation, padding
+    def pool_geometry(self, shape: tuple[int, ...], global_pool: bool = False, dilations: bool = True
+                      ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int], tuple[int, int],
+                                 tuple[int, int], tuple[int, int]]:
+        """``(kernel, strides, pads, extra, dilations, out)`` of a 2-D pooling node on a ``[C, H, W]`` value.
+
+        ``pads = (top, left, bottom, right)`` as declared; ``extra = (bottom, right)``: the cells ``ceil_mode``
+        adds past them, ``out = ceil((H + p_t + p_b - ((k - 1) d + 1)) / s) + 1`` (floor without ``ceil_mode``),
+        less one when that last window would start past the input and the leading padding (the rule of
+        onnxruntime and PyTorch: every window starts inside)."""
+        if len(shape) != 3:
+            raise self.error(f"only 2-D pooling of [N, C, H, W] tensors is supported (per-sample shape {shape})")
+        if global_pool:
+            return (shape[1], shape[2]), (1, 1), (0, 0, 0, 0), (0, 0), (1, 1), (1, 1)
+        ks = self.attr("kernel_shape")
+        if not isinstance(ks, list) or len(ks) != 2:
+            raise self.error(f"kernel_shape must be two integers, got {ks!r}")
+        kernel = (int(ks[0]), int(ks[1]))
+        strides = tuple(int(v) for v in self.attr("strides", [1, 1]))
+        dil = tuple(int(v) for v in self.attr("dilations", [1, 1]))
+        if len(strides) != 2 or len(dil) != 2 or min(strides + dil + kernel) < 1:
+            raise self.error(f"strides {list(strides)}, dilations {list(dil)}, kernel {list(kernel)} must be two "
+                             f"positive integers each")
+        if not dilations and dil != (1, 1):
+            raise self.error(f"{self.node.op_type} with dilations {list(dil)} is not supported")
+        pads = self.spatial_pads(shape, kernel, strides, dil)
+        ceil = int(self.attr("ceil_mode", 0))
+        out, extra = [], []
+        for ax in range(2):
+            size = shape[1 + ax]
+            head, tail = pads[ax], pads[2 + ax]
+            ek = (kernel[ax] - 1) * dil[ax] + 1
+            span = size + head + tail - ek
+            if span < 0:
+                raise self.error(f"kernel {list(kernel)} larger than the padded input {shape[1:]}")
+            n = (-(-span // strides[ax]) if ceil else span // strides[ax]) + 1
+            if ceil and (n - 1) * strides[ax] >= size + head:
+                n -= 1
+            out.append(n)
+            extra.append(max(0, (n - 1) * strides[ax] + ek - (size + head + tail)))
+        return kernel, strides, pads, (extra[0], extra[1]), dil, (out[0], out[1])  # type: ignore[return-value]
+
+    def op_MaxPool(self, node: Any) -> _Sym:
+        """Max pooling of the integers (QOperator: ``MaxPool`` on a uint8/int8 tensor; QDQ: between ``DequantizeLinear``
+        and ``QuantizeLinear``): ``max`` commutes with the non-decreasing ``q -> clip(s (q - z))``, so the pooled
+        integers carry the same ``(s, z)`` (and a pending clip); padded cells are ignored, ``ceil_mode`` is extra
+        bottom/right padding."""
+        x = self.get(node.input[0])
+        if isinstance(x, _Const):
+            self.fold(node)
+            return self.syms[node.output[0]]
+        if not isinstance(x, (_Quant, _Real)):
+            raise self.error(f"MaxPool of {_kind(x)} is not supported")
+        if len(node.output) > 1 and node.output[1] and self.consumed(node.output[1]):
+            raise self.error("the Indices output of MaxPool is used: not supported")
+        if int(self.attr("storage_order", 0)) != 0:
+            raise self.error("MaxPool with storage_order=1 is not supported")
+        q = x.q if isinstance(x, _Real) else x
+        kernel, strides, pads, extra, dil, out = self.pool_geometry(q.shape)
+        padding = (pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1])
+        op = MaxPool2d(kernel, strides, padding, dil, name=node.name)
+        shape = op.output_shape(q.shape)
+        if shape[1:] != out:
+            raise self.error(f"internal: pooled shape {shape} differs from {out}")
+        return self.move_act(x, op, shape)
+
+    def average(self, x: _Real, global_pool: bool = False) -> _Acc:
+        """Average pooling of a dequantized activation, exactly: ``avg = s_x / count sum_window (x - z_x)`` (padded
+        cells are real zero; ``count``: the kernel size with ``count_include_pad``, else the real cells of the
+        window). With ``L`` the lcm of the counts and the integer weight ``k = L / count`` per output position,
+        ``avg = (s_x / L) acc``, ``acc = k sum_window (x - z_x)``: a ``SumPool2d`` (weight ``k``; padded cells
+        ``p``) and, for ``z_x != 0``, an ``Add`` of the constant that makes ``acc`` exact: ``-L z_x`` when every
+        count is the window's real cells (``p = 0``), ``-K z_x`` when every count is the kernel size ``K``
+        (``p = z_x``, ``k = 1``). The ``QuantizeLinear(s_y, z_y)`` after it is ``Requantize(s_x / (L s_y))``."""
+        if x.clip != (None, None):
+            raise self.error("AveragePool of a Relu/Clip of a dequantized activation is not supported (the clip must "
+                             "be quantized first)")
+        q = x.q
+        if not global_pool and int(self.attr("channels_last", 0)):
+            raise self.error("channels_last=1 is not supported")
+        kernel, strides, pads, extra, dil, out = self.pool_geometry(q.shape, global_pool, dilations=False)
+        include = bool(int(self.attr("count_include_pad", 0))) if not global_pool else False
+        _, h, w = q.shape
+        padding = (pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1])
+        probe = SumPool2d(kernel, strides, padding, name=self.node.name)
+        real = probe.linear([np.ones((1, 1, h, w))])[0, 0]  # real cells per window
+        if include:
+            region = np.ones((1, 1, h + pads[0] + pads[2], w + pads[1] + pads[3]))  # the declared padded area
+            declared = SumPool2d(kernel, strides, (0, 0, extra[0], extra[1])).linear([region])[0, 0]
+            counts = np.rint(declared).astype(np.int64)
+        else:
+            counts = np.rint(real).astype(np.int64)
+        if counts.min() < 1:
+            raise self.error("a pooling window holds no cell to average")
+        lcm = _lcm(sorted({int(c) for c in counts.ravel()}))
+        k = lcm // counts
+        nreal = np.rint(real).astype(np.int64)
+        z = x.zero_point
+        if z == 0:
+            pad_value, const = 0, 0
+        elif np.array_equal(counts, nreal):
+            pad_value, const = 0, -lcm * z
+        elif np.all(counts == counts.ravel()[0]):
+            pad_value, const = z, -int(counts.ravel()[0]) * z
+        else:
+            raise self.error("average pooling with count_include_pad=1 whose ceil_mode cells change the count at "
+                             "the border, of a tensor with a non-zero zero point: not supported")
+        op = SumPool2d(kernel, strides, padding, pad_value, None if np.all(k == 1) else k, name=self.node.name)
+        v = self.append(op, (q.pos,))
+        shape = op.output_shape(q.shape)
+        if const:
+            v = self.append(Add((1,), const, name=f"{self.node.name}/zero_point"), (v,))
+        return _Acc(v, shape, [x.scale / lcm])
+
+    def op_AveragePool(self, node: Any) -> _Sym:
+        x = self.get(node.input[0])
+        if not isinstance(x, _Real):
+            raise self.error(f"{node.op_type} of {_kind(x)} is not supported (QDQ: DequantizeLinear -> "
+                             f"{node.op_type} -> QuantizeLinear)")
+        return self.pool_average(x, node.op_type == "GlobalAveragePool")
+
+    def pool_average(self, x: _Real, global_pool: bool) -> _Acc:
+        """:meth:`average`; under ``semantics='onnxruntime'`` only the global pool, whose kernel
+        (``MlasQLinearGlobalAveragePoolNchw``: an exact int32 sum ``sum (x - z_x)``, then ``MlasRequantizeOutput``
+        with ``m = fl32(s_x / fl32(s_y fl32(n)))``; ``encodings/graph_ops.md``) is one float32 requantization of
+        the integer sum (QDQ ``DQ -> GlobalAveragePool -> Q`` is fused into it)."""
+        if not global_pool and self.semantics == "onnxruntime":
+            return self.ort_window_average(x)
+        acc = self.average(x, global_pool)
+        if global_pool and self.semantics == "onnxruntime":
+            n = int(x.q.shape[1] * x.q.shape[2])
+            if acc.mult != [x.scale / n]:
+                raise self.error("internal: the global pool's sum is not sum (x - z_x)")
+            return replace(acc, ort_gap=(x.scale, n))
+        return acc
+
+    op_GlobalAveragePool = op_AveragePool
+
+    def ort_window_average(self, x: _Real) -> _Acc:
+        """``semantics='onnxruntime'``: a windowed ``QLinearAveragePool`` (or the fused ``DQ -> AveragePool -> Q``).
+        onnxruntime sums the dequantized window in float32, divides by the count and by ``s_y``, adds ``z_y`` and
+        rounds (``encodings/graph_ops.md``). That is a function of the integer ``S = sum (x - z_x)`` alone when the
+        float32 sum is exact (:func:`qverify.quant.ort_avgpool_sum_is_exact`), and one function for the whole
+        tensor when every window has the same count ``K`` (no padding, or ``count_include_pad``; no ``ceil_mode``
+        cells): then ``S`` is the exact accumulator of :meth:`average` and the requantization is that function's
+        table over ``S`` (a ``Step``). A kernel of the whole image without pads is onnxruntime's global kernel.
+        Anything else is refused."""
+        from qverify.quant import ort_avgpool_sum_is_exact
+
+        q = x.q
+        kernel, _, pads, extra, _, _ = self.pool_geometry(q.shape, False, dilations=False)
+        if kernel == q.shape[1:] and not any(pads) and not any(extra):
+            return self.pool_average(x, True)
+        include = bool(int(self.attr("count_include_pad", 0)))
+        if any(extra) or (any(pads) and not include):
+            self.ort_pool_refusal()
+        k_cells = kernel[0] * kernel[1]
+        kmax = max(abs(q.lo - x.zero_point), abs(q.hi - x.zero_point))
+        if not ort_avgpool_sum_is_exact(float(x.scale), kmax, k_cells):
+            raise self.error(f"semantics='onnxruntime': {self.node.op_type}: onnxruntime's float32 window sum is not "
+                             f"exact at scale {float(x.scale)!r} (it depends on the summation order); use "
+                             f"semantics='exact'")
+        acc = self.average(x, False)
+        if acc.mult != [x.scale / k_cells]:
+            raise self.error("internal: the average pool's sum is not sum (x - z_x)")
+        return replace(acc, ort_avg=(x.scale, k_cells, k_cells * (q.lo - x.zero_point),
+                                     k_cells * (q.hi - x.zero_point)))
+
+    def ort_pool_refusal(self) -> None:
+        if self.semantics == "onnxruntime":
+            raise self.error(f"semantics='onnxruntime': {self.node.op_type}: onnxruntime divides each window by its "
+                             f"count in float32, and the count varies at the border (count_include_pad=0 with pads, "
+                             f"or ceil_mode cells): a per-position function that no per-channel requantization "
+                             f"states; use semantics='exact'")
+
+    def op_QLinearAveragePool(self, node: Any) -> _Sym:
+        """com.microsoft ``QLinearAveragePool(X, x_scale, x_zp, y_scale, y_zp)`` (and the global one):
+        ``y = clamp(R(s_x / (s_y count) sum_window (x - z_x)) + z_y)`` exactly (:meth:`average`)."""
+        self.forms.add("QOperator")
+        i = list(node.input) + [""] * (5 - len(node.input))
+        x = self.quant_input(i[0], i[1], i[2], "input X")
+        if int(self.attr("channels_last", 0)):
+            raise self.error("channels_last=1 is not supported")
+        acc = self.pool_average(x, node.op_type == "QLinearGlobalAveragePool")
+        return self.output_q(acc, i[3], i[4])
+
+    op_QLinearGlobalAveragePool = op_QLinearAveragePool
+
+    def concat_axis(self, rank: int) -> int:
+        axis = int(self.attr("axis", 1))
+        axis = axis + rank + 1 if axis < 0 else axis
+        if not 1 <= axis <= rank:
+            raise self.error(f"Concat along axis {axis} of a rank-{rank + 1} tensor: only axes after the batch axis")
+        return axis - 1
+
+    def op_Concat(self, node: Any) -> _Sym:
+        """``Concat`` of activations: of integer tensors with one ``(s, z)`` (QOperator), or of dequantized ones
+        (QDQ); with different ``(s, z)`` each part is quantized to the ``QuantizeLinear`` after it first."""
+        xs = [self.get(n) for n in node.input if n]
+        if all(isinstance(x, _Const) for x in xs):
+            self.fold(node)
+            return self.syms[node.output[0]]
+        shape0 = xs[0].q.shape if isinstance(xs[0], _Real) else getattr(xs[0], "shape", ())
+        axis = self.concat_axis(len(shape0))
+        if all(isinstance(x, _Quant) for x in xs):
+            if len({(x.scale, x.zero_point, x.etype) for x in xs}) != 1:  # type: ignore[union-attr]
+                raise self.error("Concat of integer tensors with different scales or zero points")
+            return self.concat_values(xs, axis)  # type: ignore[arg-type]
+        if all(isinstance(x, _Real) for x in xs):
+            reals: list[_Real] = xs  # type: ignore[assignment]
+            shapes = [r.q.shape for r in reals]
+            try:
+                shape = Concat(axis, len(reals)).output_shape(*shapes)
+            except ModelError as e:
+                raise self.error(str(e)) from None
+            if len({(r.scale, r.zero_point, r.q.etype, r.clip) for r in reals}) == 1:
+                q = self.concat_values([r.q for r in reals], axis)
+                return replace(reals[0], q=q, via=node.name)
+            return _RealConcat(reals, axis, shape)
+        raise self.error(f"Concat of {', '.join(sorted({_kind(x) for x in xs}))} is not supported")
+
+    def concat_values(self, qs: list[_Quant], axis: int) -> _Quant:
+        op = Concat(axis, len(qs), name=self.node.name)
+        try:
+            shape = op.output_shape(*[q.shape for q in qs])
+        except ModelError as e:
+            raise self.error(str(e)) from None
+        q0 = qs[0]
+        v = self.append(op, [q.pos for q in qs])
+        return _Quant(v, shape, min(q.lo for q in qs), max(q.hi for q in qs), q0.scale, q0.zero_point, q0.etype)
+
+    def quantize_concat(self, x: _RealConcat, s: Fraction, z: int, lo: int, hi: int, name: str) -> _Quant:
+        """``Q(concat(parts))`` is ``concat(Q(part))``: each part quantized to ``(s, z)`` (nothing, a clamp, or an
+        identity layer and a requantization), then one ``Concat``."""
+        parts = [self.quantize_real(r, s, z, lo, hi, f"{name}/part{k}", in_kernel=True)
+                 for k, r in enumerate(x.parts)]
+        return self.concat_values(parts, x.axis)
+
+    def op_QLinearConcat(self, node: Any) -> _Sym:
+        """com.microsoft ``QLinearConcat(Y_scale, Y_zp, X_1, s_1, z_1, ...)``: ``y = concat(clamp(R(s_i (x_i - z_i)
+        / s_y) + z_y))``, each input requantized to the output parameters unless it has them."""
+        self.forms.add("QOperator")
+        i = list(node.input)
+        if len(i) < 5 or (len(i) - 2) % 3:
+            raise self.error(f"QLinearConcat needs Y_scale, Y_zero_point and (X, X_scale, X_zero_point) triples, got "
+                             f"{len(i)} inputs")
+        reals = [self.quant_input(i[k], i[k + 1], i[k + 2], f"input {(k - 2) // 3}") for k in range(2, len(i), 3)]
+        s = self.scalar_scale(i[0], "output scale")
+        z, lo, hi = self.zero_point(i[1], "output zero point")
+        axis = self.concat_axis(len(reals[0].q.shape))
+        shape = Concat(axis, len(reals)).output_shape(*[r.q.shape for r in reals])
+        return self.quantize_concat(_RealConcat(reals, axis, shape), s, z, lo, hi, node.name)
+
+    def op_Pad(self, node: Any) -> _Sym:
+        """``Pad`` (constant mode) of an activation: the integers padded with ``z + c / s`` for the real constant
+        ``c`` of a dequantized activation (real zero is ``z``), or with the integer constant of an integer one."""
+        x = self.get(node.input[0])
+        done = self.pass_constant(node, x)
+        if done is not None:
+            return done
+        if not isinstance(x, (_Quant, _Real)):
+            raise self.error(f"Pad of {_kind(x)} is not supported")
+        if self.attr("mode", "constant") != "constant":
+            raise self.error(f"Pad mode {self.attr('mode')!r}: only constant padding is supported")
+        q = x.q if isinstance(x, _Real) else x
+        rank = len(q.shape) + 1
+        pads_in = self.const(node.input[1], "Pad pads") if len(node.input) > 1 and node.input[1] else None
+        pads = [int(v) for v in (np.asarray(pads_in).ravel() if pads_in is not None else self.attr("pads", []))]
+        if len(node.input) > 3 and node.input[3]:
+            axes = [int(a) + (rank if int(a) < 0 else 0) for a in np.asarray(self.const(node.input[3], "Pad axes"))]
+            full = [0] * (2 * rank)
+            for j, a in enumerate(axes):
+                full[a], full[rank + a] = pads[j], pads[len(axes) + j]
+            pads = full
+        if len(pads) != 2 * rank or min(pads, default=0) < 0 or pads[0] or pads[rank]:
+            raise self.error(f"Pad pads {pads}: need {2 * rank} non-negative values and no padding of the batch axis")
+        cval = self.const(node.input[2], "Pad constant_value") if len(node.input) > 2 and node.input[2] else None
+        c = (np.asarray(cval).ravel()[0] if cval is not None and np.asarray(cval).size
+             else float(self.attr("value", 0.0)))  # opset < 11: the ``value`` attribute
+        if isinstance(x, _Real):
+            r = _frac(c) / x.scale
+            if r.denominator != 1:
+                raise self.error(f"Pad constant {float(c)!r} is not on the integer grid of scale {float(x.scale)!r}")
+            fill = x.zero_point + int(r)
+            lo_c, hi_c = x.clip
+            if (lo_c is not None and _frac(c) < lo_c) or (hi_c is not None and _frac(c) > hi_c):
+                raise self.error("Pad of a Relu/Clip of a dequantized activation with a constant outside the clip")
+        else:
+            fill = int(c)
+        inner = tuple(pads[1:rank]) + tuple(pads[rank + 1:])
+        op = Pad(inner, fill, name=node.name)
+        return self.move_act(x, op, op.output_shape(q.shape), fill)
 
     # ---------------- QOperator form
     def quant_input(self, name: str, sname: str, zname: str, what: str) -> _Real:
@@ -1147,8 +1838,9 @@ class _Importer:
         i = list(node.input)
         a, b = self.get(i[0]), self.get(i[3])
         if isinstance(a, _Quant) and isinstance(b, _Quant):
-            raise self.error("QLinearAdd of two activations (a residual connection) is not supported: qverify "
-                             "networks are sequential")
+            xa = self.quant_input(i[0], i[1], i[2], "input A")
+            xb = self.quant_input(i[3], i[4], i[5], "input B")
+            return self.output_q(self.add_activations(xa, xb, "QLinearAdd"), i[6], i[7] if len(i) > 7 else "")
         xa, ca = (i[0:3], i[3:6]) if isinstance(a, _Quant) else (i[3:6], i[0:3])
         x = self.quant_input(xa[0], xa[1], xa[2], "input")
         cq = self.const(ca[0], "constant operand")
@@ -1161,12 +1853,44 @@ class _Importer:
         return self.output_q(acc, i[6], i[7] if len(i) > 7 else "")
 
     # ------------------------------------------------------------------ the network
+    def node_type(self, tensor: str) -> str:
+        return next((n.op_type for n in self.model.graph.node if tensor in n.output), "node")
+
+    def prune(self) -> None:
+        """Drop the nodes whose value does not reach the output (the last value), renumbering the values (and the
+        recorded tensors and layer types, keyed by node index)."""
+        n = len(self.layers)
+        live = {n}
+        for i in range(n - 1, -1, -1):
+            if i + 1 in live:
+                live.update(self.inputs[i])
+        if len(live) == n + 1:
+            return
+        new_of = {0: 0}
+        layers, inputs = [], []
+        for i in range(n):
+            if i + 1 in live:
+                layers.append(self.layers[i])
+                inputs.append(tuple(new_of[j] for j in self.inputs[i]))
+                new_of[i + 1] = len(layers)
+        self.notes.append(f"{n - len(layers)} nodes that do not reach the output left out")
+        self.layers, self.inputs = layers, inputs
+        self.tensors = {new_of[k + 1] - 1: v for k, v in self.tensors.items() if k + 1 in new_of}
+        self.affine_types = {new_of[k + 1] - 1: v for k, v in self.affine_types.items() if k + 1 in new_of}
+
     def finish(self, out_name: str) -> QNetwork:
         sym = self.syms.get(out_name)
         if sym is None:
             raise self.error(f"graph output {out_name!r} is not produced by any node")
         out_scale: Fraction = Fraction(1)
         out_zp = 0
+        out_tensor = out_name
+        if isinstance(sym, _Softmax):
+            out_tensor = sym.tensor
+            self.notes.append(f"the final {self.node_type(out_name)} (argmax-preserving: strictly increasing in each "
+                              f"logit) is left out: the network's outputs are the logits {sym.tensor!r}, and "
+                              f"properties are stated on them")
+            sym = sym.inner
         if isinstance(sym, _Real):
             if sym.clip != (None, None):
                 raise self.error("the graph output is a Relu/Clip of a dequantized value (no integer output)")
@@ -1188,14 +1912,12 @@ class _Importer:
             out_scale = sym.mult[0]
         else:
             raise self.error(f"the graph output is {_kind(sym)}, not a quantized value")
-        if q.pos != len(self.layers):
-            raise self.error("the graph output is not the end of the chain of layers")
         if not self.layers:
             raise self.error("the graph has no layers")
-        if len(self.layers) and isinstance(sym, (_Real, _Quant)) and len(q.shape) != 1:
-            self.layers.append(Flatten(name="output/flatten"))
-        if isinstance(sym, _Acc) and len(sym.shape) != 1:
-            raise self.error("the graph output accumulator is not a vector")
+        if len(q.shape) != 1 or q.pos != len(self.layers):
+            # the output value must be the last one (and a vector): a Flatten of it (the identity on a vector)
+            self.append(Flatten(name="output/flatten"), (q.pos,))
+        self.prune()
         if self.input_scale is None:
             self.input_scale, self.input_zero_point = Fraction(1), 0
             self.notes.append("the integer input reaches no DequantizeLinear or quantized operator: input units "
@@ -1207,7 +1929,8 @@ class _Importer:
             "onnx_input": self.input_name,
             "onnx_input_dtype": self.input_dtype,
             "onnx_input_shape": ",".join(str(d) for d in self.input_shape_full),
-            "onnx_output": out_name,
+            "onnx_output": out_tensor,
+            "onnx_output_is_graph_output": "1" if out_tensor == out_name else "0",
             "onnx_output_kind": kind,
             "onnx_opset": ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in self.model.opset_import),
             "onnx_producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
@@ -1217,11 +1940,12 @@ class _Importer:
             "onnx_affine_types": json.dumps({str(k): list(v) for k, v in sorted(self.affine_types.items())}),
         }
         try:
+            chain = all(row == (i,) for i, row in enumerate(self.inputs))
             return QNetwork(self.net_input_shape, self.input_lo, self.input_hi, tuple(self.layers),
                             input_scale=self.input_scale,
                             input_zero_point=int(self.input_zero_point or 0), output_scale=out_scale,
                             output_zero_point=out_zp, input_rounding=self.input_rounding, name=self.path.stem,
-                            metadata=metadata)
+                            metadata=metadata, inputs=None if chain else tuple(self.inputs))
         except ModelError as e:
             raise ModelError(f"{self.path}: {e}") from None
 
@@ -1268,7 +1992,7 @@ def _check_ort_int32(net: QNetwork, path: Path) -> None:
     describes the kernel."""
     for i, layer in enumerate(net.layers):
         if isinstance(layer, Requantize) and layer.float32_scale is not None:
-            lo, hi = net.value_ranges[i]
+            lo, hi = net.value_ranges[net.node_inputs(i)[0]]
             a = max(abs(lo), abs(hi))
             if a >= 2**31 or a * max(layer.float32_scale) >= 2**31 - 2**16:
                 raise ModelError(f"{path}: layer {i} ({layer.name!r}): semantics='onnxruntime': accumulators may "
@@ -1308,6 +2032,26 @@ def _session_options(optimization: str) -> Any:
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return so
+
+
+def _output_session(meta: dict, optimization: str) -> Any:
+    """The session that yields the network's output tensor: the file's own, or (when that tensor is not a graph
+    output: the logits before a final Softmax) the graph with the tensor added as an output. Adding an output
+    can change onnxruntime's fusions only around that tensor (a DequantizeLinear's output, which no fusion
+    consumes once the Softmax is its only reader)."""
+    if meta.get("onnx_output_is_graph_output", "1") == "1":
+        return onnx_session(meta["onnx_path"], optimization)
+    import onnx
+    import onnxruntime as ort
+
+    p = str(Path(meta["onnx_path"]).resolve())
+    key = (f"{p}#{meta['onnx_output']}", Path(p).stat().st_mtime, optimization)
+    if key not in _SESSIONS:
+        model = onnx.load(p)
+        model.graph.output.append(onnx.helper.make_tensor_value_info(meta["onnx_output"], 1, None))
+        _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), _session_options(optimization),
+                                              providers=["CPUExecutionProvider"])
+    return _SESSIONS[key]
 
 
 def onnx_real_inputs(net: QNetwork, x_int: np.ndarray) -> np.ndarray:
@@ -1406,7 +2150,7 @@ def u8s8_pair_bounds(net: QNetwork) -> dict[int, int]:
             shift = 128
         else:
             continue
-        lo, hi = ranges[k]
+        lo, hi = ranges[net.node_inputs(k)[0]]
         if isinstance(layer, Conv2d):
             lo, hi = min(lo, layer.pad_value), max(hi, layer.pad_value)
         a_max = max(0, hi + shift)
@@ -1455,7 +2199,7 @@ def onnx_integer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "
     meta = net.metadata
     if meta.get("format") != "onnx" or not meta.get("onnx_path"):
         raise ValueError(f"network {net.name!r} was not imported from ONNX")
-    sess = onnx_session(meta["onnx_path"], optimization)
+    sess = _output_session(meta, optimization)
     x = np.asarray(x_int)
     b = x.shape[0] if x.ndim > 1 else 1
     x = x.reshape(b, -1).astype(np.int64)
@@ -1495,10 +2239,11 @@ def onnx_integer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "
 
 
 def onnx_layer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "all") -> dict[int, np.ndarray]:
-    """onnxruntime's integer tensors at every layer boundary that exists in the graph: ``{layer index: [B, n]}``
-    (``metadata['onnx_layer_outputs']`` names the tensor of each layer). The graph is run with those tensors added as
-    outputs, so ``optimization='all'`` may fuse slightly differently than the unmodified graph; use it to locate
-    where onnxruntime and the executor part, not as the replay itself (:func:`onnx_integer_outputs`).
+    """onnxruntime's integer tensors at every node output that exists in the graph: ``{node index: [B, n]}``, node
+    ``i``'s tensor holding qverify value ``i + 1`` (``metadata['onnx_layer_outputs']`` names the tensor of each node;
+    a graph model has several such tensors live at once, each mapped to its own value). The graph is run with those
+    tensors added as outputs, so ``optimization='all'`` may fuse slightly differently than the unmodified graph; use
+    it to locate where onnxruntime and the executor part, not as the replay itself (:func:`onnx_integer_outputs`).
     """
     import onnx
     import onnxruntime as ort
@@ -1529,3 +2274,18 @@ def onnx_layer_outputs(net: QNetwork, x_int: np.ndarray, optimization: str = "al
 
 __all__ = ["U8S8_CLIP_NOTE", "load_onnx", "onnx_integer_outputs", "onnx_layer_outputs", "onnx_real_inputs",
            "onnx_session", "ort_may_clip", "ort_u8s8_saturates", "qlinear_matmul_session", "u8s8_pair_bounds"]
+
+
+def _replay_applies(net: QNetwork) -> bool:
+    return bool(net.metadata.get("onnx_path"))
+
+
+def _replay_cause(net: QNetwork) -> str:
+    return U8S8_CLIP_NOTE if ort_may_clip(net) else ""
+
+
+def _replay_outputs(net: QNetwork, x: np.ndarray) -> np.ndarray:
+    return onnx_integer_outputs(net, x)  # looked up at call time (a stand-in may replace it)
+
+
+register_runtime("onnx", RuntimeReplay("onnxruntime", _replay_applies, _replay_outputs, _replay_cause))

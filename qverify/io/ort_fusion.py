@@ -23,10 +23,15 @@ The arithmetic, read from onnxruntime's source:
   ``clamp(rne(fl32(fl32(acc) m_c)) + z_y, qmin, qmax)`` (see :mod:`qverify.quant`).
 
 Everything else onnxruntime runs in float32 between ``DequantizeLinear`` and ``QuantizeLinear`` (16-bit activation
-QDQ graphs, an ``Add`` it does not fuse, a ``DequantizeLinear -> QuantizeLinear`` pair with new parameters) is an
-order-dependent float32 computation, and ``QLinearAdd``'s kernel (``onnxruntime/core/mlas/lib/qladd.cpp``) has a
-float and a fixed-point variant chosen by the CPU: the importer refuses those under ``semantics="onnxruntime"``
-(:class:`~qverify.network.ModelError` naming the node) instead of pretending to model them.
+QDQ graphs, an ``Add`` it does not fuse, a bare ``DequantizeLinear -> QuantizeLinear`` pair with new parameters,
+``BatchNormalization``, average pooling with a window) is an order-dependent float32 computation or one the graph
+does not fix, and ``QLinearAdd``'s kernel (``onnxruntime/core/mlas/lib/qladd.cpp``) has a float and a fixed-point
+variant chosen by the CPU: the importer refuses those under ``semantics="onnxruntime"``
+(:class:`~qverify.network.ModelError` naming the node) instead of pretending to model them. Two graph kernels are
+one monotone function of one integer and are modelled exactly (``encodings/graph_ops.md``, ``qverify.quant``):
+``QLinearGlobalAveragePool`` (an int32 sum, then ``MlasRequantizeOutput`` with ``m = fl32(s_x / fl32(s_y
+fl32(n)))``: a float32 ``Requantize``) and the per-input table ``rne(fl32(fl32(s_x (q - z_x)) / s_y)) + z_y`` of
+``QLinearConcat`` and of ``DQ -> MaxPool/Reshape/Transpose/... -> Q`` with new parameters (a ``Step``).
 """
 
 from __future__ import annotations

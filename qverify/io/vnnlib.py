@@ -80,7 +80,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -90,6 +90,7 @@ from qverify.property import (
     Property,
     PropertyError,
     box_to_grid,
+    data_layout,
     pixels_to_grid,
     real_row_to_int,
     robustness_property,
@@ -901,13 +902,15 @@ def _tag(v: object) -> str:
 def write_robustness_properties(net: QNetwork, images: np.ndarray, labels: Sequence[int] | np.ndarray,
                                 ids: Iterable[int], *, radius: int | None = None,
                                 eps: float | Fraction | str | None = None, out_dir: str | Path,
-                                prefix: str = "prop", ties: str | None = None) -> list[Path]:
+                                prefix: str = "prop", ties: str | None = None, preprocess: Any = None) -> list[Path]:
     """One VNN-LIB local-robustness property per sample, ``{out_dir}/{prefix}_{id}_r{radius}.vnnlib`` (or
     ``..._eps{eps}.vnnlib``); returns the paths in ``ids`` order.
 
     The sample ``images[id]`` is mapped to the integer grid by :func:`~qverify.property.pixels_to_grid`, the box
     built by :func:`~qverify.property.robustness_property` (``radius`` in input units, or a real ``eps``), the
     unsafe region is "some class other than ``labels[id]`` wins" under the network's tie rule (or ``ties``).
+    ``preprocess`` (a :class:`qverify.preprocess.Preprocess`): the data are raw pixels the model takes through it;
+    ``radius`` is then in raw pixels (``eps`` is not allowed with it).
     """
     ids = [int(i) for i in ids]
     images = np.asarray(images)
@@ -922,12 +925,19 @@ def write_robustness_properties(net: QNetwork, images: np.ndarray, labels: Seque
     tag = f"r{int(radius)}" if radius is not None else f"eps{_tag(eps)}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    xs = pixels_to_grid(net, images[ids]) if ids else np.zeros((0, net.num_inputs), dtype=np.int64)
+    if preprocess is not None and radius is None:
+        raise PropertyError("--preprocess takes --radius in raw pixels, not --eps")
+    xs = pixels_to_grid(net, images[ids], preprocess) if ids else np.zeros((0, net.num_inputs), dtype=np.int64)
+    raw = data_layout(net, images[ids]) if ids and preprocess is not None else None
     paths = []
-    for sid, x in zip(ids, xs, strict=True):
+    for k, (sid, x) in enumerate(zip(ids, xs, strict=True)):
         label = int(labels[sid])
         stem = f"{prefix}_{sid}_{tag}"
-        prop = robustness_property(net, x, label, radius=radius, eps=eps, name=stem, ties=ties)
+        if raw is not None:
+            prop = preprocess.robustness_property(net, raw[k], label, int(radius), name=stem,  # type: ignore[arg-type]
+                                                  ties=ties)
+        else:
+            prop = robustness_property(net, x, label, radius=radius, eps=eps, name=stem, ties=ties)
         prop = replace(prop, description=f"sample {sid}, {prop.description}",
                        metadata={**prop.metadata, "sample_id": str(sid)})
         path = out / f"{stem}.vnnlib"

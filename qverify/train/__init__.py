@@ -1,8 +1,9 @@
 """Certified training of quantized networks: fake-quantized layers, the QA-IBP objective, schedules, data, the
-training loop, and exact export to :class:`qverify.network.QNetwork` (see each module's docstring).
+training loop, the differentiable bounds of the training model (:mod:`qverify.train.bounds_ibp`: QA-IBP intervals,
+:mod:`qverify.train.bounds_crown`: CROWN-IBP margins), and exact export to :class:`qverify.network.QNetwork` (see
+each module's docstring).
 
-Names are imported lazily (``qverify.bounds.torch_ibp`` imports :mod:`qverify.train.layers`, and the trainer
-imports it back).
+Names are imported lazily (importing :mod:`qverify.train` loads no torch module until a name is used).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training objectives: natural cross entropy, the QA-IBP objective, and classic IBP / CROWN-IBP-style kappa mixing.
 
 With ``z`` the real logits, ``[l, u]`` the quantization-aware interval bounds of the outputs over the input box of
-radius ``eps(t)`` (:mod:`qverify.bounds.torch_ibp`), ``s`` the output scale and ``lb_j = s (l_y - u_j)`` the lower
+radius ``eps(t)`` (:mod:`qverify.train.bounds_ibp`), ``s`` the output scale and ``lb_j = s (l_y - u_j)`` the lower
 bound of the margin ``z_y - z_j``:
 
 * QA-IBP (``robust = "hinge"``)::
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qverify.bounds.torch_crown import crown_ibp_margins
-from qverify.bounds.torch_ibp import (
+from qverify.train.bounds_crown import crown_ibp_margins
+from qverify.train.bounds_ibp import (
     certified_by_bounds,
     input_box,
     interval_bounds,
@@ -81,7 +81,7 @@ def objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, eps: float, kap
     ``x`` integer pixels ``[B, ...]``, ``y`` labels, ``eps`` the (real-valued) training radius in input units.
     Bounds are computed only when ``eps > 0`` and a bound term has weight; ``certified`` counts the samples the
     batch's interval bounds at this ``eps`` prove robust. ``beta > 0``: the margin lower bounds of the robust term
-    are ``beta lb_CROWN-IBP + (1 - beta) lb_IBP`` (:func:`qverify.bounds.torch_crown.crown_ibp_margins`); the CE
+    are ``beta lb_CROWN-IBP + (1 - beta) lb_IBP`` (:func:`qverify.train.bounds_crown.crown_ibp_margins`); the CE
     term then reads ``CE(-s lb, y)``, which is ``CE(z_worst, y)`` when ``beta = 0``.
     """
     if robust not in ROBUST_TERMS:

@@ -13,7 +13,7 @@ Methods (``train.method``):
   calibrated on training images, weights rounded (baseline: what quantization does to a float certificate).
 
 ``bound = "crown-ibp"`` replaces the interval margin bounds of any bound-using method by CROWN-IBP's
-``beta(t) lb_CROWN-IBP + (1 - beta(t)) lb_IBP`` (:mod:`qverify.bounds.torch_crown`; ``beta`` ramps from 1 to
+``beta(t) lb_CROWN-IBP + (1 - beta(t)) lb_IBP`` (:mod:`qverify.train.bounds_crown`; ``beta`` ramps from 1 to
 ``beta_end``, as in Zhang et al. 2020); the certified-by-bounds accuracy reported per epoch stays the exact
 interval one.
 
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qverify.bounds.torch_ibp import certified_by_bounds, input_box, output_bounds
+from qverify.train.bounds_ibp import certified_by_bounds, input_box, output_bounds
 from qverify.train.data import Dataset, load_dataset
 from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
 from qverify.train.loss import ROBUST_TERMS, objective

@@ -1,6 +1,6 @@
 """Differentiable CROWN-IBP margin bounds (Zhang et al., ICLR 2020) over a :class:`qverify.train.QuantNet`.
 
-CROWN-IBP takes the intermediate bounds from interval propagation (:mod:`qverify.bounds.torch_ibp`) and bounds the
+CROWN-IBP takes the intermediate bounds from interval propagation (:mod:`qverify.train.bounds_ibp`) and bounds the
 margins ``z_y - z_j`` by one backward linear pass from the output. With ``Lambda = C`` (the rows ``e_y - e_j``)
 and ``b = 0``, each block is passed backwards:
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qverify.bounds.torch_ibp import Interval, interval_bounds
 from qverify.quant import Rounding
+from qverify.train.bounds_ibp import Interval, interval_bounds
 from qverify.train.layers import DTYPE, BlockParams, QAffine, QConv2d, QuantNet
 
 _INF = float("inf")

@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qverify.bounds.torch_crown import _line_bounds, crown_ibp_margins
-from qverify.bounds.torch_ibp import margin_lower_bounds, output_bounds
 from qverify.execute import execute
+from qverify.train.bounds_crown import _line_bounds, crown_ibp_margins
+from qverify.train.bounds_ibp import margin_lower_bounds, output_bounds
 from qverify.train.export import export_qnetwork
 from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
 from tests.fixtures import CUDA
-from tests.test_bounds_torch_ibp import image_box, quant_models
+from tests.test_train_bounds_ibp import image_box, quant_models
 
 #: float64 slack of the backward pass (slopes are not integers); the bounds are a training signal, not a verdict
 TOL = 1e-7

@@ -8,7 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qverify.bounds.torch_ibp import (
+from qverify.execute import apply_layer, execute
+from qverify.network import Conv2d, Dense, QNetwork
+from qverify.quant import Rounding
+from qverify.train.bounds_ibp import (
     certified_by_bounds,
     input_box,
     interval_bounds,
@@ -16,9 +19,6 @@ from qverify.bounds.torch_ibp import (
     output_bounds,
     worst_case_logits,
 )
-from qverify.execute import apply_layer, execute
-from qverify.network import Conv2d, Dense, QNetwork
-from qverify.quant import Rounding
 from qverify.train.export import export_qnetwork
 from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
 from tests.fixtures import CUDA
@@ -196,3 +196,13 @@ def test_empty_box_rejected() -> None:
     m = build_model(ModelConfig(hidden=(2,)), QuantConfig(), (1, 2, 2), 3, 2)
     with pytest.raises(ValueError):
         interval_bounds(m, torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+def test_verification_bounds_do_not_import_torch() -> None:
+    """The torch bounds of the training model live in ``qverify.train``: importing the verification bounds
+    (interval, symbolic) loads no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, qverify.bounds; assert 'torch' not in sys.modules, 'qverify.bounds imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
