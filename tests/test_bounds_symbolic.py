@@ -357,3 +357,45 @@ def test_float32_point_boxes_are_exact(net: QNetwork, seed: int) -> None:
 @given(networks_and_properties(float32=True))
 def test_float32_certified_properties_are_robust(case: tuple) -> None:
     test_certified_properties_are_robust.hypothesis.inner_test(case)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_step_relaxation_is_exactly_valid(seed: int) -> None:
+    """The lines of a step function's relaxation lie below / above it at every integer of the bounds, in exact
+    rationals, and beat the constants ``f(l), f(u)`` somewhere (the point of the vertex relaxation)."""
+    from fractions import Fraction
+
+    from qverify.bounds.symbolic import _step_relaxation
+    from qverify.execute import step_function
+    from qverify.network import Step
+
+    rng = np.random.default_rng(seed)
+    k, c = int(rng.integers(1, 6)), int(rng.integers(1, 3))
+    cuts = np.sort(rng.choice(np.arange(-20, 20), size=(c, k), replace=False), axis=1)
+    levels = np.cumsum(np.concatenate([[int(rng.integers(-5, 5))], rng.integers(0, 4, size=k)]))
+    op = Step(cuts, tuple(int(v) for v in levels))
+    shape = (c, 2)
+    lo = rng.integers(-25, 25, size=(3, 2 * c))
+    hi = lo + rng.integers(0, 30, size=(3, 2 * c))
+    rel = _step_relaxation(op, shape, lo, hi)
+    for b in range(3):
+        for j in range(2 * c):
+            xs = np.arange(lo[b, j], hi[b, j] + 1)
+            pts = np.zeros((len(xs), 2 * c), np.int64)
+            pts[:, j] = xs
+            f = step_function(op, pts.reshape(len(xs), *shape)).reshape(len(xs), -1)[:, j]
+            aL, bL, aU, bU = (Fraction(float(v[b, j])) for v in (rel.aL, rel.bL, rel.aU, rel.bU))
+            for x, fx in zip(xs.tolist(), f.tolist(), strict=True):
+                assert aL * x + bL <= fx <= aU * x + bU
+
+
+def test_step_relaxation_beats_constants_on_sign() -> None:
+    """``Sign`` over ``[-5, 5]``: the constant bounds are ``-1 <= y <= 1``; the lines are tighter at the ends
+    (the lower line exceeds -1 at x = 5, the upper one is below 1 at x = -5), so back-substitution gains."""
+    from qverify.bounds.symbolic import _step_relaxation
+    from qverify.network import Step
+
+    rel = _step_relaxation(Step.sign(), (1,), np.array([[-5]]), np.array([[5]]))
+    assert rel.aL[0, 0] > 0 and rel.aL[0, 0] * 5 + rel.bL[0, 0] > -1
+    assert rel.aU[0, 0] > 0 and rel.aU[0, 0] * -5 + rel.bU[0, 0] < 1

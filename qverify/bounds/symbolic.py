@@ -368,11 +368,22 @@ def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3) -> R
 
     XL_, VL_ = stack(XL, VL, okL)
     XU_, VU_ = stack(XU, VU, okU)
-    slope = _to_float(p, q)
-    mid = (L.astype(np.float64) + U.astype(np.float64)) / 2
-    XLf, XUf = XL_.astype(np.float64), XU_.astype(np.float64)
-    VLf = np.stack([_to_float(VL_[:, k], q) for k in range(VL_.shape[1])], axis=1)
-    VUf = np.stack([_to_float(VU_[:, k], q) for k in range(VU_.shape[1])], axis=1)
+    lines = _fit_lines(XL_, VL_, XU_, VU_, q, _to_float(p, q), (L.astype(np.float64) + U.astype(np.float64)) / 2)
+    aL[bi, ji], bL[bi, ji], aU[bi, ji], bU[bi, ji] = lines
+    return Relaxation(aL, bL, aU, bU)
+
+
+def _fit_lines(XL: np.ndarray, VL: np.ndarray, XU: np.ndarray, VU: np.ndarray, q: np.ndarray, slope: np.ndarray,
+               mid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lines below / above vertex sets (object arrays ``[N, K]`` of Python ints; values ``V / q``): a slope chosen
+    in float64 among ``0``, ``slope`` and the vertex chords (:func:`_choose_slope`, at ``mid``), rounded to
+    ``A / 2^t``, and the exactly computed offset ``beta_L = min_k (V_k / q - a x_k)`` (``beta_U``: the max), rounded
+    outward to a float64. Returns ``(aL, bL, aU, bU)`` float64 ``[N]``: every line is exactly valid at every
+    vertex (module docstring)."""
+    o = object
+    XLf, XUf = XL.astype(np.float64), XU.astype(np.float64)
+    VLf = np.stack([_to_float(VL[:, k], q) for k in range(VL.shape[1])], axis=1)
+    VUf = np.stack([_to_float(VU[:, k], q) for k in range(VU.shape[1])], axis=1)
     alo = _choose_slope(XLf, VLf, slope, mid, lower=True)
     ahi = _choose_slope(XUf, VUf, slope, mid, lower=False)
     # round the slopes to A / 2^t (A < 2^53: exact floats); tiny slopes become 0 (no underflow later)
@@ -406,11 +417,8 @@ def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3) -> R
             k = num // dd if lower else -((-num) // dd)
         return np.ldexp(k.astype(np.float64), -tb)
 
-    aL[bi, ji] = np.ldexp(A_lo, -t)
-    aU[bi, ji] = np.ldexp(A_hi, -t)
-    bL[bi, ji] = exact_beta(XL_, VL_, A_lo, lower=True)
-    bU[bi, ji] = exact_beta(XU_, VU_, A_hi, lower=False)
-    return Relaxation(aL, bL, aU, bU)
+    return (np.ldexp(A_lo, -t), exact_beta(XL, VL, A_lo, lower=True), np.ldexp(A_hi, -t),
+            exact_beta(XU, VU, A_hi, lower=False))
 
 
 # ============================================================================================ graph pieces
@@ -521,6 +529,54 @@ def _pool_back(rel: PoolRelaxation, lam: np.ndarray, n_in: int, sl: slice, absol
         out[:, :, col[ok]] += contrib[:, :, ok]
     const = _rowdot(np.where((upper < 0)[:, None, :], neg, 0.0), ub)
     return out, const
+
+
+#: step functions with more cut points than this get constant bounds (their vertex relaxation costs ``O(K^2)``)
+STEP_VERTEX_MAX = 16
+
+
+def _step_relaxation(layer: Step, shape: tuple[int, ...], l: np.ndarray, u: np.ndarray) -> Relaxation:
+    """Lines below and above a step function over the integers of ``[l, u]`` (int64 ``[B, n]``).
+
+    Level ``k`` (value ``v_k``) covers ``I_k = [max(l, T_k), min(u, T_{k+1} - 1)]`` (``T_0 = -inf``,
+    ``T_{K+1} = +inf``); with a slope ``a >= 0`` a line lies below ``f`` on ``I_k`` iff it does at the right end,
+    and above iff at the left end. So the vertices are ``(right end of I_k, v_k)`` (lower) and ``(left end,
+    v_k)`` (upper) of the nonempty levels, and :func:`_fit_lines` gives exactly valid lines (slope among 0, the
+    chord ``(f(u) - f(l)) / (u - l)`` and the vertex chords). Fixed neurons (``f(l) = f(u)``) and steps with more
+    than :data:`STEP_VERTEX_MAX` cut points get the constants ``f(l) <= f(x) <= f(u)``."""
+    rel = _constant_relaxation(layer, shape, l, u)
+    if layer.cuts.shape[1] > STEP_VERTEX_MAX:
+        return rel
+    fl_, fu = rel.bL, rel.bU
+    bi, ji = np.nonzero(fl_ != fu)
+    if len(bi) == 0:
+        return rel
+    o = object
+    n = l.shape[1]
+    per = n // layer.channels
+    cuts = layer.cuts[ji // per if layer.channels > 1 else np.zeros(len(ji), np.int64)].astype(o)  # [N, K]
+    K = cuts.shape[1]
+    L, U = l[bi, ji].astype(o), u[bi, ji].astype(o)
+    FL, FU = fl_[bi, ji].astype(np.int64).astype(o), fu[bi, ji].astype(np.int64).astype(o)
+    levels = [int(v) for v in layer.levels]
+    lefts = [L] + [np.maximum(L, cuts[:, k]) for k in range(K)]
+    rights = [np.minimum(U, cuts[:, k] - 1) for k in range(K)] + [U]
+    ok = [lo <= hi for lo, hi in zip(lefts, rights, strict=True)]
+    ones = np.ones(len(bi), dtype=o)
+
+    def stack(first_x: np.ndarray, first_v: np.ndarray, xs: list) -> tuple[np.ndarray, np.ndarray]:
+        X = np.stack([first_x] + [np.where(k_ok, x, first_x) for x, k_ok in zip(xs, ok, strict=True)], axis=1)
+        V = np.stack([first_v] + [np.where(k_ok, v * ones, first_v) for v, k_ok in zip(levels, ok, strict=True)],
+                     axis=1)
+        return X, V
+
+    XL, VL = stack(U, FU, rights)
+    XU, VU = stack(L, FL, lefts)
+    Lf, Uf = L.astype(np.float64), U.astype(np.float64)
+    chord = (FU - FL).astype(np.float64) / np.maximum(Uf - Lf, 1.0)
+    aL_, bL_, aU_, bU_ = _fit_lines(XL, VL, XU, VU, ones, chord, (Lf + Uf) / 2)
+    rel.aL[bi, ji], rel.bL[bi, ji], rel.aU[bi, ji], rel.bU[bi, ji] = aL_, bL_, aU_, bU_
+    return rel
 
 
 def _constant_relaxation(layer: Step | Lookup, shape: tuple[int, ...], l: np.ndarray, u: np.ndarray) -> Relaxation:
@@ -822,7 +878,9 @@ def _relaxation(net: QNetwork, i: int, ins: list[Bounds], levels: int) -> Relaxa
     shape = net.shapes[i + 1]
     if isinstance(layer, MaxPool2d):
         return relax_max_pool(layer, net.in_shapes(i)[0], l, u)
-    if isinstance(layer, (Step, Lookup)):
+    if isinstance(layer, Step):
+        return _step_relaxation(layer, shape, l, u)
+    if isinstance(layer, Lookup):
         return _constant_relaxation(layer, shape, l, u)
     return relax(ActParams.of(layer, shape), l, u, levels=levels)
 

@@ -43,6 +43,16 @@ def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int,
     return coo_matrix((vals.astype(np.int64), (rows, cols)), shape=shape).tocsr()
 
 
+def _abs_sums(op: Dense | Conv2d) -> tuple[int, int]:
+    """``(max_o sum |W_o.|, max |b|)`` as Python ints, cached per op."""
+    got = op._parts.get("abs-sums")
+    if got is None:
+        wabs = np.abs(op.weight).reshape(op.weight.shape[0], -1).sum(axis=1)
+        got = op._parts["abs-sums"] = (int(wabs.max()) if wabs.size else 0,
+                                       int(np.abs(op.bias).max()) if op.bias.size else 0)
+    return got
+
+
 # ================================================================================================== dense
 @dataclass(frozen=True, eq=False)
 class Dense(LinearMap):
@@ -93,9 +103,8 @@ class Dense(LinearMap):
         return self.bias
 
     def value_bound(self, in_bounds: Sequence[int], in_shapes: Sequence[Shape]) -> int:
-        wabs = np.abs(self.weight).sum(axis=1)
-        wmax = int(wabs.max()) if wabs.size else 0
-        return wmax * int(in_bounds[0]) + (int(np.abs(self.bias).max()) if self.bias.size else 0)
+        wmax, bmax = _abs_sums(self)
+        return wmax * int(in_bounds[0]) + bmax
 
     def matrices(self, in_shapes: Sequence[Shape]) -> list:
         r, c = np.nonzero(self.weight)
@@ -249,10 +258,8 @@ class Conv2d(LinearMap):
         return cache[key]
 
     def value_bound(self, in_bounds: Sequence[int], in_shapes: Sequence[Shape]) -> int:
-        wabs = np.abs(self.weight).reshape(self.weight.shape[0], -1).sum(axis=1)
-        wmax = int(wabs.max()) if wabs.size else 0
-        b = int(np.abs(self.bias).max()) if self.bias.size else 0
-        return wmax * int(in_bounds[0]) + b + wmax * abs(self.pad_value)
+        wmax, bmax = _abs_sums(self)
+        return wmax * int(in_bounds[0]) + bmax + wmax * abs(self.pad_value)
 
     def matrices(self, in_shapes: Sequence[Shape]) -> list:
         c, h, w = in_shapes[0]
