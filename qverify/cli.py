@@ -146,7 +146,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         lo, hi = r["range"]
         print(f"{r['index']:>3}  {r['kind']:<11} {str(r['name'])[:28]:<28} {str(r['shape']):<16} "
               f"{r['bits'] + f' [{lo}, {hi}]':<22} {r.get('params', ''):>8}  {', '.join(det)}")
-    kind = "fixed point (power-of-two scales)" if net.is_fixed_point() else "affine scales"
+    steps = any(type(layer).__name__ == "Step" and layer.cuts.shape[1] > 2 for layer in net.layers)
+    kind = ("fixed point (power-of-two scales)" if net.is_fixed_point() else
+            "exact step functions (the runtime's integer arithmetic)" if steps and not any(
+                type(layer).__name__ == "Requantize" for layer in net.layers) else "affine scales")
     print(f"parameters: {net.parameter_count()}; requantization: {kind}")
     _say_divergence(div, sys.stdout)
     return EXIT_OK

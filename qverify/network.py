@@ -262,7 +262,9 @@ class QNetwork:
 
     def is_fixed_point(self) -> bool:
         """True when every requantization is a power-of-two shift (the QVIP family)."""
-        return all(layer.shift is not None for layer in self.layers if isinstance(layer, Requantize))
+        rq = [layer for layer in self.layers if isinstance(layer, Requantize)]
+        return bool(rq) and all(layer.shift is not None for layer in rq) and not any(
+            isinstance(layer, Step) and layer.cuts.shape[1] > 2 for layer in self.layers)
 
     def describe(self) -> list[dict[str, object]]:
         """One row per layer: kind, name, output shape, output value range and bit width, parameters."""

@@ -667,3 +667,198 @@ def qmaxpool(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], p
     x = np.asarray(x, dtype=np.int64)
     return _windows(x, kernel, strides, pads, np.iinfo(np.int64).min).max(axis=(-1, -2))
 
+
+# --- TFLite integer arithmetic ----------------------------------------------------------------------------------------
+#
+# TFLite's int8 kernels (``tensorflow/lite/kernels/internal/reference/integer_ops/``: ``conv.h``,
+# ``depthwise_conv.h``, ``fully_connected.h``, ``add.h``, ``pooling.h``) requantize an int32 accumulator with a
+# fixed-point multiplier ``M`` (int32, ``2^30 <= M < 2^31``) and a power-of-two exponent ``shift``, derived once
+# from the real multiplier by ``QuantizeMultiplier`` (``kernels/internal/quantization_util.cc``), and applied by
+# ``MultiplyByQuantizedMultiplier`` (``kernels/internal/common.cc``, the default double-rounding build, i.e.
+# without ``TFLITE_SINGLE_ROUNDING``) as two successive roundings (gemmlowp ``fixedpoint.h``)::
+#
+#     MBQM(x, M, shift) = RDBPOT(SRDHM(x * 2^max(shift, 0), M), max(-shift, 0))
+#     SRDHM(a, b)       = floor((a b + 2^30) / 2^31)       (a b / 2^31 rounded half up; INT32_MAX at a = b = -2^31)
+#     RDBPOT(x, e)      = round_half_away(x / 2^e)
+#
+# (SRDHM's C form, ``(ab + nudge) / 2^31`` truncated with ``nudge = 2^30`` or ``1 - 2^30`` by the sign of ``ab``,
+# equals ``floor((ab + 2^30) / 2^31)`` for every sign: ``ceil((n + 1) / q) = floor((n + q) / q)``.) Both roundings
+# are non-decreasing, so ``clamp(MBQM(acc) + z, lo, hi)`` is a non-decreasing step function of ``acc`` while
+# ``acc * 2^max(shift, 0)`` stays in int32 (the C code multiplies in int32; beyond that it wraps, emulated here).
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+def _wrap_i32(v: np.ndarray) -> np.ndarray:
+    """Two's-complement wrap of int64 values to int32 (what the int32 multiplication of the C code does)."""
+    return ((np.asarray(v, dtype=np.int64) + 2**31) % 2**32) - 2**31
+
+
+def _round_half_away(x: Fraction) -> int:
+    """``std::round`` of an exact rational: nearest integer, ties away from zero."""
+    n = abs(x)
+    r = int((n + Fraction(1, 2)).__floor__())
+    return r if x >= 0 else -r
+
+
+def tflite_quantize_multiplier(real: float) -> tuple[int, int]:
+    """TFLite's ``QuantizeMultiplier(double, int32* M, int* shift)``: ``real = q 2^shift`` with ``q`` in
+    ``[1/2, 1)`` (``frexp``), ``M = round_half_away(q 2^31)`` (``TfLiteRound``); ``M = 2^31`` becomes ``2^30`` with
+    ``shift + 1``; ``shift < -31`` flushes to ``(0, 0)``; ``real = 0`` is ``(0, 0)``. Returns ``(M, shift)`` with
+    ``real ~ M 2^(shift - 31)``."""
+    import math
+
+    real = float(real)
+    if real == 0.0:
+        return 0, 0
+    if not math.isfinite(real) or real < 0:
+        raise ValueError(f"TFLite multiplier must be finite and non-negative, got {real!r}")
+    q, shift = math.frexp(real)
+    m = _round_half_away(Fraction(q) * 2**31)  # q 2^31 is exact in double; rounded exactly here
+    if m == 2**31:
+        m //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    return int(m), int(shift)
+
+
+def tflite_conv_multiplier(s_in: float, s_w: float, s_out: float) -> float:
+    """The real multiplier of an int8 CONV_2D / DEPTHWISE_CONV_2D channel and of a per-channel FULLY_CONNECTED
+    (``PopulateConvolutionQuantizationParams``, ``kernels/kernel_util.cc``): the float32 scales widened to double,
+    ``double(s_in) * double(s_w) / double(s_out)`` (one double rounding, in the division)."""
+    return float(np.float64(np.float32(s_in)) * np.float64(np.float32(s_w)) / np.float64(np.float32(s_out)))
+
+
+def tflite_fc_reference_requantize(acc: np.ndarray, effective_scale: np.ndarray | float, zero_point: int, lo: int,
+                                   hi: int) -> np.ndarray:
+    """TFLite's reference int8 FULLY_CONNECTED output (``reference_integer_ops::FullyConnected`` /
+    ``FullyConnectedPerChannel``, the overloads taking the float scales, which ``kernels/fully_connected.cc`` calls
+    for ``kReference``): no fixed-point multiplier but ``clamp(round(fl64(double(acc) * e_c)) + z, lo, hi)`` with
+    ``e_c`` = :func:`tflite_conv_multiplier` and C ``round`` (half away from zero). Non-decreasing in ``acc``
+    (``e_c > 0``). ``double(acc)`` is exact (``|acc| < 2^53``), the product is one IEEE multiplication (numpy), and
+    the rounding is done exactly here (``v - trunc(v)`` is exact)."""
+    v = np.asarray(acc, dtype=np.int64).astype(np.float64) * np.asarray(effective_scale, dtype=np.float64)
+    t = np.trunc(v)
+    up = np.abs(v - t) >= 0.5
+    r = (t + np.where(up, np.sign(v), 0.0)).astype(np.int64)
+    return np.clip(r + int(zero_point), int(lo), int(hi))
+
+
+def tflite_srdhm(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
+    """gemmlowp ``SaturatingRoundingDoublingHighMul`` on int32 values (int64 arrays in and out):
+    ``floor((a b + 2^30) / 2^31)``, and ``2^31 - 1`` where ``a = b = -2^31``. Exact: ``|a b| <= 2^62``."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    ab = a * b
+    out = (ab + 2**30) >> 31  # arithmetic shift = floor division by 2^31
+    return np.where((a == _I32_MIN) & (b == _I32_MIN), _I32_MAX, out)
+
+
+def tflite_rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray | int) -> np.ndarray:
+    """gemmlowp ``RoundingDivideByPOT(x, e)`` (``0 <= e <= 31``): ``x >> e`` plus one where the remainder
+    ``x & (2^e - 1)`` exceeds ``(2^e - 1) >> 1`` (plus one for negative ``x``): ``x / 2^e`` rounded half away from
+    zero."""
+    x = np.asarray(x, dtype=np.int64)
+    e = np.asarray(exponent, dtype=np.int64)
+    mask = (np.int64(1) << e) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0).astype(np.int64)
+    return (x >> e) + (remainder > threshold).astype(np.int64)
+
+
+def tflite_multiply_by_quantized_multiplier(x: np.ndarray, multiplier: np.ndarray | int,
+                                            shift: np.ndarray | int) -> np.ndarray:
+    """TFLite's int32 ``MultiplyByQuantizedMultiplier(x, M, shift)`` (double rounding, ``common.cc``), vectorized
+    and broadcast (per-channel ``M`` and ``shift`` as arrays)::
+
+        RDBPOT(SRDHM(wrap32(x * 2^max(shift, 0)), M), max(-shift, 0))
+
+    ``wrap32`` is the int32 product of the C code (it wraps when ``x 2^shift`` leaves int32; importers refuse
+    layers where that can happen, since the function is then not monotone)."""
+    x = np.asarray(x, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    left = np.maximum(shift, 0)
+    right = np.maximum(-shift, 0)
+    return tflite_rounding_divide_by_pot(tflite_srdhm(_wrap_i32(x << left), multiplier), right)
+
+
+def tflite_requantize(acc: np.ndarray, multiplier: np.ndarray | int, shift: np.ndarray | int, zero_point: int,
+                      lo: int, hi: int) -> np.ndarray:
+    """An int8 kernel's output: ``clamp(MBQM(acc, M, shift) + z_out, act_min, act_max)`` (int64)."""
+    y = tflite_multiply_by_quantized_multiplier(acc, multiplier, shift) + int(zero_point)
+    return np.clip(y, int(lo), int(hi))
+
+
+def tflite_quantize_float(f: float, scale: float, zero_point: int) -> int:
+    """TFLite's ``Quantize`` of a real constant (``kernels/kernel_util.cc``, used for the fused activation's
+    bounds): ``z + TfLiteRound(fl32(f / scale))``, the division in float32, rounded half away from zero."""
+    q = np.float32(np.float32(f) / np.float32(scale))
+    return int(zero_point) + _round_half_away(Fraction(float(q)))
+
+
+def tflite_activation_range(activation: str, scale: float, zero_point: int, qmin: int, qmax: int
+                            ) -> tuple[int, int]:
+    """``CalculateActivationRangeQuantized``: the clamp ``[act_min, act_max]`` of a fused activation (``none``,
+    ``relu``: ``[max(qmin, z), qmax]``, ``relu6``: ``[max(qmin, z), min(qmax, Q(6))]``, ``relu_n1_to_1``:
+    ``[max(qmin, Q(-1)), min(qmax, Q(1))]`` with ``Q`` = :func:`tflite_quantize_float`)."""
+    if activation == "none":
+        return qmin, qmax
+    if activation == "relu":
+        return max(qmin, tflite_quantize_float(0.0, scale, zero_point)), qmax
+    if activation == "relu6":
+        return (max(qmin, tflite_quantize_float(0.0, scale, zero_point)),
+                min(qmax, tflite_quantize_float(6.0, scale, zero_point)))
+    if activation == "relu_n1_to_1":
+        return (max(qmin, tflite_quantize_float(-1.0, scale, zero_point)),
+                min(qmax, tflite_quantize_float(1.0, scale, zero_point)))
+    raise ValueError(f"unknown fused activation {activation!r}")
+
+
+#: TFLite's int8 ADD: inputs shifted left by 20 bits before their rescaling (``add.cc`` / ``add_common.cc``)
+TFLITE_ADD_LEFT_SHIFT = 20
+
+
+def tflite_add_params(s1: float, s2: float, s_out: float) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """The fixed-point multipliers of TFLite's int8 ADD (``Prepare`` of ``kernels/add.cc``): with
+    ``t = 2 max(s1, s2)`` (double), ``r1 = s1 / t``, ``r2 = s2 / t`` (each ``<= 1/2``) and
+    ``r_out = t / (2^20 s_out)``, each through ``QuantizeMultiplier`` (``SmallerThanOneExp``). Returns
+    ``((M1, shift1), (M2, shift2), (M_out, shift_out))``."""
+    d1, d2, do = (float(np.float64(np.float32(v))) for v in (s1, s2, s_out))
+    t = 2 * max(d1, d2)
+    return (tflite_quantize_multiplier(d1 / t), tflite_quantize_multiplier(d2 / t),
+            tflite_quantize_multiplier(t / ((1 << TFLITE_ADD_LEFT_SHIFT) * do)))
+
+
+def tflite_add_rescale(v: np.ndarray, multiplier: int, shift: int) -> np.ndarray:
+    """One input's term of TFLite's int8 ADD: ``MBQM((x - z) * 2^20, M_i, shift_i)`` of ``v = x - z``."""
+    return tflite_multiply_by_quantized_multiplier(np.asarray(v, dtype=np.int64) << TFLITE_ADD_LEFT_SHIFT,
+                                                   multiplier, shift)
+
+
+def tflite_add(x1: np.ndarray, x2: np.ndarray, s1: float, z1: int, s2: float, z2: int, s_out: float, z_out: int,
+               lo: int = -128, hi: int = 127) -> np.ndarray:
+    """TFLite's int8 ADD (``reference_integer_ops::AddFunc``, ``integer_ops/add.h``), bit for bit::
+
+        y = clamp(MBQM(R1(x1 - z1) + R2(x2 - z2), M_out, shift_out) + z_out, lo, hi)
+
+    with ``R_i`` = :func:`tflite_add_rescale` and the multipliers of :func:`tflite_add_params`. The input with the
+    larger scale has ``r = 1/2`` exactly (``M = 2^30``, shift 0), so its term is the exact ``2^19 (x - z)``; the
+    other term is a rounding of its own input alone."""
+    (m1, e1), (m2, e2), (mo, eo) = tflite_add_params(s1, s2, s_out)
+    a = tflite_add_rescale(np.asarray(x1, dtype=np.int64) - int(z1), m1, e1)
+    b = tflite_add_rescale(np.asarray(x2, dtype=np.int64) - int(z2), m2, e2)
+    return tflite_requantize(a + b, mo, eo, z_out, lo, hi)
+
+
+def tflite_avgpool_round(window_sum: np.ndarray, count: np.ndarray | int) -> np.ndarray:
+    """TFLite's int8 average (``reference_integer_ops::AveragePool``, ``integer_ops/pooling.h``): the raw sum of
+    the window's cells inside the image (padding excluded, zero points included), then
+    ``(S + n/2) / n`` for ``S > 0`` and ``(S - n/2) / n`` otherwise, C division truncating toward zero: for
+    ``n >= 1`` that is ``round_half_away(S / n)`` (``n`` even: ``n/2`` is the exact half; ``n`` odd: no ties)."""
+    s = np.asarray(window_sum, dtype=np.int64)
+    n = np.asarray(count, dtype=np.int64)
+    half = n // 2
+    num = np.where(s > 0, s + half, s - half)
+    q = np.abs(num) // n
+    return np.where(num < 0, -q, q)

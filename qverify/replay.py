@@ -44,7 +44,7 @@ class RuntimeReplay:
 #: source format -> its runtime replay (registered by the importer of that format)
 RUNTIMES: dict[str, RuntimeReplay] = {}
 #: source format -> the importer module that registers its runtime (imported on first use)
-RUNTIME_MODULES: dict[str, str] = {"onnx": "qverify.io.onnx"}
+RUNTIME_MODULES: dict[str, str] = {"onnx": "qverify.io.onnx", "tflite": "qverify.io.tflite"}
 
 
 def register_runtime(fmt: str, replay_hook: RuntimeReplay) -> None:

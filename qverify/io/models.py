@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qverify.network import ModelError, QNetwork
 
-FORMATS = ("native", "qvip-h5", "onnx")
+FORMATS = ("native", "qvip-h5", "onnx", "tflite")
 
 
 def detect_format(path: str | Path) -> str:
@@ -17,7 +17,10 @@ def detect_format(path: str | Path) -> str:
         return "qvip-h5"
     if suffix == ".onnx":
         return "onnx"
-    raise ModelError(f"{path}: unknown model format {suffix!r} (supported: .qnn, .onnx, .h5 with --format qvip-h5)")
+    if suffix == ".tflite":
+        return "tflite"
+    raise ModelError(f"{path}: unknown model format {suffix!r} (supported: .qnn, .onnx, .tflite, .h5 with --format "
+                     f"qvip-h5)")
 
 
 def load_model(path: str | Path, fmt: str | None = None, bits: int | None = None,
@@ -49,6 +52,10 @@ def load_model(path: str | Path, fmt: str | None = None, bits: int | None = None
         from qverify.io.onnx import load_onnx
 
         return load_onnx(path, semantics=semantics or "exact")
+    if fmt == "tflite":
+        from qverify.io.tflite import load_tflite
+
+        return _same_semantics(load_tflite(path), semantics, path)
     raise ModelError(f"{path}: unknown format {fmt!r} (supported: {', '.join(FORMATS)})")
 
 

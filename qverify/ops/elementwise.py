@@ -215,6 +215,10 @@ class Step(Monotone):
         return self.cuts.shape[0]
 
     def summary(self) -> str:
+        k = self.cuts.shape[1]
+        if k > 6:
+            where = f"{k} cut points" + (f" per channel ({self.channels})" if self.channels > 1 else "")
+            return f"levels {self.levels[0]}..{self.levels[-1]}, {where}"
         cuts = self.cuts[0].tolist() if self.channels == 1 else f"{self.channels} channels of cut points"
         return f"levels {list(self.levels)} at {cuts}"
 
