@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -862,3 +863,75 @@ def tflite_avgpool_round(window_sum: np.ndarray, count: np.ndarray | int) -> np.
     num = np.where(s > 0, s + half, s - half)
     q = np.abs(num) // n
     return np.where(num < 0, -q, q)
+
+
+# --- elementwise functions of one quantized value ----------------------------------------------------------------
+#: decimal digits of the transcendental functions (Sigmoid, Tanh) in :func:`exact_function_table`
+FN_DIGITS = 120
+
+
+def exact_function_table(op: str, attrs: dict, qs: np.ndarray, sx: Fraction, zx: int,
+                         clip: tuple[Fraction | None, Fraction | None], sy: Fraction, zy: int, lo: int, hi: int
+                         ) -> np.ndarray:
+    """``y(q) = clamp(rne(f(r) / s_y) + z_y, lo, hi)`` with ``r = clip(s_x (q - z_x))`` for every ``q`` of ``qs``:
+    the ONNX specification of ``DQ -> f -> Q`` on exact values.
+
+    * ``LeakyRelu``: ``r`` for ``r >= 0``, ``alpha r`` otherwise (``alpha`` the float32 attribute, exactly);
+      ``HardSigmoid``: ``max(0, min(1, alpha r + beta))``; ``HardSwish``: ``r max(0, min(1, r / 6 + 1/2))``: exact
+      rationals, rounded half to even exactly;
+    * ``Sigmoid`` ``1 / (1 + e^-r)`` and ``Tanh``: irrational for every rational ``r != 0`` (Lindemann), so no tie
+      can occur there; evaluated to :data:`FN_DIGITS` digits (``mpmath``) and rounded, with a ``ValueError`` if
+      the value lies within ``10^-(FN_DIGITS - 20)`` of a rounding boundary (never for these inputs); ``r = 0`` is
+      exact (``1/2``, ``0``)."""
+    lo_c, hi_c = clip
+    out = np.empty(len(qs), dtype=np.int64)
+    for k, q in enumerate(qs.tolist()):
+        r = sx * (int(q) - zx)
+        if lo_c is not None:
+            r = max(r, lo_c)
+        if hi_c is not None:
+            r = min(r, hi_c)
+        v = _fn_value(op, attrs, r)
+        if isinstance(v, Fraction):
+            y = round_fraction(v / sy, Rounding.HALF_EVEN)
+        else:
+            y = _round_mp(v / _mp_fraction(sy), op, r)
+        out[k] = min(max(y + zy, lo), hi)
+    return out
+
+
+def _fn_value(op: str, attrs: dict, r: Fraction) -> Any:
+    if op == "LeakyRelu":
+        return r if r >= 0 else Fraction(float(np.float32(attrs.get("alpha", 0.01)))) * r
+    if op in ("HardSigmoid", "HardSwish"):
+        a = Fraction(float(np.float32(attrs.get("alpha", 0.2)))) if op == "HardSigmoid" else Fraction(1, 6)
+        b = Fraction(float(np.float32(attrs.get("beta", 0.5)))) if op == "HardSigmoid" else Fraction(1, 2)
+        h = max(Fraction(0), min(Fraction(1), a * r + b))
+        return h if op == "HardSigmoid" else r * h
+    if op in ("Sigmoid", "Tanh"):
+        if r == 0:
+            return Fraction(1, 2) if op == "Sigmoid" else Fraction(0)
+        import mpmath
+
+        mpmath.mp.dps = FN_DIGITS
+        x = _mp_fraction(r)
+        return 1 / (1 + mpmath.exp(-x)) if op == "Sigmoid" else mpmath.tanh(x)
+    raise ValueError(f"no exact table for the function {op!r}")
+
+
+def _mp_fraction(f: Fraction) -> Any:
+    import mpmath
+
+    mpmath.mp.dps = FN_DIGITS
+    return mpmath.mpf(f.numerator) / f.denominator
+
+
+def _round_mp(v: Any, op: str, r: Fraction) -> int:
+    """Round half to even of a high-precision irrational value; refuses to decide within the precision of a tie."""
+    import mpmath
+
+    fl = int(mpmath.floor(v))
+    frac = v - fl
+    if abs(frac - mpmath.mpf(1) / 2) < mpmath.mpf(10) ** (-(FN_DIGITS - 20)):
+        raise ValueError(f"{op}({r}) lies within 1e-{FN_DIGITS - 20} of a rounding tie; not decided")
+    return fl + 1 if frac > 0.5 else fl

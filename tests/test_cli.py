@@ -38,6 +38,22 @@ def test_info_json_and_help(tmp_path, capsys):
         assert e.value.code == 0
 
 
+def test_info_prints_the_graph(tmp_path, capsys):
+    """``info`` on a graph: each node's op and parameters, which values it reads, where branches join and fork."""
+    from tests.fixtures import random_graph_network
+
+    net = random_graph_network(np.random.default_rng(3), ["residual"], n_blocks=1)
+    p = tmp_path / "g.qnn"
+    save_model(net, p)
+    assert main(["info", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "joins #" in out and "read by #" in out and "Add" in out and "3x3 stride" in out
+    assert main(["info", str(p), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    add = next(r for r in rows if r["kind"] == "Add")
+    assert len(add["reads"]) == 2
+
+
 def test_bad_model_is_exit_3_with_message(tmp_path, capsys):
     bad = tmp_path / "broken.qnn"
     bad.write_text("nope")

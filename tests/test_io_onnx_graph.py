@@ -487,3 +487,90 @@ def test_zz_report():
     """Print what the tests above measured (``pytest -s``)."""
     for k, v in MEASURED.items():
         print(f"{k}: {v}")
+
+
+# ------------------------------------------------------------------------------------------ one-value functions
+def _fn_model(path, fn: str, qop: bool, attrs: dict, z2: int = 0) -> None:
+    """``Q(x) -> QLinearMatMul -> f -> QLinearMatMul -> DQ`` with ``f`` a QDQ group ``DQ -> fn -> Q`` or the contrib
+    op ``QLinear<fn>``; scales chosen so that ``f`` sees exact rounding ties (``s1 / s2 = 12.5``)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = np.float32
+    rng = np.random.default_rng(0)
+    inits = {"sa": f32(1 / 255), "za": np.uint8(0), "w": rng.integers(-60, 60, (6, 4)).astype(np.int8),
+             "sw": f32(0.01), "zw": np.int8(0), "s1": f32(0.05), "z1": np.uint8(128), "s2": f32(0.004),
+             "z2": np.uint8(z2), "w2": rng.integers(-60, 60, (4, 3)).astype(np.int8), "s3": f32(0.02),
+             "z3": np.uint8(100)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sa", "za"], ["xq"]),
+             helper.make_node("QLinearMatMul", ["xq", "sa", "za", "w", "sw", "zw", "s1", "z1"], ["h"])]
+    if qop:
+        nodes.append(helper.make_node("QLinear" + fn, ["h", "s1", "z1", "s2", "z2"], ["g"], domain="com.microsoft",
+                                      **attrs))
+    else:
+        nodes += [helper.make_node("DequantizeLinear", ["h", "s1", "z1"], ["hr"]),
+                  helper.make_node(fn, ["hr"], ["gr"], **attrs), helper.make_node("QuantizeLinear", ["gr", "s2", "z2"],
+                                                                                   ["g"])]
+    nodes += [helper.make_node("QLinearMatMul", ["g", "s2", "z2", "w2", "sw", "zw", "s3", "z3"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "s3", "z3"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(g, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops[:1], True)),
+              str(path))
+
+
+FUNCTIONS = [("Sigmoid", False, {}), ("Sigmoid", True, {}), ("LeakyRelu", False, {"alpha": 0.1}),
+             ("LeakyRelu", True, {"alpha": 0.1}), ("HardSwish", False, {}), ("Tanh", False, {}),
+             ("HardSigmoid", False, {})]
+
+
+@pytest.mark.parametrize(("fn", "qop", "attrs"), FUNCTIONS)
+def test_functions_of_one_quantized_value(tmp_path, fn: str, qop: bool, attrs: dict) -> None:
+    """``DQ -> f -> Q`` and ``QLinearSigmoid`` / ``QLinearLeakyRelu`` import as the exact table of ``f`` on the
+    input's 256 values (a ``Step``: these functions are non-decreasing). Under ``onnxruntime`` semantics (the table
+    onnxruntime itself computes) every output equals onnxruntime's; under ``exact`` semantics the table is the
+    specification's (rationals; Sigmoid and Tanh to 120 digits) and differs from onnxruntime's only where the exact
+    value is within float32 error of a rounding tie."""
+    from fractions import Fraction
+
+    from qverify.network import Step
+    from qverify.quant import exact_function_table
+
+    path = tmp_path / f"{fn}.onnx"
+    _fn_model(path, fn, qop, attrs)
+    x = np.random.default_rng(1).integers(0, 256, (500, 6))
+    ort_net = load_onnx(path, semantics="onnxruntime")
+    assert np.array_equal(forward(ort_net, x), onnx_integer_outputs(ort_net, x))
+    net = load_onnx(path)
+    step = next(layer for layer in net.layers if isinstance(layer, Step))
+    ort_step = next(layer for layer in ort_net.layers if isinstance(layer, Step))
+    qs = np.arange(0, 256)
+    from qverify.execute import step_function
+
+    exact = step_function(step, qs.reshape(-1, 1))[:, 0]
+    ort_t = step_function(ort_step, qs.reshape(-1, 1))[:, 0]
+    want = exact_function_table(fn, attrs, qs, Fraction(float(np.float32(0.05))), 128, (None, None),
+                                Fraction(float(np.float32(0.004))), 0, 0, 255)
+    assert np.array_equal(exact, want)
+    for q in np.nonzero(exact != ort_t)[0]:  # only near ties: the float value of f / s_y within 1e-4 of k + 1/2
+        r = float(np.float32(0.05)) * (int(q) - 128)
+        v = {"Sigmoid": 1 / (1 + np.exp(-r)), "Tanh": np.tanh(r), "LeakyRelu": r if r >= 0 else 0.1 * r,
+             "HardSigmoid": max(0.0, min(1.0, 0.2 * r + 0.5)),
+             "HardSwish": r * max(0.0, min(1.0, r / 6 + 0.5))}[fn] / float(np.float32(0.004))
+        assert abs(abs(v - np.floor(v)) - 0.5) < 1e-4, (fn, int(q), v, exact[q], ort_t[q])
+
+
+def test_a_non_monotone_function_is_a_lookup_table(tmp_path) -> None:
+    """HardSwish dips below zero (its minimum at ``r = -3/2``): with an output zero point that keeps negative values
+    the table is not monotone and imports as a ``Lookup``; onnxruntime semantics equal onnxruntime everywhere."""
+    from qverify.network import Lookup
+
+    path = tmp_path / "hs.onnx"
+    _fn_model(path, "HardSwish", False, {}, z2=200)
+    x = np.random.default_rng(2).integers(0, 256, (500, 6))
+    for sem in ("exact", "onnxruntime"):
+        net = load_onnx(path, semantics=sem)
+        assert any(isinstance(layer, Lookup) for layer in net.layers)
+    assert np.array_equal(forward(net, x), onnx_integer_outputs(net, x))

@@ -233,7 +233,19 @@ class _Softmax:
     tensor: str
 
 
-_Sym = _Const | _ConstDQ | _Input | _Quant | _Real | _Acc | _RealConcat | _Softmax
+@dataclass
+class _RealFn:
+    """``f(x)`` of a dequantized activation ``x``: an elementwise float function (``Sigmoid``, ``Tanh``,
+    ``LeakyRelu``, ``HardSigmoid``, ``HardSwish``) waiting for its ``QuantizeLinear``; ``attrs`` its attributes,
+    ``qoperator`` the contrib op it came from (``QLinearSigmoid``...) or ``""`` for a QDQ group."""
+
+    x: _Real
+    op: str
+    attrs: dict
+    qoperator: str = ""
+
+
+_Sym = _Const | _ConstDQ | _Input | _Quant | _Real | _Acc | _RealConcat | _Softmax | _RealFn
 
 
 def _kind(sym: _Sym) -> str:
@@ -241,7 +253,8 @@ def _kind(sym: _Sym) -> str:
             _Quant: "a quantized activation", _Real: "a dequantized activation",
             _Acc: "an accumulator (not yet requantized)",
             _RealConcat: "a concatenation of dequantized activations (not yet quantized)",
-            _Softmax: "a Softmax of the output"}[type(sym)]
+            _Softmax: "a Softmax of the output",
+            _RealFn: "a float function of a dequantized activation (not followed by a QuantizeLinear)"}[type(sym)]
 
 
 def _etype(lo: int, hi: int) -> int:
@@ -1008,6 +1021,8 @@ class _Importer:
             return self.quantize_real(x, s, z, lo, hi, node.name)
         if isinstance(x, _RealConcat):
             return self.quantize_concat(x, s, z, lo, hi, node.name)
+        if isinstance(x, _RealFn):
+            return self.quantize_fn(x, s, z, lo, hi, node.name, out_type)
         raise self.error(f"QuantizeLinear of {_kind(x)} is not supported")
 
     def quantize_const(self, node: Any, x: np.ndarray, out_type: int) -> _Const:
@@ -1252,6 +1267,68 @@ class _Importer:
         return _Softmax(x, node.input[0])
 
     op_LogSoftmax = op_Softmax
+
+    # ------------------------------------------------------------------ functions of one quantized value
+    def _real_fn(self, node: Any) -> _RealFn:
+        x = self.get(node.input[0])
+        if not isinstance(x, _Real):
+            raise self.error(f"{node.op_type} of {_kind(x)}: only of a dequantized activation (DQ -> "
+                             f"{node.op_type} -> Q) is supported")
+        attrs = {}
+        if node.op_type == "LeakyRelu":
+            attrs["alpha"] = float(self.attr("alpha", 0.01))
+        elif node.op_type == "HardSigmoid":
+            attrs["alpha"], attrs["beta"] = float(self.attr("alpha", 0.2)), float(self.attr("beta", 0.5))
+        return _RealFn(x, node.op_type, attrs)
+
+    op_Sigmoid = op_Tanh = op_LeakyRelu = op_HardSigmoid = op_HardSwish = _real_fn
+
+    def op_QLinearSigmoid(self, node: Any) -> _Sym:
+        """com.microsoft ``QLinearSigmoid(X, X_scale, X_zp, Y_scale, Y_zp)`` (and ``QLinearLeakyRelu`` with
+        ``alpha``): ``y = clamp(R(f(s_x (x - z_x)) / s_y) + z_y)``, a function of the one integer ``x``."""
+        self.forms.add("QOperator")
+        i = list(node.input)
+        if len(i) < 4:
+            raise self.error(f"{node.op_type} needs X, X_scale, X_zero_point, Y_scale[, Y_zero_point]")
+        x = self.quant_input(i[0], i[1], i[2] if len(i) > 2 else "", "input")
+        s = self.scalar_scale(i[3], "output scale")
+        z, lo, hi = self.zero_point(i[4] if len(i) > 4 else "", "output zero point")
+        op = node.op_type[len("QLinear"):]
+        attrs = {"alpha": float(self.attr("alpha", 0.01))} if op == "LeakyRelu" else {}
+        return self.quantize_fn(_RealFn(x, op, attrs, node.op_type), s, z, lo, hi, node.name, x.q.etype)
+
+    op_QLinearLeakyRelu = op_QLinearSigmoid
+
+    def quantize_fn(self, f: _RealFn, s: Fraction, z: int, lo: int, hi: int, name: str, out_type: int) -> _Quant:
+        """``Q(f(DQ(q)))``: on every integer ``q`` of the input's range (at most ``2^16`` values) the table
+        ``y(q) = clamp(R(f(clip(s_x (q - z_x))) / s_y) + z_y, lo, hi)``: ``exact`` computes ``f`` exactly (rational
+        for LeakyRelu, HardSigmoid, HardSwish; Sigmoid and Tanh to 120 digits, :func:`qverify.quant.
+        exact_function_table`), ``onnxruntime`` runs onnxruntime itself on the same ``DQ -> f -> Q`` group (or
+        contrib op) over every ``q`` (what its kernels compute, whatever they fuse it into). A non-decreasing table
+        is a ``Step``, any other a ``Lookup``."""
+        from qverify.network import Lookup
+        from qverify.quant import exact_function_table
+
+        x = f.x
+        if x.q.hi - x.q.lo > 1 << 16:
+            raise self.error(f"{f.op} of a value of range [{x.q.lo}, {x.q.hi}]: a table would be too large")
+        qs = np.arange(x.q.lo, x.q.hi + 1, dtype=np.int64)
+        if self.semantics == "onnxruntime":
+            if x.clip != (None, None):
+                raise self.error(f"semantics='onnxruntime': a Relu/Clip before {f.op} runs in float kernels qverify "
+                                 f"does not model; use semantics='exact'")
+            ys = ort_function_table(f, qs, s, z, out_type)
+        else:
+            try:
+                ys = exact_function_table(f.op, f.attrs, qs, x.scale, x.zero_point, x.clip, s, z, lo, hi)
+            except ValueError as e:
+                raise self.error(str(e)) from None
+        self.notes.append(f"{name or f.op}: {f.qoperator or f.op} of one quantized value as its exact table over "
+                          f"[{x.q.lo}, {x.q.hi}] ({self.semantics} semantics)")
+        if np.all(np.diff(ys) >= 0):
+            return self.table_step(x.q.pos, qs, ys, x.q.shape, s, z, lo, hi, name)
+        table = Lookup(int(x.q.lo), ys, name=name)
+        return _Quant(self.append(table, (x.q.pos,)), x.q.shape, int(ys.min()), int(ys.max()), s, z, _etype(lo, hi))
 
     def op_Identity(self, node: Any) -> _Sym:
         return self.get(node.input[0])  # type: ignore[return-value]
@@ -1953,6 +2030,38 @@ class _Importer:
 
 #: the requantization arithmetics an ONNX model can be imported with
 SEMANTICS = ("exact", "onnxruntime")
+
+
+def ort_function_table(f: _RealFn, qs: np.ndarray, s: Fraction, z: int, out_type: int) -> np.ndarray:
+    """onnxruntime's own integer outputs of ``Q(f(DQ(q)))`` (or of the contrib op ``f.qoperator``) for every ``q``
+    of ``qs``: a one-node-group model run on onnxruntime with the default graph optimizations (so that the group
+    is fused, or not, as in the full model)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = f.x
+    in_np = np.uint8 if x.q.etype == 2 else np.int8
+    out_np = np.uint8 if out_type == 2 else np.int8
+    ein = TensorProto.UINT8 if in_np is np.uint8 else TensorProto.INT8
+    eout = TensorProto.UINT8 if out_np is np.uint8 else TensorProto.INT8
+    inits = [numpy_helper.from_array(np.array(float(x.scale), np.float32), "sx"),
+             numpy_helper.from_array(np.array(x.zero_point, in_np), "zx"),
+             numpy_helper.from_array(np.array(float(s), np.float32), "sy"),
+             numpy_helper.from_array(np.array(z, out_np), "zy")]
+    if f.qoperator:
+        nodes = [helper.make_node(f.qoperator, ["q", "sx", "zx", "sy", "zy"], ["y"], domain="com.microsoft",
+                                  **f.attrs)]
+    else:
+        nodes = [helper.make_node("DequantizeLinear", ["q", "sx", "zx"], ["r"]),
+                 helper.make_node(f.op, ["r"], ["fr"], **f.attrs),
+                 helper.make_node("QuantizeLinear", ["fr", "sy", "zy"], ["y"])]
+    g = helper.make_graph(nodes, "fn", [helper.make_tensor_value_info("q", ein, [len(qs)])],
+                          [helper.make_tensor_value_info("y", eout, [len(qs)])], inits)
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(g, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops[:1], True))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"q": qs.astype(in_np)})[0].astype(np.int64)
 
 
 def load_onnx(path: str | Path, semantics: str = "exact") -> QNetwork:
