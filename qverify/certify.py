@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qverify.divergence import Divergence, annotate, check_properties, semantics_of, unavailable
+from qverify.divergence import Divergence, annotate, check_properties, runtime_label, semantics_of, unavailable
 from qverify.execute import forward, predict
 from qverify.network import QNetwork
 from qverify.preprocess import Preprocess
@@ -573,8 +573,8 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
         "settings": _settings_json(settings), "seed": settings.seed, "versions": versions(),
         "command": command, "semantics": semantics_of(net),
         "preprocess": preprocess.spec() if preprocess is not None else None,
-        "divergence_check": {"points": int(divergence_points), "runtime": "onnxruntime"
-                             if divergence_points and not unavailable(net) else None,
+        "divergence_check": {"points": int(divergence_points), "runtime": runtime_label(net) or None
+                             if divergence_points else None,
                              "skipped": unavailable(net) if divergence_points else "switched off"},
     }
 

@@ -91,7 +91,7 @@ class Divergence:
         line = (f"{self.runtime} differs from the executor ({self.semantics} semantics) on {self.differing} of "
                 f"{self.checked} {what} ({self.classes_differing} with another class)")
         if ex is not None:
-            line += f"; e.g. point {ex.index}: executor {ex.executor}, onnxruntime {ex.runtime}"
+            line += f"; e.g. point {ex.index}: executor {ex.executor}, {self.runtime.split()[0]} {ex.runtime}"
         line += f"; likely cause: {self.cause}" if self.cause else "; cause not identified"
         return line
 
@@ -116,6 +116,13 @@ def unavailable(net: QNetwork) -> str:
     from pathlib import Path
 
     meta = net.metadata
+    if meta.get("format") not in ("onnx", None, ""):
+        from qverify.replay import RUNTIME_MODULES, runtime_for
+
+        if meta.get("format") in RUNTIME_MODULES:
+            return "" if runtime_for(net) is not None else (
+                f"the {meta.get('format')} runtime cannot run this model (its file is not recorded or no longer "
+                f"there, or the runtime is not installed)")
     if meta.get("format") != "onnx" or not meta.get("onnx_path"):
         return "not an ONNX model (the executor is the runtime)"
     if not Path(meta["onnx_path"]).exists():
@@ -131,6 +138,18 @@ def _runtime_name() -> str:
     import onnxruntime as ort
 
     return f"onnxruntime {ort.__version__}"
+
+
+def runtime_label(net: QNetwork) -> str:
+    """The runtime the divergence check runs for ``net`` (``""`` when none can)."""
+    if unavailable(net):
+        return ""
+    if net.metadata.get("format") == "onnx":
+        return "onnxruntime"
+    from qverify.replay import runtime_for
+
+    hook = runtime_for(net)
+    return hook.runtime if hook is not None else ""
 
 
 def box_points(lo: np.ndarray, hi: np.ndarray, max_points: int = DEFAULT_POINTS, seed: int = 0) -> np.ndarray:
@@ -193,18 +212,32 @@ def _check_blocks(net: QNetwork, blocks: list[np.ndarray], where: str) -> list[D
     why = unavailable(net)
     if why:
         return [Divergence(where, sem, skipped=why) for _ in blocks]
-    from qverify.io.onnx import U8S8_CLIP_NOTE, onnx_integer_outputs, ort_may_clip
-
     blocks = [np.asarray(b, dtype=np.int64).reshape(-1, net.num_inputs) for b in blocks]
     x = np.concatenate(blocks) if blocks else np.zeros((0, net.num_inputs), np.int64)
-    runtime = _runtime_name()
+    if net.metadata.get("format") == "onnx":
+        from qverify.io.onnx import U8S8_CLIP_NOTE, onnx_integer_outputs, ort_may_clip
+
+        runtime = _runtime_name()
+        run = onnx_integer_outputs
+
+        def cause_of() -> str:
+            return U8S8_CLIP_NOTE if ort_may_clip(net) else ""
+    else:  # another registered runtime (qverify.replay.RUNTIMES: the TFLite interpreter)
+        from qverify.replay import runtime_for
+
+        hook = runtime_for(net)
+        assert hook is not None  # unavailable() said it applies
+        runtime, run = hook.runtime, hook.outputs
+
+        def cause_of() -> str:
+            return hook.cause(net)
     try:
-        theirs = onnx_integer_outputs(net, x) if len(x) else np.zeros((0, net.num_outputs), np.int64)
+        theirs = run(net, x) if len(x) else np.zeros((0, net.num_outputs), np.int64)
     except Exception as e:  # a runtime that cannot run the file: say so, never a silent pass
-        return [Divergence(where, sem, runtime=runtime, skipped=f"onnxruntime could not run the model: {e}")
+        return [Divergence(where, sem, runtime=runtime, skipped=f"{runtime} could not run the model: {e}")
                 for _ in blocks]
     ours = forward(net, x)
-    clip: bool | None = None
+    clip: str | None = None
     outs = []
     start = 0
     for blk in blocks:
@@ -219,8 +252,8 @@ def _check_blocks(net: QNetwork, blocks: list[np.ndarray], where: str) -> list[D
             i = int(cls[0]) if cls.size else int(rows[0])  # a point where the class differs, if there is one
             d.example = DivergencePoint(i, [int(v) for v in blk[i]], [int(v) for v in a[i]], [int(v) for v in b[i]])
             if clip is None:
-                clip = ort_may_clip(net)
-            d.cause = U8S8_CLIP_NOTE if clip else ""
+                clip = cause_of()
+            d.cause = clip
         outs.append(d)
     return outs
 
@@ -254,11 +287,12 @@ def annotate(result: Result, div: Divergence) -> Result:
         return result
     result.details["divergence"] = div.to_json()
     if div.differs:
-        what = "the verdict holds for the executor's function, not for onnxruntime's" if (
-            result.verdict.value == "robust") else "onnxruntime computes another function here"
+        rt = (div.runtime or "onnxruntime").split()[0]
+        what = f"the verdict holds for the executor's function, not for {rt}'s" if (
+            result.verdict.value == "robust") else f"{rt} computes another function here"
         result.details["warning"] = f"{div.message()} ({what})"
     return result
 
 
 __all__ = ["DEFAULT_POINTS", "Divergence", "DivergencePoint", "annotate", "box_points", "check_points",
-           "check_properties", "check_property", "grid_points", "semantics_of", "unavailable"]
+           "check_properties", "check_property", "grid_points", "runtime_label", "semantics_of", "unavailable"]

@@ -467,3 +467,22 @@ def test_random_models_against_interpreter(tmp_path: Path) -> None:
         assert bad == 0, (seed, bad)
         total += n
     assert total == 60 * 100 * 5
+
+
+def test_divergence_check_runs_the_interpreter(tmp_path: Path) -> None:
+    """The runtime divergence check (qverify/divergence.py) runs a TFLite model on its registered runtime, the
+    interpreter's reference kernels, over a property's box: they agree with the executor everywhere; once the file
+    is gone, the check says why it was skipped."""
+    from qverify.divergence import check_property, runtime_label
+    from qverify.property import robustness_property
+
+    b = mnist_cnn(seed=1, per_channel=True)
+    p = b.save(tmp_path / "cnn.tflite", [len(b.tensors) - 1])
+    net = load_model(p)
+    x = mnist_int8(1)[0]
+    prop = robustness_property(net, x, 0, radius=2)
+    div = check_property(net, prop, max_points=64)
+    assert runtime_label(net).startswith("ai-edge-litert") and div.checked == 64 and not div.differs
+    assert "agrees with the executor" in div.message()
+    p.unlink()
+    assert "cannot run this model" in check_property(net, prop, max_points=8).skipped
