@@ -269,13 +269,14 @@ class QNetwork:
     def describe(self) -> list[dict[str, object]]:
         """One row per layer: kind, name, output shape, output value range and bit width, parameters."""
         rows = []
+        chain, consumers = self.is_chain, self.consumers()
         for i, layer in enumerate(self.layers):
             lo, hi = self.value_ranges[i + 1]
             row: dict[str, object] = {"index": i, "kind": type(layer).__name__, "name": getattr(layer, "name", ""),
                                       "shape": self.shapes[i + 1], "range": (lo, hi), "bits": value_bits(lo, hi)}
-            if not self.is_chain:
+            if not chain:
                 row["reads"] = self.node_inputs(i)
-                readers = self.consumers()[i + 1]
+                readers = consumers[i + 1]
                 if len(readers) > 1:
                     row["branches_to"] = tuple(readers)
             if layer.summary():

@@ -48,6 +48,7 @@ continuous iterate use :func:`ste_round` to put it on the grid with a straight-t
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -126,6 +127,20 @@ class _StepSTE(torch.autograd.Function):
         return torch.where(inside, grad, grad * ctx.leak) * slope, None, None, None, None, None, None
 
 
+_SLOPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _doubled_slopes(layer: Lookup) -> Lookup:
+    """Twice the table's central differences, as a table (integers: central differences of integers are halves);
+    built once per op."""
+    got = _SLOPES.get(layer)
+    if got is None:
+        t = layer.table.astype(np.float64)
+        d = np.gradient(t, axis=1) if t.shape[1] > 1 else np.zeros_like(t)
+        got = _SLOPES[layer] = Lookup(layer.start, np.rint(d * 2).astype(np.int64))
+    return got
+
+
 class _LookupSTE(torch.autograd.Function):
     """Exact table lookup forward (via the executor); backward: the table's central difference at the input,
     ``(T[x + 1] - T[x - 1]) / 2`` (one-sided at the domain's ends), a straight-through slope of the function."""
@@ -134,10 +149,7 @@ class _LookupSTE(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: Lookup, check: bool) -> torch.Tensor:  # type: ignore[override]
         xi = _integers(x, check, f"lookup {layer.name!r}")
         y = torch.from_numpy(lookup(layer, xi).astype(np.float64)).to(x.device)
-        t = layer.table.astype(np.float64)
-        d = np.gradient(t, axis=1) if t.shape[1] > 1 else np.zeros_like(t)
-        # 2 d is an integer table (central differences of integers are halves): the executor's lookup takes it
-        slope = lookup(Lookup(layer.start, np.rint(d * 2).astype(np.int64)), xi) / 2.0
+        slope = lookup(_doubled_slopes(layer), xi) / 2.0
         ctx.save_for_backward(torch.from_numpy(slope).to(x.device))
         return y
 

@@ -356,11 +356,15 @@ class _Importer:
         k = np.array([1 << max(s, 0) for _, s in mult], dtype=np.int64)
         return w * k.reshape(-1, *([1] * (w.ndim - 1))), b * k
 
-    def op_conv(self, op: Any, name: str, depthwise: bool) -> None:
-        ins, outs = op.InputsAsNumpy(), op.OutputsAsNumpy()
+    def unary(self, op: Any) -> tuple[np.ndarray, Any, int]:
+        """An operator's input tensor indices, its int8 activation input 0 and its output tensor index."""
+        ins = op.InputsAsNumpy()
         x = self.act_input(ins, 0, "input")
         self.check_int8(int(ins[0]), "input")
-        yt = int(outs[0])
+        return ins, x, int(op.OutputsAsNumpy()[0])
+
+    def op_conv(self, op: Any, name: str, depthwise: bool) -> None:
+        ins, x, yt = self.unary(op)
         s_out, z_out, qmin, qmax = self.out_quant(yt)
         opt = self.options(op, "DepthwiseConv2DOptions" if depthwise else "Conv2DOptions")
         if opt is None:
@@ -409,10 +413,7 @@ class _Importer:
         self.set_out(yt, pos, (oh, ow, oc), True, lo, hi)
 
     def op_fully_connected(self, op: Any, name: str) -> None:
-        ins, outs = op.InputsAsNumpy(), op.OutputsAsNumpy()
-        x = self.act_input(ins, 0, "input")
-        self.check_int8(int(ins[0]), "input")
-        yt = int(outs[0])
+        ins, x, yt = self.unary(op)
         s_out, z_out, qmin, qmax = self.out_quant(yt)
         opt = self.options(op, "FullyConnectedOptions")
         act = self.activation(opt)
@@ -456,10 +457,7 @@ class _Importer:
         return (kh, kw), stride, (pt, pl, pb, pr), (oh, ow)
 
     def op_max_pool(self, op: Any, name: str) -> None:
-        ins, outs = op.InputsAsNumpy(), op.OutputsAsNumpy()
-        x = self.act_input(ins, 0, "input")
-        self.check_int8(int(ins[0]), "input")
-        yt = int(outs[0])
+        ins, x, yt = self.unary(op)
         s_out, z_out, qmin, qmax = self.out_quant(yt)
         opt = self.options(op, "Pool2DOptions")
         act = self.activation(opt)
@@ -475,10 +473,7 @@ class _Importer:
         self.set_out(yt, pos, (oh, ow, x.shape[2]), True, lo, hi)
 
     def op_average_pool(self, op: Any, name: str) -> None:
-        ins, outs = op.InputsAsNumpy(), op.OutputsAsNumpy()
-        x = self.act_input(ins, 0, "input")
-        self.check_int8(int(ins[0]), "input")
-        yt = int(outs[0])
+        ins, x, yt = self.unary(op)
         s_out, z_out, qmin, qmax = self.out_quant(yt)
         opt = self.options(op, "Pool2DOptions")
         act = self.activation(opt)
@@ -570,10 +565,7 @@ class _Importer:
         self.set_out(yt, pos, a.shape, chw, lo, hi)
 
     def op_reshape(self, op: Any, name: str) -> None:
-        ins, outs = op.InputsAsNumpy(), op.OutputsAsNumpy()
-        x = self.act_input(ins, 0, "input")
-        self.check_int8(int(ins[0]), "input")
-        yt = int(outs[0])
+        ins, x, yt = self.unary(op)
         self.check_int8(yt, "output")
         shape = self.tshape(yt)
         if len(shape) >= 2:

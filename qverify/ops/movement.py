@@ -55,7 +55,9 @@ class _Movement(LinearMap):
     def matrices(self, in_shapes: Sequence[Shape]) -> list:
         return _csr_gather(self.index_map(in_shapes), [size(s) for s in in_shapes])
 
-    def _zero_if_neg(self, xs: Sequence[np.ndarray], part: str) -> bool:
+    @staticmethod
+    def _zero_if_neg(part: str) -> bool:
+        """``L-`` of a data-movement op is 0 (every coefficient is 0 or 1)."""
         check_part(part)
         return part == "neg"
 
@@ -71,7 +73,7 @@ class Flatten(_Movement):
 
     def linear(self, xs: Sequence[np.ndarray], part: str = "w") -> np.ndarray:
         y = xs[0].reshape(len(xs[0]), -1)
-        return np.zeros_like(y) if self._zero_if_neg(xs, part) else y
+        return np.zeros_like(y) if self._zero_if_neg(part) else y
 
     def transpose(self, lam: np.ndarray, in_shapes: Sequence[Shape], part: str = "w") -> list[np.ndarray]:
         t = lam.reshape(len(lam), *in_shapes[0])
@@ -98,7 +100,7 @@ class Reshape(_Movement):
 
     def linear(self, xs: Sequence[np.ndarray], part: str = "w") -> np.ndarray:
         y = xs[0].reshape(len(xs[0]), *self.shape)
-        return np.zeros_like(y) if self._zero_if_neg(xs, part) else y
+        return np.zeros_like(y) if self._zero_if_neg(part) else y
 
     def transpose(self, lam: np.ndarray, in_shapes: Sequence[Shape], part: str = "w") -> list[np.ndarray]:
         t = lam.reshape(len(lam), *in_shapes[0])
@@ -128,7 +130,7 @@ class Transpose(_Movement):
 
     def linear(self, xs: Sequence[np.ndarray], part: str = "w") -> np.ndarray:
         y = np.ascontiguousarray(xs[0].transpose(0, *[p + 1 for p in self.perm]))
-        return np.zeros_like(y) if self._zero_if_neg(xs, part) else y
+        return np.zeros_like(y) if self._zero_if_neg(part) else y
 
     def transpose(self, lam: np.ndarray, in_shapes: Sequence[Shape], part: str = "w") -> list[np.ndarray]:
         inv = np.argsort(self.perm)
@@ -169,7 +171,7 @@ class Pad(_Movement):
 
     def linear(self, xs: Sequence[np.ndarray], part: str = "w") -> np.ndarray:
         y = np.pad(xs[0], self._widths())
-        return np.zeros_like(y) if self._zero_if_neg(xs, part) else y
+        return np.zeros_like(y) if self._zero_if_neg(part) else y
 
     def transpose(self, lam: np.ndarray, in_shapes: Sequence[Shape], part: str = "w") -> list[np.ndarray]:
         sl = tuple(slice(b, b + d) for (b, _), d in zip(self._widths(), (len(lam), *in_shapes[0]), strict=True))
@@ -179,10 +181,6 @@ class Pad(_Movement):
     def offset(self, in_shapes: Sequence[Shape]) -> np.ndarray:
         inner = np.zeros((1, *in_shapes[0]), dtype=np.int64)
         return np.pad(inner, self._widths(), constant_values=self.value)[0]
-
-    def index_map(self, in_shapes: Sequence[Shape]) -> np.ndarray:
-        x = (np.arange(size(in_shapes[0]), dtype=np.int64) + 1).reshape(1, *in_shapes[0])
-        return np.pad(x, self._widths()).reshape(-1) - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,7 +214,7 @@ class Concat(_Movement):
 
     def linear(self, xs: Sequence[np.ndarray], part: str = "w") -> np.ndarray:
         y = np.concatenate(list(xs), axis=self.axis + 1)
-        return np.zeros_like(y) if self._zero_if_neg(xs, part) else y
+        return np.zeros_like(y) if self._zero_if_neg(part) else y
 
     def transpose(self, lam: np.ndarray, in_shapes: Sequence[Shape], part: str = "w") -> list[np.ndarray]:
         cuts = np.cumsum([s[self.axis] for s in in_shapes])[:-1]
