@@ -21,7 +21,9 @@ on the whole box. Then one round takes a batch of boxes from the top of a stack 
    ``attack_boxes`` most promising boxes of the round.
 
 Every split strictly shrinks a box and single points are never split, so the search terminates; the verdict is
-``robust`` only when the queue is empty, ``counterexample`` only after replay, ``unknown`` (``timeout``) when the
+``robust`` only when the queue is empty (and, on a set-valued network (:class:`~qverify.ops.Uncertain`), no single
+point was left open by its bounds: its nominal value does not decide it, so the verdict is then ``unknown``
+/ ``set-valued``), ``counterexample`` only after replay, ``unknown`` (``timeout``) when the
 deadline passes first and ``unknown`` (``memory``) when the queue outgrows ``max_queue`` boxes.
 
 **Split heuristics** (``split=``), scores over the dimensions with ``lo_j < hi_j``, the largest wins (first on
@@ -74,6 +76,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.property import Property
 from qverify.replay import replay
@@ -262,7 +265,7 @@ def _pull_max_pool(net: QNetwork, i: int, op: MaxPool2d, lam: np.ndarray, ivb: l
 PULL = {Dense: _pull_linear, Conv2d: _pull_linear, SumPool2d: _pull_linear, Add: _pull_linear,
         Flatten: _pull_linear, Reshape: _pull_linear, Transpose: _pull_linear, Pad: _pull_linear,
         Concat: _pull_linear, Requantize: _pull_requantize, Clamp: _pull_clamp, Step: _pull_step,
-        Lookup: _pull_lookup, MaxPool2d: _pull_max_pool}
+        Lookup: _pull_lookup, MaxPool2d: _pull_max_pool, Uncertain: lambda net, i, op, lam, ivb, idx, part: [lam]}
 
 
 def split_boxes(lo: np.ndarray, hi: np.ndarray, dim: np.ndarray
@@ -341,6 +344,7 @@ def _bab(net: QNetwork, prop: Property, deadline: float | None, split: str, s: B
     stack_lo = [prop.lo.astype(dtype)[None]]
     stack_hi = [prop.hi.astype(dtype)[None]]
     queued = 1
+    undecided_points = False
 
     def finish(verdict: Verdict, reason: str = "", ce: Counterexample | None = None) -> Result:
         dt = time.monotonic() - t0
@@ -442,6 +446,8 @@ def _bab(net: QNetwork, prop: Property, deadline: float | None, split: str, s: B
         width = Hi - Li
         point = ~np.any(width > 0, axis=1)
         st.points += int(point.sum())
+        # a set-valued network's point is not decided by its nominal value: the bounds left it open
+        undecided_points = undecided_points or (net.set_valued and bool(point.any()))
         keep = np.nonzero(~point)[0]
         if len(keep):
             Lk, Hk, wk = Li[keep], Hi[keep], width[keep]
@@ -486,4 +492,6 @@ def _bab(net: QNetwork, prop: Property, deadline: float | None, split: str, s: B
             st.seconds_attack += time.monotonic() - ta
             if ce is not None:
                 return finish(Verdict.COUNTEREXAMPLE, ce=ce)
+    if undecided_points:
+        return finish(Verdict.UNKNOWN, Reason.SET_VALUED.value)
     return finish(Verdict.ROBUST)

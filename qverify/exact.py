@@ -189,7 +189,7 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
             if out.status is SolveStatus.FEASIBLE and out.values is not None:
                 x = enc.decode(out.values, 0)
                 cex = replay(net, prop, x)
-                if not cex.confirmed and relax:
+                if not cex.confirmed and (relax or net.set_valued):
                     found = descend(net, prop, x.reshape(1, -1), REPAIR, min(end, time.monotonic() + REPAIR_SECONDS),
                                     target=j)
                     if found is None:
@@ -242,7 +242,7 @@ def verify_milp(net: QNetwork, prop: Property, settings: SolverSettings | None =
         out, cex, j = failure
         details["replay_failure"] = replay_report(net, enc, out.values or [], cex.x, cex.note, out.raw_values)
         details["replay_failure"]["disjunct"] = j
-        return Result(Verdict.UNKNOWN, method, secs, reason=Reason.REPLAY_FAILED, counterexample=cex,
+        return Result(Verdict.UNKNOWN, method, secs, reason=_replay_reason(net), counterexample=cex,
                       stages=stages, details=details)
     if open_:
         reason = Reason.UNCONFIRMED if all(k in claimed for k in open_) else Reason.TIMEOUT
@@ -285,8 +285,15 @@ def _conclude(net: QNetwork, prop: Property, enc: NetworkEncoding, prog: Program
     if cex.confirmed:
         return Result(Verdict.COUNTEREXAMPLE, method, t2 - t0, counterexample=cex, stages=stages, details=details)
     details["replay_failure"] = replay_report(net, enc, out.values, x, cex.note, out.raw_values, prog)
-    return Result(Verdict.UNKNOWN, method, t2 - t0, reason=Reason.REPLAY_FAILED, counterexample=cex,
+    return Result(Verdict.UNKNOWN, method, t2 - t0, reason=_replay_reason(net), counterexample=cex,
                   stages=stages, details=details)
+
+
+def _replay_reason(net: QNetwork) -> Reason:
+    """Why a solution that does not replay leaves the disjunct open: on a set-valued network the program's
+    solutions are members of the set the runtime need not compute (``set-valued``), elsewhere a bug
+    (``replay-failed``)."""
+    return Reason.SET_VALUED if net.set_valued else Reason.REPLAY_FAILED
 
 
 def replay_report(net: QNetwork, enc: NetworkEncoding, values: list[int], x: np.ndarray, note: str,

@@ -36,6 +36,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.quant import f32_round, f32_thresholds, multiply_round, thresholds
 
@@ -175,7 +176,8 @@ EXECUTE = {Dense: _linear, Conv2d: _linear, SumPool2d: _linear, Add: _linear, Fl
            Transpose: _linear, Pad: _linear, Concat: _linear,
            Requantize: lambda layer, xs: requantize(layer, xs[0]), Clamp: _clamp,
            Step: lambda layer, xs: step_function(layer, xs[0]), Lookup: lambda layer, xs: lookup(layer, xs[0]),
-           MaxPool2d: lambda layer, xs: max_pool(layer, xs[0])}
+           MaxPool2d: lambda layer, xs: max_pool(layer, xs[0]),
+           Uncertain: lambda layer, xs: np.asarray(xs[0])}  # the nominal member of the set (e = 0)
 
 
 def apply_layer(layer: Layer, x: np.ndarray | list[np.ndarray]) -> np.ndarray:

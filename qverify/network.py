@@ -56,6 +56,7 @@ from qverify.ops import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.ops.base import int_array as _int_array
 from qverify.ops.base import int_scalar as _int_scalar
@@ -68,7 +69,7 @@ AFFINE_LAYERS = (Dense, Conv2d)
 
 __all__ = ["AFFINE_LAYERS", "ALL_OPS", "Add", "Clamp", "Concat", "Conv2d", "Dense", "Flatten", "Layer",
            "LinearMap", "Lookup", "MaxPool2d", "ModelError", "Monotone", "Op", "Pad", "QNetwork", "Requantize",
-           "Reshape", "Step", "SumPool2d", "Transpose", "_int_array", "_int_scalar", "pixel_units_network",
+           "Reshape", "Step", "SumPool2d", "Transpose", "Uncertain", "_int_array", "_int_scalar", "pixel_units_network",
            "value_bits"]
 
 
@@ -163,6 +164,9 @@ class QNetwork:
                 except ModelError as e:
                     raise ModelError(f"{where}: {e}") from None
                 ranges.append(layer.out_range())
+            elif isinstance(layer, Uncertain):
+                d = int(layer.delta.max())
+                ranges.append((in_ranges[0][0] - d, in_ranges[0][1] + d))
             else:
                 ranges.append(in_ranges[0])
         if len(shapes[-1]) != 1:
@@ -256,6 +260,14 @@ class QNetwork:
         if self._has_float32():
             return "onnxruntime"
         return str(self.metadata.get("semantics", "exact"))
+
+    @property
+    def set_valued(self) -> bool:
+        """Whether the network holds an :class:`~qverify.ops.Uncertain` op: it then stands for a set of functions
+        (the runtime's float32 arithmetic is one member, the executor computes the nominal one), a ``robust``
+        verdict covers the whole set, and a counterexample must be confirmed on the runtime
+        (:func:`qverify.replay.replay`)."""
+        return any(isinstance(layer, Uncertain) for layer in self.layers)
 
     def _has_float32(self) -> bool:
         return any(isinstance(layer, Requantize) and layer.float32_scale is not None for layer in self.layers)

@@ -3,7 +3,8 @@
 A candidate ``x`` is confirmed when it lies in the property's input box and the integer executor's outputs on it
 lie in the unsafe region. For a model imported from a format whose runtime can run the original file, the same
 input is also run there and the outcome recorded separately: a disagreement is reported, never hidden, with the
-runtime's known cause when it applies.
+runtime's known cause when it applies. A *set-valued* network (float32 bands, :class:`~qverify.ops.Uncertain`)
+is confirmed on its runtime alone: the executor computes only its nominal member.
 
 Runtimes are a registry, :data:`RUNTIMES` (source format -> :class:`RuntimeReplay`), filled by the importers
 themselves: ``qverify.io.onnx`` registers onnxruntime for ``format = "onnx"`` when it is imported. Replay looks the
@@ -76,6 +77,8 @@ def replay(net: QNetwork, prop: Property, x: np.ndarray, onnx_check: bool = True
     if x.size != prop.num_inputs or not prop.contains(x)[0]:
         return Counterexample(x, np.zeros(0, np.int64), False, None, "candidate lies outside the input box")
     y = forward(net, x[None, :])[0]
+    if net.set_valued:
+        return _replay_set_valued(net, prop, x, y)
     ok = bool(prop.is_violated(y[None, :])[0])
     runtime_ok = None
     note = "" if ok else "executor output is not in the unsafe region"
@@ -92,3 +95,23 @@ def replay(net: QNetwork, prop: Property, x: np.ndarray, onnx_check: bool = True
         except Exception as e:  # the runtime missing or the file moved: say so, keep the executor's verdict
             note = f"{hook.runtime} replay not possible: {e}"
     return Counterexample(x, y, ok, runtime_ok, note)
+
+
+def _replay_set_valued(net: QNetwork, prop: Property, x: np.ndarray, y: np.ndarray) -> Counterexample:
+    """A set-valued network (:attr:`~qverify.network.QNetwork.set_valued`) is the runtime's float arithmetic
+    bounded by bands: its executor computes only the nominal member, so a witness is confirmed by the runtime
+    alone (``confirmed = onnx_confirmed = the runtime's outputs violate the property``). Without a runtime that
+    applies, nothing is confirmed."""
+    nominal = bool(prop.is_violated(y[None, :])[0])
+    hook = runtime_for(net)
+    what = "the nominal executor's outputs " + ("violate" if nominal else "do not violate") + " the property"
+    if hook is None:
+        return Counterexample(x, y, False, None, f"set-valued network: no runtime to confirm the witness ({what})")
+    try:
+        yo = hook.outputs(net, x[None, :])
+    except Exception as e:  # the runtime missing or the file moved: nothing is confirmed
+        return Counterexample(x, y, False, None, f"set-valued network: {hook.runtime} replay not possible: {e}")
+    ok = bool(prop.is_violated(yo)[0])
+    note = (f"confirmed on {hook.runtime} (outputs {np.round(np.asarray(yo[0], dtype=np.float64), 3).tolist()}); "
+            if ok else f"{hook.runtime} does not violate the property; ") + what
+    return Counterexample(x, y, ok, ok, note)

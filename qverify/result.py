@@ -34,6 +34,9 @@ class Reason(StrEnum):
     REPLAY_FAILED = "replay-failed"
     SOLVER = "solver-status"
     UNCONFIRMED = "unconfirmed"  # a floating-point solver reported infeasible; no exact check confirmed it
+    #: a set-valued network (float32 bands, :class:`~qverify.ops.Uncertain`): some member of the set violates the
+    #: property there, but the runtime does not confirm it (or is not available)
+    SET_VALUED = "set-valued"
 
 
 @dataclass

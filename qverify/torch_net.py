@@ -76,6 +76,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 
 
@@ -326,7 +327,7 @@ def _max_pool(tn: TorchNet, i: int, op: MaxPool2d, xs: list[torch.Tensor]) -> to
 TORCH: dict[type, Rule] = {Dense: _dense, Conv2d: _conv2d, SumPool2d: _sum_pool, Add: _add, Flatten: _flatten,
                            Reshape: _reshape, Transpose: _transpose, Pad: _pad, Concat: _concat,
                            Requantize: _requantize, Clamp: _clamp, Step: _step, Lookup: _lookup,
-                           MaxPool2d: _max_pool}
+                           MaxPool2d: _max_pool, Uncertain: lambda tn, i, op, xs: xs[0]}  # the nominal member
 
 
 # ================================================================================================ soft logits
@@ -352,7 +353,7 @@ SOFT: dict[type, Callable | str] = {
     Dense: SOFT_EXACT, Conv2d: SOFT_EXACT, SumPool2d: SOFT_EXACT, Add: SOFT_EXACT, Step: SOFT_EXACT,
     Lookup: SOFT_EXACT,
     Flatten: SOFT_PASS, Reshape: SOFT_PASS, Transpose: SOFT_PASS, Pad: SOFT_PASS, Concat: SOFT_PASS,
-    MaxPool2d: SOFT_PASS, Requantize: _soft_requantize, Clamp: _soft_clamp}
+    MaxPool2d: SOFT_PASS, Uncertain: SOFT_PASS, Requantize: _soft_requantize, Clamp: _soft_clamp}
 
 
 def _soft_kind(op: Op) -> Callable | str:

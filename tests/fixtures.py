@@ -32,6 +32,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.property import Property, robustness_property
 from qverify.quant import Rounding
@@ -104,6 +105,8 @@ def random_conv_network(rng: np.random.Generator, in_shape: tuple[int, int, int]
 #: the blocks :func:`random_graph_network` draws from
 GRAPH_BLOCKS = ("residual", "depthwise", "maxpool", "sumpool", "concat", "step", "transpose", "pad", "global",
                 "lookup")
+#: blocks that make the network set-valued (:class:`~qverify.ops.Uncertain`); drawn only when asked for
+SET_BLOCKS = ("uncertain",)
 
 
 class GraphBuilder:
@@ -141,7 +144,10 @@ def random_graph_network(rng: np.random.Generator, blocks: Sequence[str] | None 
     * ``concat``: two 1x1 conv branches concatenated on channels; ``step``: a 1x1 conv then a ``Step`` (ONNX sign, or
       a per-channel binarizing threshold to ``{-1, 1}``);
     * ``transpose``: to channels-last, ``Reshape`` to the same shape, back to channels-first; ``pad``: ``Pad``
-      with a constant in the activation range; ``lookup``: a random (non-monotone) table of the activation range.
+      with a constant in the activation range; ``lookup``: a random (non-monotone) table of the activation range;
+    * ``uncertain`` (set-valued, only when asked for: :data:`SET_BLOCKS`): global sum pooling, a band
+      ``Uncertain(d_c)`` with ``d_c`` in ``0..2``, then a binarizing ``Step`` to ``{-1, 1}`` at a random cut or
+      an ``Uncertain`` then requant (the float32 band before a threshold or a requantization of a binarized net).
 
     Every value is small, so a box of a few hundred points enumerates in milliseconds (the oracle)."""
     names = list(GRAPH_BLOCKS if blocks is None else blocks)
@@ -196,6 +202,13 @@ def random_graph_network(rng: np.random.Generator, blocks: Sequence[str] | None 
             v = g.add(Transpose((2, 0, 1)), g.add(Reshape(g.shapes[t]), t))
         elif kind == "pad":
             v = g.add(Pad((0, 1, 0, 0, 0, 1), int(rng.integers(0, 3))), v)
+        elif kind == "uncertain":
+            p = rq(g.add(SumPool2d((h, w)), v))
+            u = g.add(Uncertain(rng.integers(0, 3, size=c if rng.integers(0, 2) else 1)), p)
+            if rng.integers(0, 2):
+                v = g.add(Step(rng.integers(0, 9, size=(c, 1)), (-1, 1)), u)
+            else:
+                v = rq(u)
         elif kind == "lookup":  # a non-monotone table to [0, 7] on [-1, 7] (every block's activation range)
             table = rng.integers(0, 8, size=(c, 9) if rng.integers(0, 2) else 9)
             v = g.add(Lookup(-1, table), v)
@@ -251,6 +264,49 @@ def brute_force(net: QNetwork, prop: Property, limit: int = 200_000) -> tuple[bo
     axes = [np.arange(l, h + 1) for l, h in zip(prop.lo, prop.hi, strict=True)]
     pts = np.array(list(itertools.product(*axes)), dtype=np.int64)
     bad = prop.is_violated(forward(net, pts))
+    if bad.any():
+        return False, pts[int(np.argmax(bad))]
+    return True, None
+
+
+def set_members(net: QNetwork, x: np.ndarray, limit: int = 20_000) -> np.ndarray:
+    """Every output a set-valued network (:class:`~qverify.ops.Uncertain`) can give on the inputs ``x [B, n]``:
+    ``[B, M, n_out]``, one row per choice of every band's deviation ``e`` (all of them, enumerated; at most
+    ``limit`` choices). The oracle of the set semantics; on a network without bands ``M = 1``."""
+    from qverify import graph
+    from qverify.execute import EXECUTE, check_inputs
+
+    bands = [(i, op) for i, op in enumerate(net.layers) if isinstance(op, Uncertain)]
+    ranges = []
+    for i, op in bands:
+        d = op.deltas(net.shapes[i + 1]).ravel()
+        ranges += [range(-int(v), int(v) + 1) for v in d]
+    combos = math.prod(len(r) for r in ranges)
+    if combos > limit:
+        raise ValueError(f"{combos} choices of the bands, more than {limit}")
+    E = np.array(list(itertools.product(*ranges)), dtype=np.int64).reshape(combos, -1)
+    xs = check_inputs(net, x)
+    B = len(xs)
+    big = np.repeat(xs, combos, axis=0)
+    offsets, k = {}, 0
+    for i, _ in bands:
+        m = int(np.prod(net.shapes[i + 1]))
+        offsets[i] = np.tile(E[:, k:k + m], (B, 1)).reshape(B * combos, *net.shapes[i + 1])
+        k += m
+
+    def step(i: int, op: object, ins: list[np.ndarray]) -> np.ndarray:
+        out = graph.rule(EXECUTE, op, "executor")(op, ins)
+        return out + offsets[i] if i in offsets else out
+
+    y = graph.forward(net, big, step, keep=False)[-1]
+    return np.asarray(y).reshape(B, combos, -1)
+
+
+def set_brute_force(net: QNetwork, prop: Property, limit: int = 200_000) -> tuple[bool, np.ndarray | None]:
+    """:func:`brute_force` over the set: ``(robust for every member, an input where some member violates)``."""
+    pts = all_box_points(prop)
+    members = set_members(net, pts, max(1, limit // max(1, len(pts))))
+    bad = prop.is_violated(members.reshape(-1, members.shape[-1])).reshape(members.shape[:2]).any(axis=1)
     if bad.any():
         return False, pts[int(np.argmax(bad))]
     return True, None

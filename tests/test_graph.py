@@ -15,7 +15,7 @@ from qverify.bounds.symbolic import symbolic_analysis
 from qverify.execute import execute, forward
 from qverify.network import Add, Dense, ModelError, QNetwork, Requantize
 from qverify.ops import ALL_OPS
-from tests.fixtures import GRAPH_BLOCKS, graph_networks, random_graph_network
+from tests.fixtures import GRAPH_BLOCKS, SET_BLOCKS, graph_networks, random_graph_network
 
 #: every rule table of every technique: (module, table name)
 RULE_TABLES = [
@@ -128,5 +128,6 @@ def test_symbolic_bounds_of_each_block_by_enumeration(block: str) -> None:
 def test_every_op_appears_in_the_random_graphs() -> None:
     kinds = set()
     for seed in range(60):
-        kinds |= {type(layer) for layer in random_graph_network(np.random.default_rng(seed), n_blocks=3).layers}
+        kinds |= {type(layer) for layer in random_graph_network(np.random.default_rng(seed), GRAPH_BLOCKS + SET_BLOCKS,
+                                                                n_blocks=3).layers}
     assert kinds == set(ALL_OPS)

@@ -60,6 +60,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.property import Property
 from qverify.quant import FLOAT64_EXACT, INT64_SAFE
@@ -184,11 +185,18 @@ def _max_pool(layer: MaxPool2d, ins: list[Bounds], in_bounds: list[int]) -> Boun
     return max_pool(layer, lo), max_pool(layer, hi)
 
 
+def _uncertain(layer: Uncertain, ins: list[Bounds], in_bounds: list[int]) -> Bounds:
+    """The set-valued identity ``y in [x - d, x + d]``: ``[lo - d, hi + d]`` (exact over the set)."""
+    (lo, hi), = ins
+    d = layer.deltas(lo.shape[1:])[None]
+    return lo - d, hi + d
+
+
 #: the interval table: one exact function per op type, ``fn(op, input bounds, input magnitudes) -> (lo, hi)``
 INTERVAL: dict[type, IntervalFn] = {Dense: _linear, Conv2d: _linear, SumPool2d: _linear, Add: _linear,
                                     Flatten: _linear, Reshape: _linear, Transpose: _linear, Pad: _linear,
                                     Concat: _linear, Requantize: _requantize, Clamp: _clamp, Step: _step,
-                                    Lookup: _lookup, MaxPool2d: _max_pool}
+                                    Lookup: _lookup, MaxPool2d: _max_pool, Uncertain: _uncertain}
 
 
 def node_interval(net: QNetwork, index: int, ins: list[Bounds]) -> Bounds:

@@ -115,6 +115,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.property import Property
 from qverify.quant import Rounding, f32_error_bounds, f32_thresholds, round_div
@@ -588,6 +589,13 @@ def _constant_relaxation(layer: Step | Lookup, shape: tuple[int, ...], l: np.nda
                       hi.reshape(len(u), -1).astype(np.float64))
 
 
+def uncertain_relaxation(layer: Uncertain, shape: tuple[int, ...], batch: int) -> Relaxation:
+    """The set-valued identity: ``x - d <= y <= x + d``, the envelope of the set (exact, slope 1)."""
+    d = np.broadcast_to(layer.deltas(shape).reshape(1, -1).astype(np.float64), (batch, int(np.prod(shape))))
+    one = np.ones(d.shape)
+    return Relaxation(one, -d.copy(), one.copy(), d.copy())
+
+
 def node_rule_interval(layer: Step | Lookup, l: np.ndarray, u: np.ndarray) -> Bounds:
     """The interval rule of a one-input op (:data:`qverify.bounds.interval.INTERVAL`) on shaped bounds."""
     return graph.rule(INTERVAL, layer, "interval bounds")(layer, [(l, u)], [0])
@@ -712,7 +720,7 @@ BACKSUB: dict[type, Callable] = {Dense: _back_linear, Conv2d: _back_linear, SumP
                                  Add: _back_linear, Flatten: _back_linear, Reshape: _back_linear,
                                  Transpose: _back_linear, Pad: _back_linear, Concat: _back_linear,
                                  Requantize: _back_monotone, Clamp: _back_monotone, Step: _back_monotone,
-                                 Lookup: _back_monotone, MaxPool2d: _back_max_pool}
+                                 Lookup: _back_monotone, MaxPool2d: _back_max_pool, Uncertain: _back_monotone}
 
 _LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -882,6 +890,8 @@ def _relaxation(net: QNetwork, i: int, ins: list[Bounds], levels: int) -> Relaxa
         return _step_relaxation(layer, shape, l, u)
     if isinstance(layer, Lookup):
         return _constant_relaxation(layer, shape, l, u)
+    if isinstance(layer, Uncertain):
+        return uncertain_relaxation(layer, shape, len(l))
     return relax(ActParams.of(layer, shape), l, u, levels=levels)
 
 

@@ -47,6 +47,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 
 Bounds = list[tuple[np.ndarray, np.ndarray]]
@@ -86,11 +87,18 @@ def _ends(op: Op, ins: list[Pair]) -> Pair:
     return apply_layer(op, lo), apply_layer(op, hi)
 
 
+def _widen(op: Uncertain, ins: list[Pair]) -> Pair:
+    """The set-valued identity: ``[lo - d, hi + d]``."""
+    (lo, hi), = ins
+    d = op.deltas(lo.shape[1:])[None]
+    return lo - d, hi + d
+
+
 #: the fallback interval table: ``rule(op, [(lo, hi) per input, each [1, *shape]]) -> (lo, hi)``
 OWN_INTERVAL: dict[type, Callable[[Op, list[Pair]], Pair]] = {
     Dense: _linear, Conv2d: _linear, SumPool2d: _linear, Add: _linear, Flatten: _linear, Reshape: _linear,
     Transpose: _linear, Pad: _linear, Concat: _linear, Requantize: _ends, Clamp: _ends, Step: _ends,
-    Lookup: _table_range, MaxPool2d: _ends}
+    Lookup: _table_range, MaxPool2d: _ends, Uncertain: _widen}
 
 
 def _own_interval(net: QNetwork, lo: np.ndarray, hi: np.ndarray) -> Bounds:

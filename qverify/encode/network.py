@@ -71,6 +71,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.quant import FLOAT64_EXACT, Rounding, f32_round, f32_thresholds, round_div, threshold
 
@@ -651,6 +652,38 @@ class NetworkEncoder:
             out.append(ye)
         return out
 
+    # ------------------------------------------------------------------ set-valued identity
+    def uncertain(self, i: int, op: Uncertain, ins: list[list[Value]]) -> list[Value]:
+        """``y in [x - d, x + d]`` per neuron (:class:`~qverify.ops.Uncertain`): a new integer variable ``y`` with
+        ``y - x >= -d`` and ``y - x <= d``, its domain the input's bounds widened by ``d`` and intersected with
+        the output's bounds; ``d = 0`` passes ``x`` through. Exact: the program's solutions are the members of the
+        set (every choice of the runtime's deviation)."""
+        (value,) = self.net.node_inputs(i)
+        shape = self.net.shapes[value]
+        deltas = op.deltas(shape).ravel()
+        blo, bhi = self.bounds[value]
+        ylo, yhi = self.bounds[i + 1]
+        out: list[Value] = []
+        for j, x in enumerate(ins[0]):
+            d = int(deltas[j])
+            if d == 0:
+                out.append(x)
+                continue
+            if isinstance(x, LinExpr):
+                e_lo, e_hi = self.prog.expr_bounds(x)
+                x_lo, x_hi = max(int(blo[j]), e_lo), min(int(bhi[j]), e_hi)
+            else:
+                x_lo = x_hi = int(x)
+            lo, hi = max(x_lo - d, int(ylo[j])), min(x_hi + d, int(yhi[j]))
+            if lo > hi:
+                raise ValueError(f"uncertain {i}_{j}: the bounds leave no feasible value (unsound bounds?)")
+            self.stats["encoded_neurons"] += 1
+            y = self.prog.add_var(f"e{i}_{j}", lo, hi)
+            diff = LinExpr.var(y) - x
+            self.prog.add_con(diff, -d, d, name=f"e{i}_{j}")
+            out.append(LinExpr.var(y))
+        return out
+
     # ------------------------------------------------------------------ the whole network
     def network(self, net: QNetwork, lo: np.ndarray, hi: np.ndarray) -> list[list[Value]]:
         """Every value's neurons (index 0 the input, ``i + 1`` node ``i``'s output): :data:`ENCODE` walked by
@@ -670,7 +703,7 @@ ENCODE: dict[type, Callable[..., list[Value]]] = {
     Add: NetworkEncoder.linear, Flatten: NetworkEncoder.linear, Reshape: NetworkEncoder.linear,
     Transpose: NetworkEncoder.linear, Pad: NetworkEncoder.linear, Concat: NetworkEncoder.linear,
     Requantize: NetworkEncoder.requantize, Clamp: NetworkEncoder.clamp, Step: NetworkEncoder.step,
-    Lookup: NetworkEncoder.lookup, MaxPool2d: NetworkEncoder.max_pool}
+    Lookup: NetworkEncoder.lookup, MaxPool2d: NetworkEncoder.max_pool, Uncertain: NetworkEncoder.uncertain}
 
 
 def encode_network(net: QNetwork, lo: np.ndarray, hi: np.ndarray, bounds: Bounds | None = None,

@@ -46,6 +46,7 @@ from qverify.network import (
     Step,
     SumPool2d,
     Transpose,
+    Uncertain,
 )
 from qverify.ops import CHAIN_OPS
 
@@ -108,6 +109,7 @@ SAVE: dict[type, Callable[[Any, Callable], dict]] = {
     Lookup: lambda layer, arr: {"start": layer.start, "table": arr("table", layer.table)},
     MaxPool2d: lambda layer, arr: {"kernel": list(layer.kernel), "stride": list(layer.stride),
                                    "padding": list(layer.padding), "dilation": list(layer.dilation)},
+    Uncertain: lambda layer, arr: {"delta": arr("delta", layer.delta)},
 }
 
 
@@ -304,6 +306,7 @@ LOAD: dict[str, Callable[[_Reader, dict, str, str], Layer]] = {
     "MaxPool2d": lambda r, d, w, n: MaxPool2d(r.ints(d, "kernel", w, 2), r.ints(d, "stride", w, 2),
                                               r.ints(d, "padding", w, 4), r.ints(d, "dilation", w, 2, [1, 1]),
                                               name=n),
+    "Uncertain": lambda r, d, w, n: Uncertain(r.array(d, "delta", w, (1,)), name=n),
 }
 #: the kinds of format versions 1 and 2
 CHAIN_KINDS = frozenset(t.__name__ for t in CHAIN_OPS)

@@ -10,6 +10,13 @@
   ``Step(((t_c,) ...), (-1, 1))``.
 * :class:`Lookup`     ``y = table_c[x - start]``: any function of one integer on a bounded domain (not a
   :class:`~qverify.ops.Monotone`: its bounds take the table's range over an interval).
+* :class:`Uncertain`  ``y in {x - d_c, ..., x + d_c}``: the one *set-valued* op. It stands for the float32 rounding
+  a runtime may do where the network computes in floating point (binarized networks: a float first layer, a
+  BatchNorm before a ``Sign``, a float last layer): the importer scales the float computation to integers and
+  bounds the runtime's deviation from the exact value by ``d_c`` (:mod:`qverify.io.binarized`). A network that
+  holds one is set-valued (:attr:`~qverify.network.QNetwork.set_valued`): a ``robust`` verdict covers every
+  member of the set (so the runtime's function, whatever its summation order), the executor computes the nominal
+  member (``d = 0``), and a counterexample is one only once the runtime confirms it.
 
 The functions themselves are in :mod:`qverify.execute` (the semantics, one home); the classes hold and check the
 parameters.
@@ -290,3 +297,54 @@ class Lookup(Op):
 
     def channel_table(self, ch: int) -> np.ndarray:
         return self.table[ch if self.channels > 1 else 0]
+
+
+@dataclass(frozen=True, eq=False)
+class Uncertain(Op):
+    """``y = x + e`` elementwise with ``e`` any integer in ``[-delta_c, delta_c]`` (channel ``c`` on axis 1;
+    ``delta`` int64 ``[C]`` or ``[1]``, every entry ``>= 0``): a set-valued identity.
+
+    Semantics of a network holding it: the set of functions obtained by every choice of ``e`` at every neuron and
+    every input. Analyses treat ``e`` adversarially: interval bounds widen by ``delta``; symbolic bounds take the
+    lines ``x - delta <= y <= x + delta`` (exact: the envelope of the set); the integer program adds ``y`` with
+    ``x - delta <= y <= x + delta``. The executor and the torch view compute the nominal member ``y = x``.
+
+    Why an integer band covers a real deviation (:mod:`qverify.io.binarized` states the bounds it uses): if the
+    runtime's value ``w`` (in the units of ``x``) satisfies ``|w - x| <= D`` and a later threshold compares ``w``
+    with a real ``t``, then with ``d = ceil(D)`` some integer ``y`` of ``[x - d, x + d]`` lies on the same side of
+    ``t`` as ``w`` (``y = x + d >= w >= t`` gives ``y >= ceil(t)``; ``y = x - d <= w < t`` gives ``y < t``); at the
+    outputs, ``y_j = x_j + d_j, y_l = x_l - d_l`` order every pair as ``w`` does or ties it, so every argmax the
+    runtime can produce is produced by some member.
+    """
+
+    delta: np.ndarray
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"Uncertain {self.name!r}"
+        d = np.atleast_1d(int_array(self.delta, f"{where} delta"))
+        if d.ndim != 1 or d.size < 1:
+            raise ModelError(f"{where}: delta must be a scalar or one value per channel, got shape {d.shape}")
+        if int(d.min()) < 0:
+            raise ModelError(f"{where}: delta must be >= 0, got {int(d.min())}")
+        object.__setattr__(self, "delta", d)
+
+    @property
+    def channels(self) -> int:
+        return self.delta.size
+
+    def output_shape(self, *in_shapes: Shape) -> Shape:
+        in_shape = in_shapes[0]
+        c = in_shape[0] if in_shape else 1
+        if self.channels not in (1, c):
+            raise ModelError(f"Uncertain {self.name!r}: {self.channels} delta values for {c} channels (axis 1)")
+        return in_shape
+
+    def deltas(self, shape: Shape) -> np.ndarray:
+        """``delta`` broadcast to a value of ``shape`` (no batch axis), int64."""
+        d = self.delta.reshape((-1,) + (1,) * (len(shape) - 1)) if shape else self.delta.reshape(())
+        return np.broadcast_to(d, shape).astype(np.int64)
+
+    def summary(self) -> str:
+        lo, hi = int(self.delta.min()), int(self.delta.max())
+        return f"set-valued: +-{hi}" if lo == hi else f"set-valued: +-{lo}..{hi} per channel"
