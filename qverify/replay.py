@@ -45,7 +45,8 @@ class RuntimeReplay:
 #: source format -> its runtime replay (registered by the importer of that format)
 RUNTIMES: dict[str, RuntimeReplay] = {}
 #: source format -> the importer module that registers its runtime (imported on first use)
-RUNTIME_MODULES: dict[str, str] = {"onnx": "qverify.io.onnx", "tflite": "qverify.io.tflite"}
+RUNTIME_MODULES: dict[str, str] = {"onnx": "qverify.io.onnx", "tflite": "qverify.io.tflite",
+                                   "onnx-binarized": "qverify.io.binarized", "qonnx": "qverify.io.qonnx"}
 
 
 def register_runtime(fmt: str, replay_hook: RuntimeReplay) -> None:

