@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from qverify.bab import bab
 from qverify.bounds.interval import interval_bounds
 from qverify.bounds.symbolic import symbolic_analysis
-from qverify.solvers.cpsat import build_cpsat
 from qverify.encode import encode_network
 from qverify.exact import verify_milp
 from qverify.execute import forward
@@ -25,6 +24,7 @@ from qverify.property import Property, robustness_property
 from qverify.replay import RUNTIMES, RuntimeReplay, register_runtime, replay
 from qverify.result import Reason, Verdict
 from qverify.settings import SolverSettings, VerifySettings
+from qverify.solvers.cpsat import build_cpsat
 from qverify.verify import verify
 from tests.fixtures import (
     GRAPH_BLOCKS,
