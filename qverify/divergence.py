@@ -230,6 +230,9 @@ def _check_blocks(net: QNetwork, blocks: list[np.ndarray], where: str) -> list[D
         runtime, run = hook.runtime, hook.outputs
 
         def cause_of() -> str:
+            if net.set_valued:
+                return ("set-valued network: the runtime's float32 outputs leave the output band here, which a sign "
+                        "inside its float32 band can do; verdicts cover every member of the set")
             return hook.cause(net)
     try:
         theirs = run(net, x) if len(x) else np.zeros((0, net.num_outputs), np.int64)
@@ -237,25 +240,37 @@ def _check_blocks(net: QNetwork, blocks: list[np.ndarray], where: str) -> list[D
         return [Divergence(where, sem, runtime=runtime, skipped=f"{runtime} could not run the model: {e}")
                 for _ in blocks]
     ours = forward(net, x)
+    # a set-valued network's runtime outputs are real (float32 logits in the output units): they differ where they
+    # leave the output band of the nominal member
+    band = _output_band(net)
     clip: str | None = None
     outs = []
     start = 0
     for blk in blocks:
         a, b = ours[start:start + len(blk)], theirs[start:start + len(blk)]
         start += len(blk)
-        diff = a != b
+        diff = np.abs(a - b) > band + 0.5 if net.set_valued else a != b
         rows = np.flatnonzero(diff.any(axis=1))
         cls = np.flatnonzero(argmax_first(a) != argmax_first(b)) if len(blk) else np.zeros(0, np.int64)
         d = Divergence(where, sem, runtime=runtime, checked=len(blk), differing=int(rows.size),
                        outputs_differing=int(diff.sum()), classes_differing=int(cls.size))
         if rows.size:
             i = int(cls[0]) if cls.size else int(rows[0])  # a point where the class differs, if there is one
-            d.example = DivergencePoint(i, [int(v) for v in blk[i]], [int(v) for v in a[i]], [int(v) for v in b[i]])
+            d.example = DivergencePoint(i, [int(v) for v in blk[i]], [int(v) for v in a[i]],
+                                        [int(np.rint(v)) for v in b[i]])
             if clip is None:
                 clip = cause_of()
             d.cause = clip
         outs.append(d)
     return outs
+
+
+def _output_band(net: QNetwork) -> np.ndarray | int:
+    """The band of a set-valued network's outputs (its last op when that is an ``Uncertain``), else 0."""
+    from qverify.network import Uncertain
+
+    last = net.layers[-1]
+    return last.deltas(net.shapes[-1])[None] if isinstance(last, Uncertain) else 0
 
 
 def check_points(net: QNetwork, x: np.ndarray, where: str = "points") -> Divergence:

@@ -132,3 +132,63 @@ def test_unsupported_and_malformed(tmp_path) -> None:
         with pytest.raises(ModelError, match=msg) as e:
             load_binarized(p)
         assert str(p) in str(e.value)
+
+
+def _knife_edge_bnn(path, seed: int):
+    """A tiny Larq-style model whose BatchNorm thresholds sit within float32 rounding of a reachable integer sum
+    (the mean is a reachable sum plus a relative 1e-7): onnxruntime's float32 decision there can go either way."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c = 3
+    w = rng.choice([-1.0, 1.0], size=(c, 1, 3, 3)).astype(np.float32)
+    sums = rng.integers(-4, 5, size=c).astype(np.float64)
+    mean = (sums * (1 + rng.choice([-1, 0, 1], size=c) * 1e-7) + rng.choice([-1, 0, 1], size=c) * 1e-7)
+    var = rng.uniform(0.5, 2, size=c)
+    gamma = rng.uniform(0.5, 2, size=c) * rng.choice([-1, 1], size=c)
+    beta = rng.choice([0.0, 1e-8, -1e-8], size=c)
+    w2 = rng.normal(size=(c, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (w, "w"), (gamma, "g"), (beta, "b"), (mean, "m"), (var, "v"), (np.array(0.1), "c"), (w2, "w2"))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("BatchNormalization", ["conv", "g", "b", "m", "v"], ["bn"], name="bn", epsilon=1e-5),
+             helper.make_node("Sign", ["bn"], ["s0"], name="s0"), helper.make_node("Add", ["s0", "c"], ["s1"], name="a"),
+             helper.make_node("Sign", ["s1"], ["act"], name="act"),
+             helper.make_node("Flatten", ["act"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "w2"], ["y"], name="fc")]
+    g = helper.make_graph(nodes, "edge", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knife_edge_thresholds_hold_onnxruntime_in_the_set(seed: int, tmp_path) -> None:
+    """Every input of the grid {0, 1}^9: onnxruntime's sign of each neuron is a member's (inside the band where it
+    differs from the nominal one), and its logits lie within the output band where the signs agree."""
+    import itertools
+
+    import onnxruntime as ort
+
+    path = _knife_edge_bnn(tmp_path / "edge.onnx", seed)
+    net = load_binarized(path, input_lo=0, input_hi=1)
+    pts = np.array(list(itertools.product([0, 1], repeat=9)), dtype=np.int64)
+    probe = with_outputs(path, ["act"], tmp_path / "probe.onnx")
+    y_ort, act = ort.InferenceSession(str(probe)).run(None, {"x": pts.reshape(-1, 1, 3, 3).astype(np.float32)})
+    vals = graph.forward(net, pts.reshape(-1, 1, 3, 3),
+                         lambda i, op, ins: graph.rule(EXECUTE, op, "executor")(op, ins))
+    (i,) = [k for k, op in enumerate(net.layers) if isinstance(op, Step)]
+    src = net.node_inputs(i)[0]
+    band = net.layers[src - 1]
+    d = band.deltas(net.shapes[src])[None] if isinstance(band, Uncertain) else 0
+    u = vals[src]
+    cut = net.layers[i].cuts[:, 0].reshape(1, -1, 1, 1)
+    reach_hi = u + d >= cut   # some member gives +1
+    reach_lo = u - d < cut    # some member gives -1
+    assert np.all(np.where(act > 0, reach_hi, reach_lo))
+    agree = np.all((vals[i + 1] == act).reshape(len(pts), -1), axis=1)
+    out = forward(net, pts)
+    yo = y_ort / float(net.output_scale)
+    out_d = net.layers[-1].delta if isinstance(net.layers[-1], Uncertain) else 0
+    assert np.all(np.abs(yo - out)[agree] <= out_d + 0.5)

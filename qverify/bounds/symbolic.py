@@ -824,23 +824,47 @@ class SymbolicAnalysis:
 
 
 def _needs_symbolic(net: QNetwork, i: int) -> bool:
-    """Whether a linear node can gain from back-substitution: some earlier node computes (is not data movement)."""
-    return any(not (isinstance(layer, LinearMap) and layer.movement) for layer in net.layers[:i])
+    """Whether a linear node can gain from back-substitution: some earlier node computes (is not data movement),
+    and the node is not diagonal (:func:`_is_diagonal`: each output a multiple of one input, whose own bounds
+    are the best a relaxation of the op before it can give, so back-substitution reproduces its interval)."""
+    return not _is_diagonal(net.layers[i]) and any(
+        not (isinstance(layer, LinearMap) and layer.movement) for layer in net.layers[:i])
+
+
+def _is_diagonal(op: object) -> bool:
+    """A per-element scaling ``y_j = w_j x_j + b_j``: a square ``Dense`` with a diagonal weight, or a 1x1
+    depthwise ``Conv2d`` (one input channel per output channel, stride 1, no padding)."""
+    if isinstance(op, Dense):
+        w = op.weight
+        return w.shape[0] == w.shape[1] and not np.any(w - np.diag(np.diag(w)))
+    if isinstance(op, Conv2d):
+        o, cg, kh, kw = op.weight.shape
+        return (cg == 1 and op.groups == o and (kh, kw) == (1, 1) and op.stride == (1, 1)
+                and not any(op.padding))
+    return False
 
 
 def _refine_mask(net: QNetwork, i: int, il: np.ndarray, ih: np.ndarray) -> np.ndarray:
     """Neurons of linear node ``i``'s output worth refining: all, unless every reader of the value is a monotone
     activation, then only those some reader does not already fix (a fixed neuron's output is exact)."""
-    readers = net.consumers()[i + 1]
-    if not readers or not all(isinstance(net.layers[r], Monotone) for r in readers):
-        return np.ones(il.shape, dtype=bool)
+    consumers = net.consumers()
+    readers = consumers[i + 1]
     shape = net.shapes[i + 1]
     B = len(il)
+    lo_b, hi_b = il.reshape(B, *shape), ih.reshape(B, *shape)
+    # a band (Uncertain) read only by monotone ops: its readers see the bounds widened by the band
+    if len(readers) == 1 and isinstance(net.layers[readers[0]], Uncertain):
+        band = net.layers[readers[0]]
+        d = band.deltas(shape)[None]
+        lo_b, hi_b = lo_b - d, hi_b + d
+        readers = consumers[readers[0] + 1]
+    if not readers or not all(isinstance(net.layers[r], Monotone) for r in readers):
+        return np.ones(il.shape, dtype=bool)
     need = np.zeros(il.shape, dtype=bool)
     for r in readers:
         layer = net.layers[r]
-        lo = execute.apply_layer(layer, il.reshape(B, *shape)).reshape(B, -1)
-        hi = execute.apply_layer(layer, ih.reshape(B, *shape)).reshape(B, -1)
+        lo = execute.apply_layer(layer, lo_b).reshape(B, -1)
+        hi = execute.apply_layer(layer, hi_b).reshape(B, -1)
         need |= lo != hi
     return need
 
