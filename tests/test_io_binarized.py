@@ -153,7 +153,8 @@ def _knife_edge_bnn(path, seed: int):
         (w, "w"), (gamma, "g"), (beta, "b"), (mean, "m"), (var, "v"), (np.array(0.1), "c"), (w2, "w2"))]
     nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], name="conv", kernel_shape=[3, 3]),
              helper.make_node("BatchNormalization", ["conv", "g", "b", "m", "v"], ["bn"], name="bn", epsilon=1e-5),
-             helper.make_node("Sign", ["bn"], ["s0"], name="s0"), helper.make_node("Add", ["s0", "c"], ["s1"], name="a"),
+             helper.make_node("Sign", ["bn"], ["s0"], name="s0"),
+             helper.make_node("Add", ["s0", "c"], ["s1"], name="a"),
              helper.make_node("Sign", ["s1"], ["act"], name="act"),
              helper.make_node("Flatten", ["act"], ["f"], name="flat"),
              helper.make_node("MatMul", ["f", "w2"], ["y"], name="fc")]

@@ -127,3 +127,35 @@ def test_onnx_export_requires_half_even(tmp_path) -> None:
     m = build_model(ModelConfig(hidden=(3,)), QuantConfig(), (1, 2, 2), 255, 2)
     with pytest.raises(QuantError):
         export_onnx(m, tmp_path / "m.onnx")
+
+
+def test_mixed_bits_export_equals_executor_and_round_trips(tmp_path) -> None:
+    """Per-layer widths: every exported layer equals the fake-quantized model, and the widths come back from the
+    .qnn file (``layer_bits`` metadata) and from the training checkpoint."""
+    from qverify.train.export import parse_layer_bits
+    from qverify.train.trainer import dump_config, load_checkpoint
+
+    overrides = ["data.train='digits'", "data.holdout=300", "train.epochs=1", "train.method='qat'",
+                 "model.hidden=[12, 8]", "progress=false", "quant.weight_bits=[8, 3, 5]", "quant.act_bits=[4, 6]",
+                 "quant.out_bits=7", f"out_dir='{tmp_path}'"]
+    cfg = load_config(None, overrides)
+    assert cfg.quant.weight_bits == (8, 3, 5) and cfg.quant.act_bits == (4, 6)
+    (tmp_path / "config.toml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "config.toml").quant == cfg.quant  # config round trip
+    res = train(cfg)
+    x = np.random.default_rng(0).integers(0, 17, (200, 1, 8, 8))
+    net = save_trained(res.model, tmp_path / "m.qnn")
+    loaded = load_model(tmp_path / "m.qnn")
+    for g, w in zip(res.model.layer_values(torch.from_numpy(x)), execute(loaded, x), strict=True):
+        assert np.array_equal(g.detach().numpy(), w.astype(np.float64))
+    assert parse_layer_bits(loaded.metadata["layer_bits"]) == [(8, 4), (3, 6), (5, 7)]
+    assert loaded.metadata["weight_bits"] == "8,3,5" and loaded.metadata["act_bits"] == "4,6"
+    dense = [op for op in net.layers if op.__class__.__name__ == "Dense"]
+    for op, b in zip(dense, (8, 3, 5), strict=True):
+        assert -(2 ** (b - 1)) <= op.weight.min() and op.weight.max() <= 2 ** (b - 1) - 1
+    ck_cfg, model, _ = load_checkpoint(tmp_path / "checkpoint.pt")  # checkpoint round trip
+    assert ck_cfg.quant.weight_bits == (8, 3, 5) and ck_cfg.quant.act_bits == (4, 6)
+    assert [(b.weight_bits, b.out_bits) for b in model.affine_blocks] == [(8, 4), (3, 6), (5, 7)]
+    assert np.array_equal(model.predict(torch.from_numpy(x)).numpy(), predict(loaded, x))
+    with pytest.raises(QuantError, match=r"quant\.weight_bits lists 2 widths"):
+        train(load_config(None, [*overrides[:-1], "quant.weight_bits=[8, 3]"]))

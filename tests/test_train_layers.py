@@ -192,3 +192,37 @@ def test_model_shapes_that_cannot_be_built_are_named() -> None:
     mc = ModelConfig(arch="cnn", conv=((4, 3, 1, 0), (4, 5, 1, 0)), hidden=(5,))
     with pytest.raises(QuantError, match=r"model.conv\[1\] = \[4, 5, 1, 0\] leaves no output pixels of its 3x3"):
         build_model(mc, QuantConfig(), (1, 5, 5), 255, 3)
+
+
+def test_per_layer_bits_reach_each_layer() -> None:
+    """Mixed precision: ``weight_bits`` one width per affine layer, ``act_bits`` one per hidden one; each layer's
+    integer weights and requantized outputs stay in its own ranges."""
+    qc = QuantConfig(weight_bits=(8, 3, 5), act_bits=(4, 6), out_bits=7)
+    m = build_model(ModelConfig(arch="cnn", conv=((3, 3, 2, 1),), hidden=(6,)), qc, (1, 8, 8), 255, 4, seed=1)
+    blocks = m.affine_blocks
+    assert [(b.weight_bits, b.out_bits) for b in blocks] == [(8, 4), (3, 6), (5, 7)]
+    assert [(b.wmin, b.wmax) for b in blocks] == [(-128, 127), (-4, 3), (-16, 15)]
+    assert [(b.lo, b.hi) for b in blocks] == [(0, 15), (0, 63), (-64, 63)]
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, 1, 8, 8)))
+    calibrate(m, x)
+    for blk, p in zip(blocks, [q for q in m.block_params() if q is not None], strict=True):
+        assert blk.wmin <= p.weight.min() and p.weight.max() <= blk.wmax
+    vals = m.layer_values(x)
+    starts = m.block_starts()
+    for blk, s in zip(m.blocks, starts, strict=True):
+        if blk in blocks:
+            out = vals[s + 2]
+            assert blk.lo <= out.min() and out.max() <= blk.hi
+
+
+def test_per_layer_bits_errors_name_the_setting() -> None:
+    with pytest.raises(QuantError, match=r"quant\.weight_bits\[1\] must be an integer in 2\.\.16.*got 1"):
+        QuantConfig(weight_bits=(8, 1))
+    with pytest.raises(QuantError, match=r"quant\.out_bits must be one integer"):
+        QuantConfig(out_bits=(8, 8))  # type: ignore[arg-type]
+    with pytest.raises(QuantError, match=r"quant\.weight_bits lists 2 widths \[8, 4\], the model has 3"):
+        build_model(ModelConfig(hidden=(5, 5)), QuantConfig(weight_bits=(8, 4)), (1, 4, 4), 15, 3)
+    with pytest.raises(QuantError, match=r"quant\.act_bits lists 1 widths \[6\], the model has 2 hidden"):
+        build_model(ModelConfig(hidden=(5, 5)), QuantConfig(act_bits=(6,)), (1, 4, 4), 15, 3)
+    assert QuantConfig(weight_bits=[6, 4]).weight_bits == (6, 4)  # type: ignore[arg-type]
+    assert QuantConfig(weight_bits=(6, 4), act_bits=(9,)).max_bits == 9

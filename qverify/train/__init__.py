@@ -17,7 +17,7 @@ _EXPORTS = {
     "build_model": "layers", "calibrate": "layers",
     "Config": "trainer", "ConfigError": "trainer", "DataConfig": "trainer", "EvalResult": "trainer",
     "TrainConfig": "trainer", "TrainResult": "trainer", "apply_overrides": "trainer", "dump_config": "trainer",
-    "evaluate": "trainer", "load_config": "trainer", "train": "trainer",
+    "evaluate": "trainer", "load_checkpoint": "trainer", "load_config": "trainer", "train": "trainer",
 }
 
 __all__ = sorted(_EXPORTS)

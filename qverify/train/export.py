@@ -22,6 +22,36 @@ from qverify.train.layers import QAffine, QConv2d, QuantConfig, QuantError, Quan
 _EXACT = 2**53
 
 
+def bits_metadata(model: QuantNet) -> dict[str, str]:
+    """The widths as ``.qnn`` metadata: ``weight_bits`` / ``act_bits`` one number when every layer has the same,
+    else a comma-separated per-layer list (``act_bits``: hidden layers), ``layer_bits`` always per layer
+    (``"w8a8,w4a8,w8a8"``, the last ``a`` the output's), ``out_bits`` the output's. :func:`parse_layer_bits`
+    reads ``layer_bits`` back."""
+    blocks = model.affine_blocks
+    wb = [b.weight_bits for b in blocks]
+    ab = [b.out_bits for b in blocks[:-1]]
+
+    def one_or_list(v: list[int]) -> str:
+        return str(v[0]) if len(set(v)) == 1 else ",".join(str(x) for x in v)
+
+    qa = model.qc.act_bits
+    return {"weight_bits": one_or_list(wb), "act_bits": one_or_list(ab) if ab else str(qa if isinstance(qa, int)
+                                                                                         else ""),
+            "out_bits": str(blocks[-1].out_bits), "layer_bits": ",".join(f"w{b.weight_bits}a{b.out_bits}"
+                                                                          for b in blocks)}
+
+
+def parse_layer_bits(text: str) -> list[tuple[int, int]]:
+    """``"w8a8,w4a6"`` -> ``[(8, 8), (4, 6)]`` (the ``layer_bits`` metadata of :func:`bits_metadata`)."""
+    out = []
+    for item in text.split(","):
+        w, _, a = item.strip().removeprefix("w").partition("a")
+        if not (w.isdigit() and a.isdigit()):
+            raise QuantError(f"layer_bits: bad entry {item!r} (expected wNaM)")
+        out.append((int(w), int(a)))
+    return out
+
+
 def export_qnetwork(model: QuantNet, name: str = "qverify-trained",
                     metadata: dict[str, str] | None = None) -> QNetwork:
     """The integer network computed by ``model`` (which must be in quantized mode)."""
@@ -49,8 +79,7 @@ def export_qnetwork(model: QuantNet, name: str = "qverify-trained",
         else:
             layers.append(Flatten(name=f"flatten{i}"))
     out_log2 = float([p for p in params if p is not None][-1].out_log2.detach().reshape(()))
-    meta = {"source": "qverify.train", "scheme": model.qc.scheme, "weight_bits": str(model.qc.weight_bits),
-            "act_bits": str(model.qc.act_bits), "out_bits": str(model.qc.out_bits),
+    meta = {"source": "qverify.train", "scheme": model.qc.scheme, **bits_metadata(model),
             "rounding": model.qc.mode.value}
     meta.update(metadata or {})
     net = QNetwork(input_shape=model.input_shape, input_lo=0, input_hi=model.input_hi, layers=tuple(layers),
@@ -92,7 +121,7 @@ def onnx_export_problem(qc: QuantConfig, input_hi: int) -> str | None:
     if qc.mode is not Rounding.HALF_EVEN:
         return (f"QuantizeLinear rounds half to even, the model rounds {qc.mode.value}; "
                 f"train with quant.rounding = 'half_even'")
-    if max(qc.weight_bits, qc.act_bits, qc.out_bits) > 8:
+    if qc.max_bits > 8:
         return "weight, activation and output bits must be <= 8"
     if input_hi != 255:
         return f"the input grid must be the 8-bit [0, 255], the data's is [0, {input_hi}]"

@@ -64,11 +64,17 @@ class QuantConfig:
     ``learn_scales`` ``None`` means ``False`` for ``pow2`` and ``True`` for ``affine``.
     ``*_int_bits`` set the initial (pow2: fixed) ranges: weights ``[-2^i, 2^i)``, hidden activations
     ``[0, 2^i)``, outputs ``[-2^i, 2^i)``; a calibration (:func:`calibrate`) overrides them from data.
+
+    Mixed precision: ``weight_bits`` is one width for every affine (dense / conv) layer or a list with one width
+    per affine layer, in order; ``act_bits`` one width or a list with one per *hidden* affine layer (the width of
+    its requantized output); ``out_bits`` is the output layer's. The same lists drive ``qverify quantize``
+    (:mod:`qverify.quantize`), so QAT and PTQ read one config. :meth:`layer_bits` resolves them for a model and
+    names the setting whose list has the wrong length.
     """
 
     scheme: str = "pow2"
-    weight_bits: int = 8
-    act_bits: int = 8
+    weight_bits: int | tuple[int, ...] = 8
+    act_bits: int | tuple[int, ...] = 8
     out_bits: int = 8
     bias_bits: int = 32
     per_channel: bool = False
@@ -86,8 +92,18 @@ class QuantConfig:
             raise QuantError(f"quant.scheme must be one of {SCHEMES}, got {self.scheme!r}")
         for name in ("weight_bits", "act_bits", "out_bits"):
             b = getattr(self, name)
-            if not 2 <= b <= 16:
-                raise QuantError(f"quant.{name} must be in 2..16, got {b}")
+            if isinstance(b, (list, tuple)):
+                if name == "out_bits" or not b:
+                    raise QuantError(f"quant.{name} must be one integer{' or a non-empty list' if b == () else ''}"
+                                     f", got {list(b)}")
+                object.__setattr__(self, name, tuple(b))
+                items = [(f"quant.{name}[{i}]", v) for i, v in enumerate(b)]
+            else:
+                items = [(f"quant.{name}", b)]
+            for where, v in items:
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 2 <= v <= 16:
+                    raise QuantError(f"{where} must be an integer in 2..16 (1 bit is binary, which needs a binary "
+                                     f"method), got {v!r}")
         if not 4 <= self.bias_bits <= 48:
             raise QuantError(f"quant.bias_bits must be in 4..48, got {self.bias_bits}")
         if not 2 <= self.mult_bits <= 31:
@@ -108,6 +124,20 @@ class QuantConfig:
         return Rounding.HALF_UP if self.scheme == "pow2" else Rounding.HALF_EVEN
 
     @property
+    def max_bits(self) -> int:
+        """The widest of the weight, activation and output widths (over every layer)."""
+        return max(max(_as_tuple(self.weight_bits)), max(_as_tuple(self.act_bits)), self.out_bits)
+
+    def layer_bits(self, n_affine: int) -> list[tuple[int, int]]:
+        """``(weight bits, output bits)`` of each of ``n_affine`` affine layers (the last one's output bits are
+        ``out_bits``); a per-layer list of another length is an error naming the setting."""
+        if n_affine < 1:
+            raise QuantError("a quantized model needs at least one affine (dense / conv) layer")
+        wb = _per_layer(self.weight_bits, n_affine, "quant.weight_bits", "affine (dense / conv) layers")
+        ab = _per_layer(self.act_bits, n_affine - 1, "quant.act_bits", "hidden affine layers (all but the output)")
+        return [(w, a) for w, a in zip(wb, [*ab, self.out_bits], strict=True)]
+
+    @property
     def learn(self) -> bool:
         return (self.scheme == "affine") if self.learn_scales is None else bool(self.learn_scales)
 
@@ -118,6 +148,19 @@ class QuantConfig:
         if bad:
             raise QuantError(f"unknown quant settings {sorted(bad)} (known: {sorted(known)})")
         return cls(**d)
+
+
+def _as_tuple(b: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(v) for v in b) if isinstance(b, (list, tuple)) else (int(b),)
+
+
+def _per_layer(b: int | tuple[int, ...], n: int, name: str, what: str) -> list[int]:
+    """One width per layer from a single width or a per-layer list (of exactly ``n`` entries)."""
+    if not isinstance(b, (list, tuple)):
+        return [int(b)] * n
+    if len(b) != n:
+        raise QuantError(f"{name} lists {len(b)} widths {list(b)}, the model has {n} {what}")
+    return [int(v) for v in b]
 
 
 # ------------------------------------------------------------------------------------------ rounding
@@ -272,26 +315,35 @@ class QAffine(nn.Module):
     n_layers = 2
     op_shape: tuple[int, ...] = (1, -1)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, qc: QuantConfig, last: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, qc: QuantConfig, last: bool,
+                 bits: tuple[int, int] | None = None) -> None:
+        """``bits``: this layer's ``(weight bits, output bits)`` (default: the config's single widths)."""
         super().__init__()
         self.qc = qc
         self.last = last
         self.weight = nn.Parameter(weight.to(DTYPE))
         self.bias = nn.Parameter(bias.to(DTYPE))
         out = weight.shape[0]
-        wq = 2 ** (qc.weight_bits - 1)
+        if bits is None:
+            wb = _as_tuple(qc.weight_bits)
+            ab = _as_tuple(qc.act_bits)
+            if len(wb) > 1 or (len(ab) > 1 and not last):
+                raise QuantError("per-layer quant.weight_bits / quant.act_bits need the layer's bits (build_model)")
+            bits = (wb[0], qc.out_bits if last else ab[0])
+        self.weight_bits, self.out_bits = int(bits[0]), int(bits[1])
+        wq = 2 ** (self.weight_bits - 1)
         self.wmin, self.wmax = -wq, wq - 1
         bq = 2 ** (qc.bias_bits - 1)
         self.bmin, self.bmax = -bq, bq - 1
         if last:
-            oq = 2 ** (qc.out_bits - 1)
+            oq = 2 ** (self.out_bits - 1)
             self.lo, self.hi = -oq, oq - 1
-            out_log2 = qc.out_int_bits - (qc.out_bits - 1)
+            out_log2 = qc.out_int_bits - (self.out_bits - 1)
         else:
-            self.lo, self.hi = 0, 2**qc.act_bits - 1
-            out_log2 = qc.act_int_bits - qc.act_bits
+            self.lo, self.hi = 0, 2**self.out_bits - 1
+            out_log2 = qc.act_int_bits - self.out_bits
         learn = qc.learn
-        self.w_log2 = _log2_param((out if qc.per_channel else 1,), qc.weight_int_bits - (qc.weight_bits - 1), learn)
+        self.w_log2 = _log2_param((out if qc.per_channel else 1,), qc.weight_int_bits - (self.weight_bits - 1), learn)
         self.a_log2 = _log2_param((1,), out_log2, learn)
 
     # -- scales
@@ -361,12 +413,12 @@ class QLinear(QAffine):
     op_shape = (1, -1)
 
     def __init__(self, n_in: int, n_out: int, qc: QuantConfig, last: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, bits: tuple[int, int] | None = None) -> None:
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         bound = 1.0 / math.sqrt(n_in)
         w = (torch.rand((n_out, n_in), generator=g, dtype=DTYPE) * 2 - 1) * bound
         b = (torch.rand((n_out,), generator=g, dtype=DTYPE) * 2 - 1) * bound
-        super().__init__(w, b, qc, last)
+        super().__init__(w, b, qc, last, bits)
 
     def affine(self, x: torch.Tensor, p: BlockParams) -> torch.Tensor:
         return F.linear(x, p.weight, p.bias)
@@ -381,14 +433,15 @@ class QConv2d(QAffine):
     op_shape = (1, -1, 1, 1)
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, qc: QuantConfig,
-                 last: bool = False, generator: torch.Generator | None = None) -> None:
+                 last: bool = False, generator: torch.Generator | None = None,
+                 bits: tuple[int, int] | None = None) -> None:
         fan_in = c_in * kernel * kernel
         bound = 1.0 / math.sqrt(fan_in)
         shape = (c_out, c_in, kernel, kernel)
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         w = (torch.rand(shape, generator=g, dtype=DTYPE) * 2 - 1) * bound
         b = (torch.rand((c_out,), generator=g, dtype=DTYPE) * 2 - 1) * bound
-        super().__init__(w, b, qc, last)
+        super().__init__(w, b, qc, last, bits)
         self.stride = int(stride)
         self.padding = int(padding)
 
@@ -546,12 +599,14 @@ def build_model(mc: ModelConfig, qc: QuantConfig, input_shape: tuple[int, ...], 
     g = torch.Generator().manual_seed(int(seed))
     blocks: list[nn.Module] = []
     shape = tuple(int(s) for s in input_shape)
+    n_conv = len(mc.conv) if mc.arch == "cnn" else 0
+    bits = qc.layer_bits(n_conv + len(mc.hidden) + 1)  # per-layer widths (a list of the wrong length fails here)
     if mc.arch == "cnn":
         if len(shape) != 3:
             raise QuantError(f"a cnn needs [C, H, W] inputs, got {shape}")
         c, h, w = shape
         for i, (ch, k, s, pad) in enumerate(mc.conv):
-            blocks.append(QConv2d(c, ch, k, s, pad, qc, generator=g))
+            blocks.append(QConv2d(c, ch, k, s, pad, qc, generator=g, bits=bits[i]))
             h_in, w_in = h, w
             h = (h + 2 * pad - k) // s + 1
             w = (w + 2 * pad - k) // s + 1
@@ -565,10 +620,10 @@ def build_model(mc: ModelConfig, qc: QuantConfig, input_shape: tuple[int, ...], 
         n = int(np.prod(shape))
         if len(shape) > 1:
             blocks.append(QFlatten())
-    for hsize in mc.hidden:
-        blocks.append(QLinear(n, hsize, qc, generator=g))
+    for j, hsize in enumerate(mc.hidden):
+        blocks.append(QLinear(n, hsize, qc, generator=g, bits=bits[n_conv + j]))
         n = hsize
-    blocks.append(QLinear(n, n_classes, qc, last=True, generator=g))
+    blocks.append(QLinear(n, n_classes, qc, last=True, generator=g, bits=bits[-1]))
     return QuantNet(shape, input_hi, blocks, qc, n_classes)
 
 

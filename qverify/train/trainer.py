@@ -195,6 +195,8 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     """A :class:`Config` from a nested mapping (the TOML layout)."""
     top: dict[str, Any] = {}
     for key, value in d.items():
+        if key == "ptq":  # qverify quantize's section (qverify.quantize.PTQConfig): one file serves QAT and PTQ
+            continue
         if key in _SECTIONS:
             cls = _SECTIONS[key]
             if not isinstance(value, Mapping):
@@ -496,6 +498,37 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _model_meta(model: QuantNet) -> dict[str, Any]:
+    """What rebuilding the model from a checkpoint needs besides the config (the data's shape and classes)."""
+    return {"input_shape": list(model.input_shape), "input_hi": model.input_hi, "n_classes": model.n_classes}
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Config, QuantNet, dict[str, Any]]:
+    """``(config, model, state)`` of a ``qverify train`` checkpoint (``checkpoint.pt``, written after every
+    epoch). The model holds the trained *float* (latent) weights whatever its mode: a ``float-ibp`` run's
+    checkpoint is the float model before its post-training quantization, a QAT run's the latent weights of its
+    fake-quantized layers, so either is a float model for ``qverify quantize``. ``model.quantized`` says which
+    mode the run was in. Checkpoints written before ``model_meta`` was stored rebuild the model from the data
+    set the config names."""
+    p = Path(path)
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise ConfigError(f"{p}: not a readable qverify train checkpoint ({e})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ConfigError(f"{p}: not a qverify train checkpoint (no model / config)")
+    cfg = config_from_dict(_with_defaults(state["config"]))
+    meta = state.get("model_meta")
+    if meta is None:
+        tr, _ = prepare_data(cfg)
+        meta = {"input_shape": list(tr.input_shape), "input_hi": tr.input_hi,
+                "n_classes": max(tr.n_classes, int(tr.labels.max()) + 1)}
+    model = build_model(cfg.model, cfg.quant, tuple(meta["input_shape"]), int(meta["input_hi"]),
+                        int(meta["n_classes"]), seed=cfg.seed)
+    model.load_state_dict(state["model"])
+    return cfg, model, state
+
+
 def _quantize_now(model: QuantNet, calib: torch.Tensor, weights: bool) -> None:
     calibrate(model, calib, weights=weights, activations=True)
     model.quantized = True
@@ -634,7 +667,8 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
         if ckpt_path is not None:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                         "history": history, "epoch": epoch, "config": _resume_key(cfg)})
+                                         "history": history, "epoch": epoch, "config": _resume_key(cfg),
+                                         "model_meta": _model_meta(model)})
         if bar is not None:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['eval_acc']:.3f}",
                             cert=f"{rec['eval_cert']:.3f}", eps=f"{rec['eps']:.2f}")
