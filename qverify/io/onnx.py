@@ -91,6 +91,7 @@ from typing import Any
 import numpy as np
 
 from qverify.io.ort_fusion import FusedKernel, fused_kernels
+from qverify.io.qonnx import QONNX_DOMAINS, QonnxOps
 from qverify.network import (
     Add,
     Clamp,
@@ -283,7 +284,7 @@ _MIN_INPUTS = {"QuantizeLinear": 2, "DequantizeLinear": 2, "MatMul": 2, "Gemm": 
                "Unsqueeze": 1, "Cast": 1, "Shape": 1, "QLinearMatMul": 8, "QLinearConv": 8, "QGemm": 6,
                "MatMulInteger": 2, "QLinearAdd": 7, "Constant": 0, "QLinearAveragePool": 4,
                "QLinearGlobalAveragePool": 4, "QLinearConcat": 5, "Pad": 1, "Concat": 1, "MaxPool": 1,
-               "BatchNormalization": 5}
+               "BatchNormalization": 5, "Quant": 4, "BipolarQuant": 2, "Trunc": 5}
 
 
 def _lcm(values: Sequence[int]) -> int:
@@ -295,7 +296,7 @@ def _lcm(values: Sequence[int]) -> int:
 
 # ---------------------------------------------------------------------------------------------- the importer
 @dataclass
-class _Importer:
+class _Importer(QonnxOps):  # QONNX Quant / BipolarQuant / Trunc: qverify/io/qonnx.py
     path: Path
     model: Any
     syms: dict[str, _Sym] = field(default_factory=dict)
@@ -325,6 +326,10 @@ class _Importer:
     inputs: list[tuple[int, ...]] = field(default_factory=list)
     #: values some node reads already: their producing layer can no longer change (a bias folded later)
     sealed: set[int] = field(default_factory=set)
+    #: per accumulator value: the exact fractions ``c / M - R(c / M)`` of a float bias rounded into its layer, and
+    #: the node that added it (QONNX ``Quant`` keeps them exactly: :mod:`qverify.io.qonnx`)
+    bias_residual: dict[int, list[Fraction]] = field(default_factory=dict)
+    bias_residual_node: dict[int, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ errors and lookups
     def where(self) -> str:
@@ -610,10 +615,15 @@ class _Importer:
         else:
             kernel = ""  # a float bias is no input of onnxruntime's integer kernels (semantics='onnxruntime')
             cv = np.broadcast_to(self.per_channel(c.value.astype(np.float64), acc.shape, "bias"), (n,))
+            exact = []
             for i in range(n):
                 f = _frac(cv[i]) / mult[i]
                 out[i] = self.bias_units(round_fraction(f, Rounding.HALF_EVEN), i)
                 rounded += f.denominator != 1
+                exact.append(f - int(out[i]))
+            prev = self.bias_residual.get(acc.pos, [Fraction(0)] * n)  # a second float Add: the fractions add
+            self.bias_residual[acc.pos] = [a + b for a, b in zip(prev, exact, strict=True)]
+            self.bias_residual_node[acc.pos] = self.node.name
         if rounded:
             self.notes.append(f"{self.node.name}: real bias rounded to accumulator units R(c/(s_x*s_w)) "
                               f"({rounded} channels)")
@@ -906,7 +916,7 @@ class _Importer:
         if (handler is not None and dom == "" and op not in ("Constant", "QuantizeLinear", "DequantizeLinear")
                 and node.input and self.all_const(node)):
             handler = None  # constants only (shape arithmetic, weight preprocessing): evaluated, whatever the op
-        if dom not in ("", "com.microsoft") or handler is None:
+        if dom not in ("", "com.microsoft", *QONNX_DOMAINS) or handler is None:
             if self.all_const(node) and dom == "":
                 self.fold(node)
                 return
@@ -2000,7 +2010,7 @@ class _Importer:
             self.notes.append("the integer input reaches no DequantizeLinear or quantized operator: input units "
                               "1 * (x - 0)")
         metadata = {
-            "format": "onnx",
+            "format": "qonnx" if "QONNX" in self.forms else "onnx",
             "onnx_path": str(self.path.resolve()),
             "onnx_form": "+".join(sorted(self.forms)) or "none",
             "onnx_input": self.input_name,
@@ -2088,6 +2098,10 @@ def load_onnx(path: str | Path, semantics: str = "exact") -> QNetwork:
         model = onnx.load(str(path))
     except Exception as e:
         raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
+    from qverify.io.binarized import is_binarized, load_binarized
+
+    if is_binarized(model):  # a float graph with Sign activations: set-valued, onnxruntime's float32 in its bands
+        return load_binarized(path, model)
     if semantics == "onnxruntime":
         net = _Importer(path, model, semantics=semantics, fused=fused_kernels(path)).run()
         _check_ort_int32(net, path)
