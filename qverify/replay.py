@@ -46,7 +46,8 @@ class RuntimeReplay:
 RUNTIMES: dict[str, RuntimeReplay] = {}
 #: source format -> the importer module that registers its runtime (imported on first use)
 RUNTIME_MODULES: dict[str, str] = {"onnx": "qverify.io.onnx", "tflite": "qverify.io.tflite",
-                                   "onnx-binarized": "qverify.io.binarized", "qonnx": "qverify.io.qonnx"}
+                                   "onnx-binarized": "qverify.io.binarized",
+                                   "qonnx-binarized": "qverify.io.binarized", "qonnx": "qverify.io.qonnx"}
 
 
 def register_runtime(fmt: str, replay_hook: RuntimeReplay) -> None:

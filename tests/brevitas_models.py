@@ -138,6 +138,28 @@ def binary_mlp(hidden: int = 32) -> object:
         qnn.QuantIdentity(bit_width=8, return_quant_tensor=False))
 
 
+def binary_cnn_bn(channels: tuple[int, int] = (8, 8)) -> object:
+    """A Brevitas binarized CNN as the FINN examples build them: an 8-bit input quantizer, bipolar weights, a
+    BatchNorm before each bipolar sign activation (``BipolarQuant`` of float arithmetic in QONNX: imported by
+    :mod:`qverify.io.binarized` with float32 bands), max pooling, a bipolar last layer and a BatchNorm on the
+    logits."""
+    import torch
+    from brevitas.quant import SignedBinaryActPerTensorConst, SignedBinaryWeightPerTensorConst
+
+    qnn, _, uint8 = _brevitas()
+    c1, c2 = channels
+    w = {"weight_quant": SignedBinaryWeightPerTensorConst, "bias": False}
+    return torch.nn.Sequential(
+        _input_quant(qnn, uint8),
+        qnn.QuantConv2d(1, c1, 3, **w), torch.nn.BatchNorm2d(c1),
+        qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst, return_quant_tensor=True),
+        torch.nn.MaxPool2d(2),
+        qnn.QuantConv2d(c1, c2, 3, **w), torch.nn.BatchNorm2d(c2),
+        qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst, return_quant_tensor=True),
+        torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        qnn.QuantLinear(c2 * 5 * 5, 10, **w), torch.nn.BatchNorm1d(10))
+
+
 def export(model, path: Path, form: str) -> Path:
     """Write ``model`` with Brevitas's exporter of ``form``, input ``[1, 1, 28, 28]``: ``qonnx`` / ``qcdq`` through
     the TorchScript exporter (``dynamo=False``, opset 13; QCDQ weights are int8 initializers, ``Clip -> DQ``),

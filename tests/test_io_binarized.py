@@ -193,3 +193,50 @@ def test_knife_edge_thresholds_hold_onnxruntime_in_the_set(seed: int, tmp_path) 
     yo = y_ort / float(net.output_scale)
     out_d = net.layers[-1].delta if isinstance(net.layers[-1], Uncertain) else 0
     assert np.all(np.abs(yo - out)[agree] <= out_d + 0.5)
+
+
+def test_brevitas_binarized_cnn_against_qonnx(tmp_path) -> None:
+    """A Brevitas binarized CNN with BatchNorms before its bipolar signs, exported to QONNX: imported with float32
+    bands (format ``qonnx-binarized``); qonnx's executor's every sign lies inside the set on real images, its
+    logits within the output band where the signs agree, and verify's witnesses are confirmed on it."""
+    pytest.importorskip("brevitas")
+    pytest.importorskip("qonnx")
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from qverify.io.binarized import qonnx_binarized_logits
+    from qverify.io.qonnx import _wrapper, qonnx_real_inputs
+    from tests.brevitas_models import binary_cnn_bn, build
+
+    path, _ = build(binary_cnn_bn, tmp_path / "bnn.onnx", "qonnx", epochs=1, n_train=1000)
+    net = load_model(path)
+    assert net.set_valued and net.metadata["format"] == "qonnx-binarized"
+    d = np.load(MNIST1000)
+    x = d["images"][:40].reshape(40, -1).astype(np.int64)
+    model = _wrapper(str(path), path.stat().st_mtime)
+    feed = qonnx_real_inputs(net, x, "ROUND").reshape(40, 1, 28, 28)
+    bipolar = [n.output[0] for n in model.graph.node if n.op_type == "BipolarQuant" and n.input[0] not in
+               {i.name for i in model.graph.initializer}]
+    assert len(bipolar) == 2
+    ctx = [execute_onnx(model, {net.metadata["onnx_input"]: feed[i:i + 1]}, return_full_exec_context=True)
+           for i in range(40)]
+    vals = graph.forward(net, x.reshape(40, *net.input_shape),
+                         lambda i, op, ins: graph.rule(EXECUTE, op, "executor")(op, ins))
+    steps = [i for i, op in enumerate(net.layers) if isinstance(op, Step)]
+    agree = np.ones(40, dtype=bool)
+    for i, name in zip(steps, bipolar, strict=True):
+        theirs = np.sign(np.concatenate([c[name] for c in ctx])).astype(np.int64)
+        src = net.node_inputs(i)[0]
+        band = net.layers[src - 1]
+        d_ = band.deltas(net.shapes[src])[None] if isinstance(band, Uncertain) else 0
+        u, cut = vals[src], net.layers[i].cuts[:, 0].reshape(1, -1, 1, 1)
+        ok = np.where(theirs > 0, u + d_ >= cut, u - d_ < cut)
+        assert np.all(ok[agree])  # wherever the earlier signs agree, qonnx's sign is a member's
+        agree &= np.all((vals[i + 1] == theirs).reshape(40, -1), axis=1)
+    y, yo = forward(net, x), qonnx_binarized_logits(net, x)
+    band = net.layers[-1].delta if isinstance(net.layers[-1], Uncertain) else 0
+    assert agree.mean() > 0.8 and np.all(np.abs(yo - y)[agree] <= band + 0.5)
+    for i in range(3):
+        prop = robustness_property(net, x[i], int(np.argmax(yo[i])), radius=1)
+        r = verify(net, prop, VerifySettings(timeout=3))
+        if r.verdict is Verdict.COUNTEREXAMPLE:
+            assert r.counterexample.onnx_confirmed and "qonnx" in r.counterexample.note

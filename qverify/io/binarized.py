@@ -60,14 +60,36 @@ WEIGHT_BITS = 24
 #: relative slack charged for the float64 arithmetic of the folding
 F64_SLACK = 1e-12
 FORMAT = "onnx-binarized"
+#: the format of a QONNX binarized network (Brevitas bipolar), replayed on qonnx's executor
+QONNX_FORMAT = "qonnx-binarized"
+
+
+class NeedsBinarized(ModelError):
+    """Raised by the quantized-graph importer for a binarizing threshold of float arithmetic: the graph is a
+    binarized network and is imported here."""
 
 
 def is_binarized(model: Any) -> bool:
-    """A float graph with a ``Sign`` and no quantization operators."""
-    kinds = {n.op_type for n in model.graph.node}
+    """A float graph with a ``Sign`` and no quantization operators, or a QONNX graph whose ``BipolarQuant`` binarizes
+    float arithmetic (a BatchNorm, ``Mul``, ``Add``, ``Sub`` or ``Div`` before it, through pooling and reshapes):
+    Brevitas's binarized networks. A ``BipolarQuant`` of an exact integer accumulator stays with the quantized-graph
+    importer (which hands a float case it meets over by :class:`NeedsBinarized`)."""
+    nodes = model.graph.node
+    kinds = {n.op_type for n in nodes}
     quant = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "QGemm",
              "ConvInteger", "Quant", "BipolarQuant"}
-    return "Sign" in kinds and not kinds & quant
+    if "Sign" in kinds and not kinds & quant:
+        return True
+    producer = {o: n for n in nodes for o in n.output}
+    for n in nodes:
+        if n.op_type != "BipolarQuant" or n.input[0] not in producer:
+            continue
+        p = producer[n.input[0]]
+        while p.op_type in ("MaxPool", "Identity", "Reshape", "Flatten", "Dropout") and p.input[0] in producer:
+            p = producer[p.input[0]]
+        if p.op_type in ("BatchNormalization", "Mul", "Add", "Sub", "Div"):
+            return True
+    return False
 
 
 def _gamma(m: int) -> float:
@@ -138,6 +160,8 @@ class _Importer:
         self.node: Any = None
         self.out_scale = Fraction(1)
         self.layout = "nchw"
+        self.input_rounding: Any = None
+        self.qonnx = False
 
     # ------------------------------------------------------------------ helpers
     def error(self, msg: str) -> ModelError:
@@ -197,13 +221,14 @@ class _Importer:
         if out is None:
             raise ModelError(f"{self.path}: the graph output {g.output[0].name!r} is not computed")
         self.finish(out)
-        meta = {"format": FORMAT, "onnx_path": str(self.path.resolve()), "onnx_input": inp.name,
+        meta = {"format": QONNX_FORMAT if self.qonnx else FORMAT, "onnx_path": str(self.path.resolve()),
+                "onnx_input": inp.name,
                 "onnx_output": g.output[0].name, "input_layout": self.layout,
                 "onnx_input_shape": ",".join(str(d) for d in dims), "semantics": "onnxruntime-float32-bands",
                 "output_units": f"logit * {1 / self.out_scale}"}
         return QNetwork(self.input_shape, self.input_lo, self.input_hi, tuple(self.layers),
                         input_scale=self.input_scale, output_scale=self.out_scale, name=self.path.stem,
-                        metadata=meta, inputs=tuple(self.inputs))
+                        metadata=meta, inputs=tuple(self.inputs), input_rounding=self.input_rounding)
 
     def get(self, name: str) -> Any:
         if name in self.syms:
@@ -216,6 +241,9 @@ class _Importer:
     def op_Transpose(self, node: Any) -> None:
         x = self.get(node.input[0])
         perm = tuple(self.attr("perm", ()))
+        if isinstance(x, np.ndarray):  # a constant (Brevitas transposes its quantized weights)
+            self.consts[node.output[0]] = np.transpose(x, perm or None)
+            return
         if isinstance(x, _Int) and x.value == 0 and perm == (0, 3, 1, 2) and len(x.shape) == 3:
             h, w, c = x.shape
             self.input_shape = (c, h, w)
@@ -224,6 +252,14 @@ class _Importer:
             self.syms[node.output[0]] = _Int(0, self.input_shape, x.scale, np.transpose(x.mag, (2, 0, 1)))
             return
         raise self.error("Transpose is supported only as the NHWC -> NCHW transpose of the input")
+
+    def op_Constant(self, node: Any) -> None:
+        from onnx import numpy_helper
+
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if value is None:
+            raise self.error("only a Constant with a tensor 'value' is supported")
+        self.consts[node.output[0]] = numpy_helper.to_array(value.t)
 
     def op_Identity(self, node: Any) -> None:
         self.syms[node.output[0]] = self.get(node.input[0])
@@ -376,6 +412,54 @@ class _Importer:
         M = self.channel(mean, y.shape)
         Bt = self.channel(beta, y.shape)
         self.syms[node.output[0]] = self.scale_shift(y, S, Bt - M * S, np.abs(M * S) + 0 * Bt)
+
+    # ------------------------------------------------------------------ QONNX (Brevitas binarized networks)
+    def op_Quant(self, node: Any) -> None:
+        """QONNX ``Quant`` of the graph input: the input grid ``q in [lo, hi]``, real value ``s q`` (zero point
+        0), the quantizer's rounding recorded (``input_rounding``); elsewhere refused (a multi-bit activation in a
+        binarized network is the quantized-graph importer's)."""
+        from qverify.io.qonnx import _AS_ROUNDING, quant_int_range
+
+        x = self.get(node.input[0])
+        if not (isinstance(x, _Int) and x.value == 0 and not self.layers):
+            raise self.error("a multi-bit Quant inside a binarized network (BipolarQuant of float values) is not "
+                             "supported: only the input's Quant")
+        s, z, bits = (self.const(n) for n in node.input[1:4])
+        if s is None or z is None or bits is None or s.size != 1 or z.size != 1 or bits.size != 1:
+            raise self.error("the input Quant needs constant scalar scale, zero point and bit width")
+        s, z, bits = (float(v.reshape(-1)[0]) for v in (s, z, bits))
+        if z != 0:
+            raise self.error("an input Quant with a non-zero zero point is not supported")
+        mode = self.attr("rounding_mode", "ROUND")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode.upper() not in _AS_ROUNDING:
+            raise self.error(f"input Quant rounding mode {mode!r} is not supported")
+        lo, hi = quant_int_range(int(bits), bool(int(self.attr("signed", 1))), bool(int(self.attr("narrow", 0))))
+        self.input_lo, self.input_hi = lo, hi
+        self.input_scale = Fraction(float(np.float32(float(s))))
+        self.input_rounding = _AS_ROUNDING[mode.upper()]
+        self.qonnx = True
+        mag = np.full(x.shape, float(max(abs(lo), abs(hi))))
+        self.syms[node.output[0]] = _Int(0, x.shape, float(self.input_scale), mag)
+
+    def op_BipolarQuant(self, node: Any) -> None:
+        """QONNX ``BipolarQuant(x, scale) = scale * (x >= 0 ? 1 : -1)``: of constant weights, the constant; of a
+        float value, the binarizing threshold ``y >= 0`` with its float32 band, outputs ``+-scale``."""
+        x = self.get(node.input[0])
+        s = self.const(node.input[1])
+        if s is None or s.size != 1 or float(s.reshape(-1)[0]) <= 0:
+            raise self.error("BipolarQuant needs a constant positive scalar scale")
+        scale = float(np.float32(float(s.reshape(-1)[0])))
+        self.qonnx = True
+        if isinstance(x, np.ndarray):
+            self.consts[node.output[0]] = np.where(x >= 0, 1.0, -1.0) * scale
+            return
+        if isinstance(x, _Int):
+            x = self._diag(x)
+        if not isinstance(x, _Aff):
+            raise self.error("BipolarQuant of a float value expected")
+        out = self.threshold(x, strict=False)
+        self.syms[node.output[0]] = _Int(out.value, out.shape, scale, out.mag)
 
     # ------------------------------------------------------------------ Sign and pooling
     def op_Sign(self, node: Any) -> None:
@@ -671,13 +755,39 @@ def binarized_logits(net: QNetwork, x: np.ndarray) -> np.ndarray:
     return np.asarray(y, dtype=np.float64).reshape(len(x), -1) / float(net.output_scale)
 
 
+def qonnx_binarized_logits(net: QNetwork, x: np.ndarray) -> np.ndarray:
+    """qonnx's executor (``execute_onnx``, float32) on integer grid inputs ``x [B, n]`` (fed as float32 values its
+    input ``Quant`` maps back to ``x``): the graph's output (the input of a final Softmax where there is one) in the
+    network's output units, float64."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from qverify.io.qonnx import _wrapper, qonnx_real_inputs
+
+    meta = net.metadata
+    p = str(Path(meta["onnx_path"]).resolve())
+    model = _wrapper(p, Path(p).stat().st_mtime)
+    out = meta["onnx_output"]
+    last = [n for n in model.graph.node if out in n.output]
+    if last and last[0].op_type == "Softmax":
+        out = last[0].input[0]
+    mode = {"FLOOR": "FLOOR", "HALF_AWAY": "HALF_UP"}.get(getattr(net.input_rounding, "name", ""), "ROUND")
+    xs = np.asarray(x, dtype=np.int64).reshape(len(x), -1)
+    feed = qonnx_real_inputs(net, xs, mode).reshape(len(xs), *net.input_shape)
+    ys = [np.asarray(execute_onnx(model, {meta["onnx_input"]: feed[i:i + 1]}, return_full_exec_context=True)[out],
+                     dtype=np.float64).reshape(-1) for i in range(len(xs))]
+    y = np.stack(ys) if ys else np.zeros((0, net.num_outputs))
+    return y / float(net.output_scale)
+
+
 def _register_replay() -> None:
     from qverify.replay import RuntimeReplay, register_runtime
 
-    register_runtime(FORMAT, RuntimeReplay(
-        "onnxruntime (float32)",
-        lambda net: bool(net.metadata.get("onnx_path")) and Path(net.metadata["onnx_path"]).exists(),
-        binarized_logits, lambda net: ""))
+    def applies(net: QNetwork) -> bool:
+        return bool(net.metadata.get("onnx_path")) and Path(net.metadata["onnx_path"]).exists()
+
+    register_runtime(FORMAT, RuntimeReplay("onnxruntime (float32)", applies, binarized_logits, lambda net: ""))
+    register_runtime(QONNX_FORMAT, RuntimeReplay("qonnx execute_onnx (float32)", applies, qonnx_binarized_logits,
+                                                 lambda net: ""))
 
 
 _register_replay()

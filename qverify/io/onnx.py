@@ -2098,15 +2098,18 @@ def load_onnx(path: str | Path, semantics: str = "exact") -> QNetwork:
         model = onnx.load(str(path))
     except Exception as e:
         raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
-    from qverify.io.binarized import is_binarized, load_binarized
+    from qverify.io.binarized import NeedsBinarized, is_binarized, load_binarized
 
     if is_binarized(model):  # a float graph with Sign activations: set-valued, onnxruntime's float32 in its bands
         return load_binarized(path, model)
-    if semantics == "onnxruntime":
-        net = _Importer(path, model, semantics=semantics, fused=fused_kernels(path)).run()
-        _check_ort_int32(net, path)
-        return net
-    return _Importer(path, model).run()
+    try:
+        if semantics == "onnxruntime":
+            net = _Importer(path, model, semantics=semantics, fused=fused_kernels(path)).run()
+            _check_ort_int32(net, path)
+            return net
+        return _Importer(path, model).run()
+    except NeedsBinarized:  # a QONNX BipolarQuant of float arithmetic (Brevitas binarized networks)
+        return load_binarized(path, model)
 
 
 def _check_ort_int32(net: QNetwork, path: Path) -> None:

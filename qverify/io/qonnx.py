@@ -513,9 +513,11 @@ class QonnxOps:
 
     def bipolar_of_float(self, node: Any, why: str) -> Any:
         """The hook for binarized networks: a ``BipolarQuant`` (or ``Sign``) of a float value is a float32
-        threshold, whose exact treatment (error bands around the threshold) is not implemented here."""
-        raise self.error(f"{node.op_type} of a float value ({why}): a binarizing threshold of float arithmetic "
-                         f"is not supported (only of an exact integer accumulator or activation)")  # type: ignore
+        threshold: the whole graph is imported by :mod:`qverify.io.binarized` instead (float32 bands around the
+        thresholds), which :func:`qverify.io.onnx.load_onnx` does on this exception."""
+        from qverify.io.binarized import NeedsBinarized
+
+        raise NeedsBinarized(f"{node.op_type} {node.name!r} of a float value ({why})")
 
     # ---------------- Trunc
     def op_Trunc(self, node: Any) -> Any:
