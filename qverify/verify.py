@@ -41,6 +41,9 @@ from qverify.settings import SolverSettings, VerifySettings
 METHODS = ("portfolio", "attack", "interval", "symbolic", "milp", "bab")
 #: share of the per-property budget that the attack stage may use in the portfolio
 ATTACK_SHARE = 0.1
+#: the most of a property's time the symbolic stage's hidden-node refinements may take (they are skipped, the
+#: bounds staying sound, when the prediction says they would run past it)
+SYMBOLIC_SHARE = 0.5
 
 
 class _Clock:
@@ -118,18 +121,25 @@ def symbolic_check(net: QNetwork, prop: Property) -> tuple[bool, list]:
     return ok, bounds
 
 
-def _symbolic(net: QNetwork, prop: Property) -> tuple[bool, list, int]:
-    """:func:`symbolic_check` and the lower bound of the least slack over the box that the same bounds give."""
+def _symbolic(net: QNetwork, prop: Property, deadline: float | None = None) -> tuple[bool, list, int]:
+    """:func:`symbolic_check` and the lower bound of the least slack over the box that the same bounds give. On a
+    graph network the cheap CROWN-IBP pass runs first; the full one (DeepPoly) only when that does not prove it,
+    its hidden refinements bounded by ``deadline``."""
     from qverify.bounds.symbolic import symbolic_analysis
 
-    ana = symbolic_analysis(net, prop.lo[None, :], prop.hi[None, :])
+    if not net.is_chain:
+        ana = symbolic_analysis(net, prop.lo[None, :], prop.hi[None, :], intermediate="interval")
+        lower = int(ana.slack_lower_bounds(prop)[0])
+        if lower > 0:
+            return True, [(lo[0], hi[0]) for lo, hi in ana.bounds], lower
+    ana = symbolic_analysis(net, prop.lo[None, :], prop.hi[None, :], deadline=deadline)
     bounds = [(lo[0], hi[0]) for lo, hi in ana.bounds]
     lower = int(ana.slack_lower_bounds(prop)[0])
     return lower > 0, bounds, lower
 
 
 def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Result | None, list | None, int]:
-    ok, bounds, lower = _symbolic(net, prop)
+    ok, bounds, lower = _symbolic(net, prop, time.monotonic() + SYMBOLIC_SHARE * clock.left())
     clock.stage("symbolic", "robust" if ok else "undecided")
     return (_done(clock, Verdict.ROBUST, "symbolic") if ok else None), bounds, lower
 
@@ -337,7 +347,11 @@ def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], se
     # interval, then symbolic: one batched pass each over what is still open
     for stage, certifier in (("interval", certified_by_interval), ("symbolic", certified_by_symbolic)):
         t = time.monotonic()
-        cert = np.asarray(certifier(net, [props[i] for i in todo]))
+        if stage == "symbolic":  # the batch's share of the instances' budgets
+            cert = np.asarray(certifier(net, [props[i] for i in todo],
+                                        deadline=t + SYMBOLIC_SHARE * settings.timeout * len(todo)))
+        else:
+            cert = np.asarray(certifier(net, [props[i] for i in todo]))
         dt = (time.monotonic() - t) / len(todo)
         for i, ok in zip(todo, cert, strict=True):
             shared[i].append(StageTime(stage, dt, "robust" if ok else "undecided"))
