@@ -468,6 +468,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Post-training quantization of a float model (``qverify.quantize``)."""
+    from fractions import Fraction
+
+    from qverify.execute import predict
+    from qverify.io import save_model
+    from qverify.quantize import calibration_images, export_onnx, load_float_model, load_ptq_config, quantize
+    from qverify.train.layers import QuantError
+    from qverify.train.trainer import ConfigError
+
+    overrides = list(args.set or [])
+    for key, flag in (("quant.scheme", args.scheme), ("quant.weight_bits", args.bits), ("quant.act_bits", args.bits),
+                      ("quant.out_bits", args.bits), ("ptq.calib", args.calib), ("ptq.calib_images", args.calib_images),
+                      ("ptq.weight_clipping", args.clipping), ("ptq.act_clipping", args.clipping),
+                      ("ptq.out_clipping", args.clipping)):
+        if flag is not None:
+            overrides.append(f"{key}={flag}" if not isinstance(flag, str) else f'{key}="{flag}"')
+    if args.per_channel:
+        overrides.append("quant.per_channel=true")
+    if args.affine:
+        overrides.append("ptq.symmetric=false")
+    try:
+        scale = Fraction(args.input_scale) if args.input_scale else None
+        fm, trained = load_float_model(args.model, input_hi=args.input_hi, input_scale=scale)
+        qc, ptq = load_ptq_config(args.config, overrides, base=trained)
+        calib = calibration_images(ptq, fm.input_shape)
+        res = quantize(fm, calib, qc, ptq, name=Path(args.output).stem,
+                       metadata={"float_model": str(args.model)})
+        for note in res.notes:
+            print(f"note: {note}", file=sys.stderr)
+        save_model(res.network, args.output)
+        if args.onnx:
+            export_onnx(res, args.onnx)
+    except (QuantError, ConfigError, ValueError) as e:
+        raise CliError(str(e)) from None
+    bits = ", ".join(f"w{w}/a{a}" for w, a in res.layer_bits)
+    print(f"quantized {args.model} -> {args.output} ({qc.scheme}, {'symmetric' if ptq.symmetric else 'affine'}, "
+          f"{'per-channel' if qc.per_channel else 'per-tensor'}; layers {bits}; calibrated on {len(calib)} images "
+          f"of {ptq.calib})")
+    if args.onnx:
+        print(f"QDQ ONNX: {args.onnx}")
+    if args.eval:
+        images, labels = _load_data(args.eval)
+        x = images.reshape((len(images), *fm.input_shape)).astype(np.int64)
+        acc_f = float((fm.predict(x) == labels).mean())
+        acc_q = float((predict(res.network, x) == labels).mean())
+        print(f"accuracy on {len(x)} images of {args.eval}: float {acc_f:.4f}, integer {acc_q:.4f} "
+              f"({acc_q - acc_f:+.4f})")
+    return EXIT_OK
+
+
 def _say_where_training_stopped(ckpt: Path, epochs: int, resumed: bool) -> None:
     """After an interruption: which epoch the checkpoint holds and how to continue (stderr)."""
     import torch
@@ -531,6 +582,45 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     for k in ("html", "markdown", "summary", "results"):
         print(f"{k}: {paths[k]}")
+    return EXIT_OK
+
+
+def cmd_smooth(args: argparse.Namespace) -> int:
+    """Randomized-smoothing CERTIFY (Cohen et al. 2019) of every selected sample on the integer network."""
+    from qverify.certify import ResultsFileError
+    from qverify.smooth import Engine, InputQuantizer, smooth
+
+    net = _load(args)
+    images, labels = _load_data(args.data)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "smooth.jsonl"
+    pre = _preprocess(args)
+    if not args.sigma > 0 or not 0 < args.alpha < 1:
+        raise CliError(f"--sigma must be positive and --alpha in (0, 1), got {args.sigma:g} and {args.alpha:g}")
+    try:
+        engine = Engine(net, args.device).name
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    print(f"qverify smooth: Gaussian noise sigma {args.sigma:g} in the model's real input units "
+          f"({pre.describe() if pre is not None else f'v = {net.input_scale} * (x - {net.input_zero_point})'}); "
+          f"noisy inputs go to the integer grid by {InputQuantizer.of(net).describe()}; "
+          f"engine: {engine}")
+    ref_net = _load(args, args.reference_model) if args.reference_model else None
+    try:
+        summary = smooth(net, images, labels, args.sigma, results_path=results, n0=args.n0, n=args.n,
+                         alpha=args.alpha, batch=args.batch, seed=args.seed,
+                         ids=_parse_ids(args.ids, len(images)) if args.ids else None, sample=args.sample,
+                         preprocess=pre, device=args.device, progress=not args.no_progress, model_path=args.model,
+                         data_path=args.data, command=" ".join(["qverify", *sys.argv[1:]]), overwrite=args.overwrite,
+                         cache_predictions=args.cache_predictions, reuse=args.reuse, reference_net=ref_net,
+                         n_p=args.n_p, alpha_zeta=args.alpha_zeta, fallback=args.fallback)
+    except (ResultsFileError, ValueError) as e:
+        raise CliError(str(e)) from None
+    radii = sorted(set(args.radii)) if args.radii else None
+    print(summary.format_table(radii) if radii else summary.format_table())
+    rate = f", {summary.samples_per_second:.0f} noise samples/s" if summary.samples_per_second else ""
+    print(f"results: {results} ({summary.new} new, {summary.resumed} resumed; wall {summary.wall_seconds:.1f}s{rate})")
     return EXIT_OK
 
 
@@ -724,6 +814,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output directory")
     c.set_defaults(func=cmd_train)
 
+    c = sub.add_parser("quantize", help="post-training quantization of a float model (ONNX or a train checkpoint)",
+                       description="Quantize a float model (an ONNX float graph, or a qverify train checkpoint / run "
+                                   "directory) with calibration data into an exact integer network (.qnn; --onnx "
+                                   "also QDQ ONNX). Settings: the [quant] section qverify train reads (per-layer "
+                                   "weight_bits / act_bits lists allowed) and a [ptq] section (symmetric, "
+                                   "weight_clipping / act_clipping / out_clipping: minmax | percentile | mse, "
+                                   "percentile, mse_grid, calib, calib_images).")
+    c.add_argument("model", help="float model: .onnx, checkpoint.pt or a qverify train output directory")
+    c.add_argument("config", nargs="?", default=None, help="TOML or YAML config ([quant], [ptq])")
+    c.add_argument("-o", "--output", required=True, help="destination .qnn file")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set quant.weight_bits=[8,4,8] --set ptq.act_clipping=mse")
+    c.add_argument("--scheme", choices=["pow2", "affine"], default=None,
+                   help="power-of-two (fixed point) or real scales (quant.scheme)")
+    c.add_argument("--bits", type=int, default=None, help="one width for weights, activations and output")
+    c.add_argument("--clipping", choices=["minmax", "percentile", "mse", "lipschitz"], default=None,
+                   help="one clipping method for every tensor")
+    c.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
+    c.add_argument("--affine", action="store_true", help="affine zero points (ptq.symmetric = false)")
+    c.add_argument("--calib", default=None, help="calibration data (default mnist-5k; npz:PATH, idx:DIR, ...)")
+    c.add_argument("--calib-images", type=int, default=None, help="calibration images (default 5000; 0: all)")
+    c.add_argument("--input-hi", type=int, default=255, help="ONNX: top of the pixel grid (default 255)")
+    c.add_argument("--input-scale", default=None,
+                   help="ONNX: real input value of one pixel step (default 1/input-hi), e.g. 1/255 or 1")
+    c.add_argument("--onnx", default=None, metavar="OUT.onnx", help="also write a QDQ ONNX graph")
+    c.add_argument("--eval", default=None, metavar="DATA.npz", help="print float and integer accuracy on DATA")
+    c.set_defaults(func=cmd_quantize)
+
     c = sub.add_parser("certify", help="verify every sample of a data set at one or more radii; durable results",
                        description="Certify MODEL on DATA.npz: every (sample, radius) instance is verified with the "
                                    "portfolio and appended to OUT/results.jsonl as soon as it is decided; re-running "
@@ -747,6 +865,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--title", default=None, help="report title")
     c.add_argument("--max-pictures", type=int, default=100, help="counterexample pictures to include at most")
     c.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("smooth", help="randomized smoothing (Cohen et al.) of the integer network: certified l2 "
+                                      "radii, durable results",
+                       description="CERTIFY of Cohen, Rosenfeld, Kolter (2019) on the bit-exact integer network: "
+                                   "Gaussian noise in the model's real input units, mapped to the integer grid by "
+                                   "the model's input quantizer; Clopper-Pearson bound, radius sigma * "
+                                   "Phi^-1(p_A). Each sample is appended to OUT/smooth.jsonl when done; re-running "
+                                   "resumes. --reuse certifies incrementally (Ugare et al. 2024) from a reference "
+                                   "run's results.")
+    _model_args(c)
+    c.add_argument("data", help=".npz with 'images' (raw pixels) and 'labels'")
+    c.add_argument("--sigma", type=float, required=True, help="noise standard deviation in real input units")
+    c.add_argument("--n0", type=_positive_int, default=100, help="selection samples (default 100)")
+    c.add_argument("--n", type=_positive_int, default=100_000, help="estimation samples (default 100000)")
+    c.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    c.add_argument("--batch", type=_positive_int, default=1000, help="noisy inputs per executor call (default 1000)")
+    c.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    c.add_argument("--ids", default=None, help="samples, e.g. 0:100 (default: all)")
+    c.add_argument("--sample", type=int, default=None, help="a random subset of this many samples")
+    c.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else the numpy executor), cpu, cuda, cuda:N, torch:cpu")
+    c.add_argument("--radii", type=float, nargs="+", default=None, help="radii of the summary table (l2)")
+    c.add_argument("--reuse", default=None, metavar="RESULTS",
+                   help="a reference run's smooth.jsonl: certify incrementally from its certificates")
+    c.add_argument("--n-p", type=_positive_int, default=None, help="--reuse: disagreement samples (default n/10)")
+    c.add_argument("--alpha-zeta", type=float, default=None,
+                   help="--reuse: failure probability of the disagreement bound (default alpha)")
+    c.add_argument("--reference-model", default=None,
+                   help="--reuse: the reference model (default: the path in its results header)")
+    c.add_argument("--fallback", choices=["full", "abstain"], default="full",
+                   help="--reuse: where the incremental bound is too weak, run a full CERTIFY (default) or abstain")
+    c.add_argument("--cache-predictions", action="store_true",
+                   help="store each estimation sample's class (OUT/smooth.jsonl.cache/), for later --reuse")
+    c.add_argument("--overwrite", action="store_true", help="start over when OUT/smooth.jsonl is another run's")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("-o", "--output", required=True, help="output directory (smooth.jsonl)")
+    _preprocess_arg(c)
+    c.set_defaults(func=cmd_smooth)
 
     c = sub.add_parser("demo", help="certify the bundled model on bundled MNIST images and write a report",
                        description="Quick start: the bundled QA-IBP MNIST MLP, verified on 200 MNIST images (bundled "

@@ -3,7 +3,8 @@
 * certified accuracy vs radius: certified accuracy (solid), and the "not falsified" upper bound
   ``(robust + unknown + error) / n`` (dotted), one colour per run; the gap between them is what is still unknown;
 * time distribution: histogram of per-instance verification time (log-spaced bins, stacked by verdict) and the
-  cactus plot (number of instances decided within time t), one line per run.
+  cactus plot (number of instances decided within time t), one line per run;
+* randomized smoothing: certified accuracy vs l2 radius, one curve per smoothing run (model or sigma).
 
 Run labels in plots are short identifiers chosen by the report (``A``, ``B``), never text from model files.
 """
@@ -102,4 +103,28 @@ def time_plot(runs: Sequence[tuple[str, list[dict]]]) -> bytes:
         ax_c.legend(fontsize=8)
     for ax in (ax_h, ax_c):
         ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
+def smoothing_plot(runs: Sequence[tuple[str, list[float]]]) -> bytes:
+    """SVG of randomized-smoothing certified accuracy (%) vs l2 radius, one step curve per run.
+
+    ``runs`` = ``[(label, radii), ...]`` with one entry per sample: its certified radius when it is certified for
+    its label, ``-1`` otherwise (abstained or wrong); the curve at ``r`` is the share of entries ``>= r``.
+    """
+    fig = _figure(6.0, 3.6)
+    ax = fig.subplots()
+    top = max([max((r for r in radii), default=0.0) for _, radii in runs] + [0.25])
+    grid = np.linspace(0.0, top * 1.05, 400)
+    for k, (label, radii) in enumerate(runs):
+        if not radii:
+            continue
+        a = np.asarray(radii, dtype=np.float64)
+        ax.plot(grid, [100 * float(np.mean(a >= t)) for t in grid], "-", color=COLOURS[k % len(COLOURS)],
+                label=label or "certified")
+    ax.set_xlabel("radius (l2, real input units)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
     return _svg(fig)

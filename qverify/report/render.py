@@ -10,7 +10,9 @@
 * ``report.md``: the summary tables and the reproducibility facts, linking ``plots/*.svg``;
 * ``summary.json``: every figure of the report, computed by :func:`qverify.certify.summarize`;
 * ``results/<id>_r<radius>.txt`` (one run) or ``results/<label>_<stem>/<id>_r<radius>.txt`` (several): the
-  VNN-COMP result file of each instance (``sat`` with the witness in real units, ``unsat``, ``timeout``, ...).
+  VNN-COMP result file of each instance (``sat`` with the witness in real units, ``unsat``, ``timeout``, ...);
+* with ``qverify smooth`` results files among the inputs: a randomized-smoothing section
+  (:mod:`qverify.report.smoothing`; ``plots/smoothing.svg``), and a smoothing report when they are all such files.
 
 Every figure comes from the results file's records (counts are counted, times are the recorded ``seconds``). Every
 string taken from a model, data or property file, a path or a command line is HTML-escaped (``html.escape``) in the
@@ -635,11 +637,32 @@ def render_report(results_paths: list[str | Path], out_dir: str | Path, max_pict
     """Render the report of one results file, or the comparison of several, into ``out_dir``.
 
     Returns the paths written: ``html``, ``markdown``, ``summary`` (JSON), ``results`` (the directory of VNN-COMP
-    files), ``accuracy_svg``, ``times_svg``.
+    files), ``accuracy_svg``, ``times_svg``; with ``qverify smooth`` results files among them, a randomized-smoothing
+    section (:mod:`qverify.report.smoothing`) and ``smoothing_svg`` (only smoothing files: a smoothing report).
     """
-    runs = load_runs(list(results_paths))
+    from qverify.report import smoothing
+
+    smooth_paths = [p for p in results_paths if smoothing.is_smoothing(p)]
+    sruns = smoothing.load_smoothing(smooth_paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if sruns:
+        ssvg = plots.smoothing_plot([(f"{r.label}: sigma {r.header['sigma']:g}"
+                                      + (", incremental" if r.header.get("reuse") else ""), r.curve()) for r in sruns])
+        (out / "plots").mkdir(exist_ok=True)
+        (out / "plots" / "smoothing.svg").write_bytes(ssvg)
+        simg = _svg_img(ssvg, "certified accuracy vs l2 radius", "plot-smoothing")
+        if len(smooth_paths) == len(results_paths):
+            paths = {"html": out / "report.html", "markdown": out / "report.md", "summary": out / "summary.json",
+                     "results": out / "results", "smoothing_svg": out / "plots" / "smoothing.svg"}
+            paths["results"].mkdir(exist_ok=True)
+            paths["summary"].write_text(json.dumps({"format": "qverify-certify-summary", "runs": [],
+                                                    "smoothing": smoothing.smoothing_json(sruns)}, indent=1,
+                                                   default=str))
+            paths["html"].write_text(smoothing.standalone_html(sruns, simg, CSS, title), encoding="utf-8")
+            paths["markdown"].write_text(smoothing.standalone_markdown(sruns, title), encoding="utf-8")
+            return paths
+    runs = load_runs([p for p in results_paths if p not in smooth_paths])
     single = len(runs) == 1
     svgs = {"accuracy": plots.accuracy_plot([("" if single else r.label, r.rows) for r in runs]),
             "times": plots.time_plot([("" if single else r.label, r.records) for r in runs])}
@@ -650,8 +673,14 @@ def render_report(results_paths: list[str | Path], out_dir: str | Path, max_pict
     paths = {"html": out / "report.html", "markdown": out / "report.md", "summary": out / "summary.json",
              "results": out / "results", "accuracy_svg": out / "plots" / "accuracy.svg",
              "times_svg": out / "plots" / "times.svg"}
+    page, text = html_report(runs, svgs, max_pictures, title), markdown_report(runs, title)
+    if sruns:  # the smoothing section after the certification report
+        summary["smoothing"] = smoothing.smoothing_json(sruns)
+        paths["smoothing_svg"] = out / "plots" / "smoothing.svg"
+        page = page.replace("\n</body></html>", "\n" + smoothing.smoothing_html(sruns, simg) + "\n</body></html>")
+        text += "\n" + smoothing.smoothing_markdown(sruns)
     paths["summary"].write_text(json.dumps(summary, indent=1, default=str))
-    paths["html"].write_text(html_report(runs, svgs, max_pictures, title), encoding="utf-8")
-    paths["markdown"].write_text(markdown_report(runs, title), encoding="utf-8")
+    paths["html"].write_text(page, encoding="utf-8")
+    paths["markdown"].write_text(text, encoding="utf-8")
     write_vnncomp_files(runs, paths["results"])
     return paths
