@@ -150,6 +150,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     kind = ("fixed point (power-of-two scales)" if net.is_fixed_point() else
             "exact step functions (the runtime's integer arithmetic)" if steps and not any(
                 type(layer).__name__ == "Requantize" for layer in net.layers) else "affine scales")
+    if net.set_valued:
+        bands = sum(type(layer).__name__ == "Uncertain" for layer in net.layers)
+        kind = (f"none; set-valued: {bands} float32 band(s) where the model computes in floating point "
+                f"(encodings/binarized.md)")
     print(f"parameters: {net.parameter_count()}; requantization: {kind}")
     _say_divergence(div, sys.stdout)
     return EXIT_OK

@@ -17,7 +17,10 @@ The ops' semantics (:mod:`qverify.ops`, executed by :mod:`qverify.execute`):
 * monotone elementwise ops (:class:`~qverify.ops.Monotone`): :class:`Requantize`
   ``clamp(R(acc * p_c / q_c) + z_c, lo, hi)`` (or onnxruntime's float32 ``clamp(rne(fl32(fl32(acc) m_c)) + z_c)``),
   :class:`Clamp`, :class:`Step` (``Sign`` and binarizing thresholds);
-* :class:`Lookup` (any function of one integer, as a table) and :class:`MaxPool2d`.
+* :class:`Lookup` (any function of one integer, as a table) and :class:`MaxPool2d`;
+* :class:`Uncertain` ``y in [x - d_c, x + d_c]``, the one set-valued op (the float32 band of a binarized
+  network's float arithmetic): a network that holds one (:attr:`QNetwork.set_valued`) is the set of functions of
+  every choice inside its bands, and the executor computes its nominal member (``d = 0``).
 
 Zero points of weights and of layer inputs are folded into ``W`` and ``b`` by the importers (exact integer
 algebra: ``sum (w - z_w)(x - z_x) = sum w' x + b'``), so an op sees plain integers. The real-valued view of the

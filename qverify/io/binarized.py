@@ -225,10 +225,21 @@ class _Importer:
                 "onnx_input": inp.name,
                 "onnx_output": g.output[0].name, "input_layout": self.layout,
                 "onnx_input_shape": ",".join(str(d) for d in dims), "semantics": "onnxruntime-float32-bands",
-                "output_units": f"logit * {1 / self.out_scale}"}
+                "output_units": f"logit * {1 / self.out_scale}", "onnx_notes": self.notes()}
         return QNetwork(self.input_shape, self.input_lo, self.input_hi, tuple(self.layers),
                         input_scale=self.input_scale, output_scale=self.out_scale, name=self.path.stem,
                         metadata=meta, inputs=tuple(self.inputs), input_rounding=self.input_rounding)
+
+    def notes(self) -> str:
+        """Where float arithmetic has no exact integer form: every band, with its width in its value's units."""
+        out = []
+        for op in self.layers:
+            if isinstance(op, Uncertain):
+                lo, hi = int(op.delta.min()), int(op.delta.max())
+                width = f"+-{hi}" if lo == hi else f"+-{lo}..{hi}"
+                out.append(f"{op.name}: float32 band {width} (float arithmetic with no exact integer form: the "
+                           f"network is set-valued there, onnxruntime's float32 result one member)")
+        return "; ".join(out)
 
     def get(self, name: str) -> Any:
         if name in self.syms:
