@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import median_time, print_table, write_json  # noqa: E402
+from benchmarks.common import certify_counts, median_time, print_table, write_json  # noqa: E402
 from qverify.certify import certify  # noqa: E402
 from qverify.execute import forward  # noqa: E402
 from qverify.io.models import load_model  # noqa: E402
@@ -114,14 +114,7 @@ def main() -> None:
                               ids=list(range(args.n)), settings=VerifySettings(timeout=args.timeout),
                               workers=args.workers, progress=False, model_path=path, divergence_points=64)
             wall = time.perf_counter() - t0
-            rows = []
-            for r in (1, 2):
-                recs = [rec for rec in summary.records if rec["radius"] == r]
-                cnt = {v: sum(rec["verdict"] == v for rec in recs) for v in
-                       ("robust", "counterexample", "unknown", "misclassified")}
-                rows.append({"r": r, "n": len(recs), "clean": len(recs) - cnt["misclassified"],
-                             "certified": cnt["robust"], "counterexample": cnt["counterexample"],
-                             "unknown": cnt["unknown"]})
+            rows = certify_counts(summary.records, [1, 2])
             print_table(rows, list(rows[0]))
             print(f"certify wall time {wall:.1f} s ({args.workers} workers)")
             out["models"][name] = {"agreement": ag, "speed": speed, "certify": rows, "certify_wall_s": wall}

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import median_time, print_table, write_json  # noqa: E402
+from benchmarks.common import certify_counts, median_time, print_table, write_json  # noqa: E402
 from qverify.bounds.interval import interval_bounds  # noqa: E402
 from qverify.bounds.symbolic import symbolic_analysis  # noqa: E402
 from qverify.certify import certify  # noqa: E402
@@ -136,14 +136,7 @@ def main() -> None:
                               ids=list(range(min(args.n, len(pixels)))),
                               settings=VerifySettings(timeout=args.timeout), workers=args.workers,
                               progress=False, preprocess=PRE, model_path=path, divergence_points=64)
-            rows = []
-            for r in (1, 2):
-                recs = [rec for rec in summary.records if rec["radius"] == r]
-                cnt = {v: sum(rec["verdict"] == v for rec in recs) for v in
-                       ("robust", "counterexample", "unknown", "misclassified")}
-                rows.append({"r": r, "n": len(recs), "clean": len(recs) - cnt["misclassified"],
-                             "certified": cnt["robust"], "counterexample": cnt["counterexample"],
-                             "unknown": cnt["unknown"]})
+            rows = certify_counts(summary.records, [1, 2])
             print_table(rows, list(rows[0]))
             print(f"certify wall time: {time.perf_counter() - t0:.0f} s (batched stages are shared, so per-instance "
                   f"seconds are not independent)")

@@ -49,3 +49,16 @@ def write_json(name: str, payload: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1, default=str))
     return path
+
+
+def certify_counts(records: list[dict], radii: list[int]) -> list[dict]:
+    """Per radius: instances, clean (not misclassified), certified, counterexample and unknown counts of
+    ``certify``'s records."""
+    rows = []
+    for r in radii:
+        recs = [rec for rec in records if rec["radius"] == r]
+        cnt = {v: sum(rec["verdict"] == v for rec in recs) for v in
+               ("robust", "counterexample", "unknown", "misclassified")}
+        rows.append({"r": r, "n": len(recs), "clean": len(recs) - cnt["misclassified"], "certified": cnt["robust"],
+                     "counterexample": cnt["counterexample"], "unknown": cnt["unknown"]})
+    return rows

@@ -50,6 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -179,12 +180,24 @@ def read_results(path: str | Path, repair: bool = False) -> ResultsFile:
     malformed line raises :class:`ResultsFileError` naming the line: it cannot be the result of an interrupted
     append, so the file was damaged otherwise and is not repaired silently.
     """
+    return read_record_file(path, ResultsFile(Path(path), None), RESULTS_FORMAT, RESULTS_VERSION, "certify",
+                            lambda rec: (int(rec["id"]), int(rec["radius"])), repair)
+
+
+def read_record_file(path: str | Path, out: Any, fmt: str, version: int, command: str,
+                     key: Callable[[dict], object], repair: bool = False) -> Any:
+    """Parse a durable JSON-lines record file into ``out`` (a results object with ``header``, ``records``,
+    ``sessions``, ``truncated``, ``valid_bytes``, ``duplicates``): line 1 a ``{"type": "header", "format": fmt}``
+    record of a version up to ``version``, then ``instance`` records (the first of each ``key(rec)`` kept, later
+    ones counted in ``duplicates``) and ``session`` / ``session_end`` records. A truncated last line (the process
+    died while writing it) is reported in ``truncated`` and, with ``repair``, cut off (or its lost newline
+    restored); any other malformed line raises :class:`ResultsFileError` naming the file and the line. Shared by
+    ``certify`` and ``smooth`` (``command`` names the writer in messages)."""
     path = Path(path)
     data = path.read_bytes()
-    out = ResultsFile(path, None)
     pos = 0
     lineno = 0
-    seen: set[tuple[int, int]] = set()
+    seen: set = set()
     while pos < len(data):
         lineno += 1
         end = data.find(b"\n", pos)
@@ -205,19 +218,18 @@ def read_results(path: str | Path, repair: bool = False) -> ResultsFile:
             out.truncated = f"{path}: line {lineno} lacks its final newline (restored)"
         kind = rec["type"]
         if lineno == 1:
-            if kind != "header" or rec.get("format") != RESULTS_FORMAT:
-                raise ResultsFileError(f"{path}: line 1 is not a {RESULTS_FORMAT} header (is this a certify "
-                                       "results file?)")
-            if int(rec.get("format_version", 0)) > RESULTS_VERSION:
+            if kind != "header" or rec.get("format") != fmt:
+                raise ResultsFileError(f"{path}: line 1 is not a {fmt} header (is this a {command} results file?)")
+            if int(rec.get("format_version", 0)) > version:
                 raise ResultsFileError(f"{path}: format version {rec.get('format_version')} is newer than this "
-                                       f"qverify reads ({RESULTS_VERSION})")
+                                       f"qverify reads ({version})")
             out.header = rec
         elif kind == "instance":
-            key = (int(rec["id"]), int(rec["radius"]))
-            if key in seen:
+            k = key(rec)
+            if k in seen:
                 out.duplicates += 1
             else:
-                seen.add(key)
+                seen.add(k)
                 out.records.append(rec)
         elif kind in ("session", "session_end"):
             out.sessions.append(rec)

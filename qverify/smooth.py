@@ -117,6 +117,7 @@ from qverify.certify import (
     _Writer,
     data_sha256,
     model_info,
+    read_record_file,
     select_ids,
     versions,
 )
@@ -435,56 +436,8 @@ def is_smooth_results(path: str | Path) -> bool:
 def read_smooth_results(path: str | Path, repair: bool = False) -> SmoothResults:
     """Parse a smoothing results file; a truncated last line is reported (and with ``repair`` cut off), any other
     malformed line raises :class:`~qverify.certify.ResultsFileError` naming it."""
-    path = Path(path)
-    data = path.read_bytes()
-    out = SmoothResults(path, None)
-    pos, lineno = 0, 0
-    seen: set[int] = set()
-    while pos < len(data):
-        lineno += 1
-        end = data.find(b"\n", pos)
-        last = end < 0 or data[end + 1:].strip() == b""
-        chunk = data[pos:] if end < 0 else data[pos:end]
-        try:
-            rec = json.loads(chunk.decode("utf-8"))
-            if not isinstance(rec, dict) or "type" not in rec:
-                raise ValueError("not a record object")
-        except (UnicodeDecodeError, ValueError) as e:
-            if last:
-                out.truncated = (f"{path}: line {lineno} is incomplete ({len(data) - pos} bytes: {e}); it was being "
-                                 "written when the run stopped and is dropped")
-                break
-            raise ResultsFileError(f"{path}: line {lineno} is not a valid record ({e})") from None
-        if end < 0:
-            out.truncated = f"{path}: line {lineno} lacks its final newline (restored)"
-        if lineno == 1:
-            if rec.get("type") != "header" or rec.get("format") != SMOOTH_FORMAT:
-                raise ResultsFileError(f"{path}: line 1 is not a {SMOOTH_FORMAT} header (is this a qverify smooth "
-                                       "results file?)")
-            if int(rec.get("format_version", 0)) > SMOOTH_VERSION:
-                raise ResultsFileError(f"{path}: format version {rec.get('format_version')} is newer than this "
-                                       f"qverify reads ({SMOOTH_VERSION})")
-            out.header = rec
-        elif rec["type"] == "instance":
-            if int(rec["id"]) in seen:
-                out.duplicates += 1
-            else:
-                seen.add(int(rec["id"]))
-                out.records.append(rec)
-        elif rec["type"] in ("session", "session_end"):
-            out.sessions.append(rec)
-        pos = len(data) if end < 0 else end + 1
-        out.valid_bytes = pos
-    if repair and out.truncated is not None:
-        with open(path, "r+b") as f:
-            f.truncate(out.valid_bytes)
-            if out.valid_bytes and data[out.valid_bytes - 1:out.valid_bytes] != b"\n":
-                f.seek(out.valid_bytes)
-                f.write(b"\n")
-                out.valid_bytes += 1
-            f.flush()
-            os.fsync(f.fileno())
-    return out
+    return read_record_file(path, SmoothResults(Path(path), None), SMOOTH_FORMAT, SMOOTH_VERSION, "qverify smooth",
+                            lambda rec: int(rec["id"]), repair)
 
 
 #: header fields that must agree for a file to be resumed
