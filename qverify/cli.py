@@ -29,8 +29,20 @@ class CliError(Exception):
 def _load(args: argparse.Namespace, path: str | None = None):
     from qverify.io import load_model
 
-    return load_model(path or args.model, fmt=getattr(args, "format", None), bits=getattr(args, "bits", None),
-                      input_bits=getattr(args, "input_bits", None), semantics=getattr(args, "semantics", None))
+    net = load_model(path or args.model, fmt=getattr(args, "format", None), bits=getattr(args, "bits", None),
+                     input_bits=getattr(args, "input_bits", None), semantics=getattr(args, "semantics", None))
+    pre = _preprocess(args)
+    if pre is not None and net.metadata.get("format") == "onnx-binarized" and pre.scale != 1:
+        # a float-input binarized model trained on pixel * scale: its grid is the raw pixel, its input scale the
+        # preprocessing's (qverify.io.binarized.load_binarized's input_scale)
+        if any(m != 0 for m in pre.mean) or any(sd != 1 for sd in pre.std):
+            raise CliError(f"{path or args.model}: a binarized float-input model takes --preprocess scale=... only "
+                           f"(got {pre.spec()})")
+        from qverify.io.binarized import load_binarized
+
+        net = load_binarized(net.metadata["onnx_path"], input_lo=pre.data_lo, input_hi=pre.data_hi,
+                             input_scale=pre.scale)
+    return net
 
 
 def _load_data(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -797,8 +809,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML or YAML (.yaml/.yml) config (default: built-in defaults)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lam=2 --set quant.weight_bits=6")
-    c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp"], default=None,
-                   help="training objective (qaibp: quantization-aware IBP)")
+    c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp", "pgd-at", "fgsm-rs", "grad-l1"],
+                   default=None,
+                   help="training objective (qaibp: quantization-aware IBP; pgd-at / fgsm-rs: adversarial training "
+                        "of the fake-quantized model; grad-l1: float training with gradient l1 regularization, "
+                        "then qverify quantize)")
     c.add_argument("--epochs", type=int, default=None, help="epochs")
     c.add_argument("--eps", type=float, default=None, help="training radius in input units (pixels)")
     c.add_argument("--bound", choices=["ibp", "crown-ibp"], default=None,

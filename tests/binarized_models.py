@@ -25,14 +25,15 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
 
 def larq_cnn(path: Path, images: np.ndarray, labels: np.ndarray, seed: int = 0, float_first: bool = False,
              bn_before_pool: bool = False, nhwc: bool = False, mul_add: bool = False, binary_last: bool = False,
-             channels: tuple[int, int] = (8, 12)) -> Path:
-    """Write the model (module docstring) to ``path``; ``images`` ``[N, 28, 28]`` pixels (calibration)."""
+             channels: tuple[int, int] = (8, 12), input_scale: float = 1.0) -> Path:
+    """Write the model (module docstring) to ``path``; ``images`` ``[N, 28, 28]`` pixels (calibration);
+    ``input_scale``: the model takes ``pixel * input_scale`` (a model trained on ``pixel / 255``)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     c1, c2 = channels
-    x = torch.as_tensor(images, dtype=torch.float64)[:, None]
+    x = torch.as_tensor(images, dtype=torch.float64)[:, None] * float(np.float32(input_scale))
     w1 = rng.normal(0, 0.5, size=(c1, 1, 3, 3)) if float_first else rng.choice([-1.0, 1.0], size=(c1, 1, 3, 3))
     w1 = w1.astype(np.float32).astype(np.float64)
     w2 = rng.choice([-1.0, 1.0], size=(c2, c1, 3, 3))

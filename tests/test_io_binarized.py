@@ -240,3 +240,21 @@ def test_brevitas_binarized_cnn_against_qonnx(tmp_path) -> None:
         r = verify(net, prop, VerifySettings(timeout=3))
         if r.verdict is Verdict.COUNTEREXAMPLE:
             assert r.counterexample.onnx_confirmed and "qonnx" in r.counterexample.note
+
+
+def test_cli_preprocess_scale_for_a_model_trained_on_scaled_pixels(tmp_path, data, capsys) -> None:
+    """A binarized model that takes ``pixel / 255``: ``--preprocess scale=1/255`` makes its grid the raw pixel and
+    its input scale 1/255; the executor's accuracy is onnxruntime's; mean/std are refused by name."""
+    import json
+
+    from qverify.cli import main
+
+    xt, yt, xs, ys = data
+    path = larq_cnn(tmp_path / "scaled.onnx", xt, yt, input_scale=1 / 255)
+    np.savez(tmp_path / "d.npz", images=xs[:100], labels=ys[:100])
+    assert main(["run", str(path), str(tmp_path / "d.npz"), "--preprocess", "scale=1/255", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])
+    net = load_binarized(path, input_scale=__import__("fractions").Fraction(1, 255))
+    theirs = binarized_logits(net, xs[:100].reshape(100, -1).astype(np.int64)).argmax(axis=1)
+    assert got["predictions"] == theirs.tolist() and got["accuracy"] > 0.5
+    assert main(["run", str(path), str(tmp_path / "d.npz"), "--preprocess", "scale=1/255,mean=0.1,std=0.3"]) == 3
