@@ -46,9 +46,11 @@ values on the calibration images):
   ``K = ptq.mse_grid``) that minimizes the mean squared error ``mean (X - s (q(X) - z))^2`` of the fake quantizer it
   defines (for ``pow2``, after the rounding of the scale: candidates giving the same scale tie, the smallest ``k``
   wins) - the grid search of Banner et al. / Nagel et al.'s white paper (arXiv 2106.08295, sec. 3.4).
-* ``lipschitz``: the layer-wise criterion of Song, Ranjan, Li (arXiv 2110.12308) - a named hook,
-  :data:`CLIPPING_HOOKS` / :func:`register_clipping`, to be filled by its own module; until then selecting it is an
-  error that says so.
+* ``lipschitz``: the layer-wise criterion of Song, Ranjan, Li (arXiv 2110.12308), registered through the named
+  hook (:data:`CLIPPING_HOOKS` / :func:`register_clipping`) by :mod:`qverify.lipschitz`: per weight tensor (or
+  channel), the range among ``[k a_0 / K, k b_0 / K]`` (``K = ptq.lipschitz_grid``) minimizing
+  ``t sigma(Q(W)) + sigma(W - Q(W))`` (spectral norms of the layer's operator by power iteration,
+  ``t = ptq.lipschitz_ratio``, ``ptq.lipschitz_iters`` iterations); activations by the MSE search.
 
 Exactness: every decision here (scales, integers) only *produces* the integer network; its function is the
 executor's, on exact integers. Calibration statistics are float64 and approximate, which is fine: they choose
@@ -415,7 +417,9 @@ class PTQConfig:
     ``out_clipping`` the output layer's (methods: :data:`CLIPPINGS`); ``percentile`` (in (50, 100]) and
     ``mse_grid`` (candidates of the MSE search) their parameters; ``calib`` the calibration data set
     (:func:`qverify.train.data.load_dataset` spec, e.g. ``mnist-5k``, ``npz:PATH``) and ``calib_images`` how many
-    (0: all); ``max_samples`` caps the activation values a percentile or MSE search reads (seeded subsample)."""
+    (0: all); ``max_samples`` caps the activation values a percentile or MSE search reads (seeded subsample);
+    ``lipschitz_grid``, ``lipschitz_ratio``, ``lipschitz_iters``: the Lipschitz criterion's (:mod:`qverify.lipschitz`).
+    """
 
     symmetric: bool = True
     weight_clipping: str | tuple[str, ...] = "minmax"
@@ -427,6 +431,9 @@ class PTQConfig:
     calib_images: int = 5000
     max_samples: int = 200_000
     seed: int = 0
+    lipschitz_grid: int = 32
+    lipschitz_ratio: float = 0.025
+    lipschitz_iters: int = 30
 
     def __post_init__(self) -> None:
         for name in ("weight_clipping", "act_clipping", "out_clipping"):
@@ -446,6 +453,11 @@ class PTQConfig:
             raise QuantizeError(f"ptq.percentile must be in (50, 100], got {self.percentile}")
         if self.mse_grid < 1 or self.max_samples < 1 or self.calib_images < 0:
             raise QuantizeError("ptq.mse_grid and ptq.max_samples must be >= 1, ptq.calib_images >= 0")
+        for name, v in (("lipschitz_grid", self.lipschitz_grid), ("lipschitz_iters", self.lipschitz_iters)):
+            if v < 1:
+                raise QuantizeError(f"ptq.{name} must be >= 1, got {v}")
+        if not self.lipschitz_ratio >= 0:
+            raise QuantizeError(f"ptq.lipschitz_ratio must be >= 0, got {self.lipschitz_ratio}")
 
     def clippings(self, n_affine: int) -> list[tuple[str, str]]:
         """``(weight clipping, output clipping)`` per affine layer; a list of the wrong length names the setting."""
@@ -1088,3 +1100,9 @@ def calibration_images(ptq: PTQConfig, input_shape: tuple[int, ...]) -> np.ndarr
     if int(np.prod(x.shape[1:])) != int(np.prod(input_shape)):
         raise QuantizeError(f"ptq.calib {ptq.calib!r}: images {x.shape[1:]} do not fit the model input {input_shape}")
     return x.reshape((len(x), *input_shape)).astype(np.int64)
+
+
+# the Lipschitz criterion registers itself as the ``lipschitz`` clipping method (it imports this module lazily)
+from qverify.lipschitz import register as _register_lipschitz  # noqa: E402
+
+_register_lipschitz()

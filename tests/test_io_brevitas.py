@@ -359,9 +359,11 @@ def test_bad_rounding_mode_and_bit_width_are_located(built, tmp_path):
         load_onnx(_edit(src, tmp_path / "bits.onnx", bits))
 
 
-def test_bipolar_of_a_float_value_is_refused_by_name(built, tmp_path):
+def test_bipolar_of_a_float_value_goes_to_the_binarized_importer(built, tmp_path):
     """``BipolarQuant`` after a float operator (here a ``Mul`` by a float constant, as a folded BatchNorm writes it)
-    is a float32 threshold: refused, naming the node (the hook for binarized networks)."""
+    is a float32 threshold: the graph goes to the binarized importer (:mod:`qverify.io.binarized`, float32 bands),
+    which imports Brevitas's binarized CNNs (``tests/test_io_binarized.py``) and names what it cannot take here:
+    this MLP's multi-bit output ``Quant``."""
     src = built["binary-mlp", "qonnx"][0]
 
     def mul(m):
@@ -374,7 +376,7 @@ def test_bipolar_of_a_float_value_is_refused_by_name(built, tmp_path):
     with pytest.raises(ModelError) as e:
         load_onnx(_edit(src, tmp_path / "bn.onnx", mul))
     msg = str(e.value)
-    assert "'sign0'" in msg and "BipolarQuant" in msg and "float" in msg
+    assert "bn.onnx" in msg and "(Quant)" in msg and "binarized network" in msg
 
 
 def test_measured_figures(built):

@@ -244,8 +244,10 @@ def test_bad_settings_name_the_setting() -> None:
         PTQConfig(percentile=40.0)
     with pytest.raises(QuantizeError, match=r"ptq\.bitz: unknown setting"):
         load_ptq_config(None, ["ptq.bitz=3"])
-    with pytest.raises(QuantizeError, match="lipschitz.*register_clipping"):
-        quantize(m, calib, ptq=PTQConfig(act_clipping="lipschitz"))
+    with pytest.raises(QuantizeError, match=r"ptq\.lipschitz_grid must be >= 1"):
+        PTQConfig(lipschitz_grid=0)
+    with pytest.raises(QuantizeError, match=r"ptq\.lipschitz_ratio must be >= 0"):
+        PTQConfig(lipschitz_ratio=-0.5)
 
 
 def test_lipschitz_hook_is_called() -> None:
@@ -256,12 +258,59 @@ def test_lipschitz_hook_is_called() -> None:
         seen.append((ctx.what, ctx.layer, ctx.bits))
         return float(x.min()), float(x.max())
 
+    saved = CLIPPING_HOOKS.get("lipschitz")
     register_clipping("lipschitz", rule)
     try:
         quantize(_tiny(), calib, QuantConfig(weight_bits=(4, 6)), PTQConfig(weight_clipping="lipschitz"))
     finally:
         CLIPPING_HOOKS.pop("lipschitz")
+        if saved is not None:
+            register_clipping("lipschitz", saved)
     assert seen == [("weight", 0, 4), ("weight", 1, 6)]
+
+
+def test_lipschitz_criterion_picks_the_smallest_bound() -> None:
+    """A dense layer with one outlier weight, 3 bits: every candidate's bound t ||Q(W)||_2 + ||W - Q(W)||_2 against
+    numpy's SVD, the rule returns the candidate of least bound (neither the min-max range nor the narrowest), and
+    a larger t (weight on the quantized layer's Lipschitz constant) picks a narrower range."""
+    from qverify.lipschitz import lipschitz_bounds, lipschitz_clipping
+    from qverify.quantize import ClipContext, fake_quant
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 10))
+    w[0, 0] = 8.0
+    m = FloatModel((10,), 255, 1 / 255, [FloatNode("dense", (0,), "fc", w, np.zeros(6))])
+    picks = {}
+    for ratio in (0.0, 0.025, 5.0):
+        ptq = PTQConfig(lipschitz_grid=16, lipschitz_ratio=ratio, lipschitz_iters=300)
+        ctx = ClipContext("weight", 0, 0, 3, True, True, QuantConfig(scheme="affine"), ptq, m)
+        cands = lipschitz_bounds(w.ravel(), ctx)
+        assert len(cands) == 16
+        for a, b, bound in cands:
+            wq = fake_quant(w, quantizer(a, b, 3, True, True, False))
+            assert bound == pytest.approx(ratio * np.linalg.norm(wq, 2) + np.linalg.norm(w - wq, 2), rel=1e-6)
+        best = min(range(16), key=lambda i: cands[i][2])
+        assert lipschitz_clipping(w.ravel(), ctx) == cands[best][:2]
+        picks[ratio] = best
+    assert 0 < picks[0.025] < 15
+    assert picks[5.0] < picks[0.0]
+    acts = rng.exponential(size=500)
+    actx = ClipContext("activation", 0, 0, 4, True, False, QuantConfig(), PTQConfig(), m)
+    assert lipschitz_clipping(acts, actx) == clip_range(acts, "mse", actx)  # activations: the MSE search
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lipschitz_clipping_network_equals_fake_quant(cnn, mnist, per_channel: bool) -> None:
+    """The registered ``lipschitz`` method on the CNN (convs with padding and stride, dense layers) at 8, 4, 2 bits:
+    the integer network equals the fake-quantized model on every test image."""
+    _, fm = cnn
+    x, _, calib = mnist
+    assert "lipschitz" in CLIPPING_HOOKS
+    for bits in (8, 4, 2):
+        qc = QuantConfig(scheme="pow2", weight_bits=bits, act_bits=bits, out_bits=bits, per_channel=per_channel)
+        res = quantize(fm, calib[:300], qc, PTQConfig(weight_clipping="lipschitz", act_clipping="lipschitz",
+                                                      out_clipping="lipschitz"))
+        assert np.array_equal(forward(res.network, x), res.fake_quant_model().forward_int(x)), bits
 
 
 def test_clipping_rules_by_hand() -> None:

@@ -10,7 +10,15 @@ Methods (``train.method``):
 * ``ibp``    the same quantized model, classic IBP loss with kappa mixing (``kappa: 1 -> kappa_end``);
 * ``qat``    plain quantization-aware training (no bounds; baseline);
 * ``float-ibp``  float training with (float) IBP and kappa mixing, then post-training quantization: scales
-  calibrated on training images, weights rounded (baseline: what quantization does to a float certificate).
+  calibrated on training images, weights rounded (baseline: what quantization does to a float certificate);
+* ``pgd-at`` / ``fgsm-rs``  adversarial training of the fake-quantized model: cross entropy at an l-inf PGD
+  example (Madry et al. 2018; ``pgd_steps``, ``pgd_alpha``, ``pgd_restarts``) or at a one-step FGSM example from a
+  random start (Wong, Rice, Kolter 2020; ``fgsm_alpha``), radius ``eps`` in pixels with the same warm-up and ramp
+  (:mod:`qverify.train.methods`);
+* ``grad-l1``  float training with the gradient l1 regularizer of Alizadeh et al. 2020 (``lambda_w``,
+  ``lambda_a``, scaled by the ramp fraction like ``lam``: plain float training during the warm-up; double
+  back-propagation, :mod:`qverify.train.methods`), then post-training quantization as for
+  ``float-ibp``; the float checkpoint is the model ``qverify quantize`` quantizes to any width.
 
 ``bound = "crown-ibp"`` replaces the interval margin bounds of any bound-using method by CROWN-IBP's
 ``beta(t) lb_CROWN-IBP + (1 - beta(t)) lb_IBP`` (:mod:`qverify.train.bounds_crown`; ``beta`` ramps from 1 to
@@ -45,9 +53,12 @@ from qverify.train.bounds_ibp import certified_by_bounds, input_box, output_boun
 from qverify.train.data import Dataset, load_dataset
 from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
 from qverify.train.loss import ROBUST_TERMS, objective
+from qverify.train.methods import ADVERSARIAL, GRAD_L1, adversarial_objective, grad_l1_objective
 from qverify.train.schedule import schedule_values
 
-METHODS = ("qaibp", "ibp", "qat", "float-ibp")
+METHODS = ("qaibp", "ibp", "qat", "float-ibp", *ADVERSARIAL, GRAD_L1)
+#: methods that train the float model and quantize it after training
+FLOAT_METHODS = ("float-ibp", GRAD_L1)
 BOUNDS = ("ibp", "crown-ibp")
 CHECKPOINT = "checkpoint.pt"
 
@@ -98,6 +109,13 @@ class TrainConfig:
     beta_end: float = 0.0
     grad_clip: float = 10.0
     calib_images: int = 1000
+    pgd_steps: int = 40
+    pgd_alpha: float = 1.0 / 30.0
+    pgd_restarts: int = 1
+    fgsm_alpha: float = 1.25
+    adv_grid: bool = True
+    lambda_w: float = 0.05
+    lambda_a: float = 0.05
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
@@ -120,7 +138,10 @@ class TrainConfig:
                                       ("lam", 0.0, False, math.inf), ("rho", 0.0, False, math.inf),
                                       ("kappa_end", 0.0, False, 1.0), ("margin", 0.0, False, math.inf),
                                       ("grad_clip", 0.0, False, math.inf), ("calib_images", 0, False, math.inf),
-                                      ("eval_radius", -1, False, math.inf)):
+                                      ("eval_radius", -1, False, math.inf), ("pgd_steps", 1, False, math.inf),
+                                      ("pgd_alpha", 0.0, True, math.inf), ("pgd_restarts", 1, False, math.inf),
+                                      ("fgsm_alpha", 0.0, True, math.inf), ("lambda_w", 0.0, False, math.inf),
+                                      ("lambda_a", 0.0, False, math.inf)):
             v = getattr(self, name)
             if not ((v > lo if open_lo else v >= lo) and v <= hi):
                 where = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{']' if hi < math.inf else ')'}"
@@ -134,17 +155,20 @@ class TrainConfig:
         ``float-ibp``); with ``f = clip((epochs - W) / ramp_epochs, 0, 1)`` the last step trains at ``f * eps`` (and
         ``f * lam``, ``f * rho``), so ``f = 0`` is plain (quantization-aware or float) training and ``0 < f < 1``
         never reaches ``eps``."""
-        if self.method == "qat" or self.eps <= 0 or self.epochs <= 0:
+        if self.method == "qat" or (self.eps <= 0 and self.method != GRAD_L1) or self.epochs <= 0:
             return []
-        pre = 0 if self.method == "float-ibp" else self.float_epochs
+        pre = 0 if self.method in FLOAT_METHODS else self.float_epochs
         w = self.warmup_epochs + pre
         what = "train.warmup_epochs" + (" + train.float_epochs" if pre else "")
         if self.epochs <= w:
-            plain = "float" if self.method == "float-ibp" else "quantization-aware"
+            plain = "float" if self.method in FLOAT_METHODS else "quantization-aware"
             return [f"train.epochs ({self.epochs}) <= {what} ({w:g}): the robust term never switches on, so this "
                     f"{self.method} run is plain {plain} training"]
         if self.ramp_epochs > 0 and self.epochs < w + self.ramp_epochs:
             f = (self.epochs - w) / self.ramp_epochs
+            if self.method == GRAD_L1:
+                return [f"train.epochs ({self.epochs}) < {what} + train.ramp_epochs ({w + self.ramp_epochs:g}): the "
+                        f"regularizer reaches only {f:.3g} of train.lambda_w / train.lambda_a by the last step"]
             return [f"train.epochs ({self.epochs}) < {what} + train.ramp_epochs ({w + self.ramp_epochs:g}): epsilon "
                     f"reaches only {f * self.eps:.3g} of train.eps = {self.eps:g} by the last step"]
         return []
@@ -580,7 +604,7 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
     x_train = torch.as_tensor(train_set.images)
     y_train = torch.as_tensor(train_set.labels, dtype=torch.int64)
     calib = x_train[:max(1, tc.calib_images)].to(device)
-    float_method = tc.method == "float-ibp"
+    float_method = tc.method in FLOAT_METHODS
     float_epochs = tc.epochs if float_method else tc.float_epochs
     opt = _optimizer(model, tc)
     history: list[dict[str, Any]] = []
@@ -643,7 +667,14 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
             for group in opt.param_groups:
                 group["lr"] = sv.lr
             beta = sv.beta if tc.bound == "crown-ibp" else 0.0
-            loss, st = objective(model, x, y, eps, kappa, lam, rho, tc.robust_term, tc.margin, beta)
+            if tc.method in ADVERSARIAL:
+                ag = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 65_537 + step + 1)
+                loss, st = adversarial_objective(model, x, y, eps, tc.method, tc.pgd_steps, tc.pgd_alpha,
+                                                 tc.pgd_restarts, tc.fgsm_alpha, tc.adv_grid, generator=ag)
+            elif tc.method == GRAD_L1:  # the regularizer follows the warm-up and ramp (f = 0: plain float)
+                loss, st = grad_l1_objective(model, x, y, sv.fraction * tc.lambda_w, sv.fraction * tc.lambda_a)
+            else:
+                loss, st = objective(model, x, y, eps, kappa, lam, rho, tc.robust_term, tc.margin, beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
