@@ -449,11 +449,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     held = [d / "checkpoint.pt" for d in dirs if (d / "checkpoint.pt").exists()]
     if held and not (args.resume or args.overwrite):  # a finished or interrupted run is not overwritten unasked
         raise CliError(f"{held[0]} exists: add --resume to continue that run, or --overwrite to train anew")
+    cfgs = []
+    for method, mdir in zip(methods, dirs, strict=True):  # every run's settings checked before the first trains
+        try:
+            cfgs.append(replace(cfg, out_dir=str(mdir), train=replace(cfg.train, method=method),
+                                progress=not args.no_progress))
+        except (ConfigError, QuantError) as e:
+            raise CliError(f"--baselines: the {method} baseline cannot take this config: {e}") from None
     rows = []
-    for method, mdir in zip(methods, dirs, strict=True):
+    for method, mdir, mcfg in zip(methods, dirs, cfgs, strict=True):
         mdir.mkdir(parents=True, exist_ok=True)
-        mcfg = replace(cfg, out_dir=str(mdir), train=replace(cfg.train, method=method),
-                       progress=not args.no_progress)
         (mdir / "config.toml").write_text(dump_config(mcfg, f"qverify train ({method})"))
         try:
             res = train(mcfg, resume=args.resume, data=data)
@@ -809,11 +814,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML or YAML (.yaml/.yml) config (default: built-in defaults)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lam=2 --set quant.weight_bits=6")
-    c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp", "pgd-at", "fgsm-rs", "grad-l1"],
+    c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp", "pgd-at", "fgsm-rs", "grad-l1",
+                                        "binaryrelax", "robust2bit"],
                    default=None,
                    help="training objective (qaibp: quantization-aware IBP; pgd-at / fgsm-rs: adversarial training "
                         "of the fake-quantized model; grad-l1: float training with gradient l1 regularization, "
-                        "then qverify quantize)")
+                        "then qverify quantize; binaryrelax: BinaryRelax binary / ternary / 4-bit weights "
+                        "(quant.weight_bits 1 / 2 / 4) with a natural-adversarial trade-off loss; robust2bit: "
+                        "2-bit weights as two power-of-two binary bases, feature and spectral-norm terms)")
     c.add_argument("--epochs", type=int, default=None, help="epochs")
     c.add_argument("--eps", type=float, default=None, help="training radius in input units (pixels)")
     c.add_argument("--bound", choices=["ibp", "crown-ibp"], default=None,

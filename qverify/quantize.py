@@ -535,6 +535,9 @@ def load_ptq_config(path: str | Path | None = None, overrides: Sequence[str] = (
         if key not in known:
             raise QuantizeError(f"ptq.{key}: unknown setting (known: {', '.join(sorted(known))})")
     tup = {k: tuple(v) if isinstance(v, list) else v for k, v in quant.items()}
+    # PTQ's quantizers are uniform: a training method's binary / ternary / two-base weight quantizer is not carried
+    # over from a checkpoint (quantizing its float weights again, at widths of PTQ's own, is the point)
+    tup.setdefault("weight_quantizer", "uniform")
     qc = replace(base, **tup) if base is not None else QuantConfig(**tup)
     return qc, PTQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ptq.items()})
 

@@ -66,6 +66,9 @@ def export_qnetwork(model: QuantNet, name: str = "qverify-trained",
             assert p is not None and p.num is not None and p.den is not None
             w = p.weight.detach().cpu().numpy()
             b = p.bias.detach().cpu().numpy()
+            if not np.array_equal(w, np.round(w)):
+                raise QuantError(f"block {i}: the weights are not integers (BinaryRelax's relaxed phase, "
+                                 f"relax_eta = {blk.relax_eta}); export needs the hard projection (relax_eta = None)")
             if isinstance(blk, QConv2d):
                 pad = blk.padding
                 layers.append(Conv2d(w, b, stride=(blk.stride, blk.stride), padding=(pad, pad, pad, pad),
@@ -193,6 +196,8 @@ def export_onnx(model: QuantNet, path: str | Path, opset: int = 13) -> QNetwork:
         b = p.bias.detach().numpy().astype(np.int64)
         if np.abs(b).max(initial=0) >= 2**31:
             raise QuantError(f"ONNX export: block {i} bias does not fit int32")
+        if np.abs(w).max(initial=0) > 127:
+            raise QuantError(f"ONNX export: block {i} weights do not fit int8 (|w| up to {np.abs(w).max()})")
         per = len(sw) > 1
         sw_t = sw if per else sw.reshape(())
         sb_t = sb if per else sb.reshape(())

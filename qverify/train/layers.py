@@ -47,6 +47,15 @@ from qverify.quant import INT64_SAFE, Rounding, multiply_round
 from qverify.torch_net import LeakyClamp
 
 SCHEMES = ("pow2", "affine")
+#: weight quantizers: ``uniform`` (the module docstring's rounding and clamp), ``binaryrelax`` (per layer by its
+#: width: 1 bit binary, 2 bits ternary, 4 bits uniform with a least-squares scale) and ``pow2-bases`` (2-bit weights
+#: as two power-of-two binary bases), the last two set by ``train.method`` (:mod:`qverify.train.wquant`)
+WEIGHT_QUANTIZERS = ("uniform", "binaryrelax", "pow2-bases")
+#: the widths each non-uniform weight quantizer accepts, and what it makes of them
+_QUANTIZER_BITS = {"binaryrelax": ({1: "binary", 2: "ternary", 4: "uniform"},
+                                   "1 (binary), 2 (ternary) or 4 for train.method = 'binaryrelax'"),
+                   "pow2-bases": ({2: "pow2-bases"}, "2 (two power-of-two binary bases) for train.method = "
+                                                     "'robust2bit'")}
 DTYPE = torch.float64
 #: |acc * m| below this is an exact float64 integer and fits int64 arithmetic in multiply_round
 _EXACT = 2**53
@@ -70,6 +79,11 @@ class QuantConfig:
     its requantized output); ``out_bits`` is the output layer's. The same lists drive ``qverify quantize``
     (:mod:`qverify.quantize`), so QAT and PTQ read one config. :meth:`layer_bits` resolves them for a model and
     names the setting whose list has the wrong length.
+
+    ``weight_quantizer`` (derived from ``train.method`` by the trainer's config reader): ``uniform`` (the module
+    docstring's weights), ``binaryrelax`` (``weight_bits`` per layer 1: binary, 2: ternary, 4: 4-bit with a
+    least-squares scale) or ``pow2-bases`` (``weight_bits = 2``: two power-of-two binary bases); the last two
+    compute codes times a scale (:mod:`qverify.train.wquant`), the scale folded into the requantization multiplier.
     """
 
     scheme: str = "pow2"
@@ -86,10 +100,14 @@ class QuantConfig:
     clamp_leak: float = 0.01
     mult_bits: int = 16
     calibrate: bool = True
+    weight_quantizer: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise QuantError(f"quant.scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise QuantError(f"quant.weight_quantizer must be one of {WEIGHT_QUANTIZERS}, got "
+                             f"{self.weight_quantizer!r}")
         for name in ("weight_bits", "act_bits", "out_bits"):
             b = getattr(self, name)
             if isinstance(b, (list, tuple)):
@@ -101,6 +119,11 @@ class QuantConfig:
             else:
                 items = [(f"quant.{name}", b)]
             for where, v in items:
+                if name == "weight_bits" and self.weight_quantizer in _QUANTIZER_BITS:
+                    allowed, what = _QUANTIZER_BITS[self.weight_quantizer]
+                    if isinstance(v, bool) or v not in allowed:
+                        raise QuantError(f"{where} must be {what}, got {v!r}")
+                    continue
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 2 <= v <= 16:
                     raise QuantError(f"{where} must be an integer in 2..16 (1 bit is binary, which needs a binary "
                                      f"method), got {v!r}")
@@ -333,6 +356,20 @@ class QAffine(nn.Module):
         self.weight_bits, self.out_bits = int(bits[0]), int(bits[1])
         wq = 2 ** (self.weight_bits - 1)
         self.wmin, self.wmax = -wq, wq - 1
+        #: the weight quantizer of :mod:`qverify.train.wquant` (``None``: the uniform rounding and clamp)
+        self.codes_kind: str | None = None
+        #: BinaryRelax's relaxation ``eta`` (``None``: the hard projection ``Q(W)``; set by the trainer per epoch)
+        self.relax_eta: float | None = None
+        if qc.weight_quantizer in _QUANTIZER_BITS:
+            kinds = _QUANTIZER_BITS[qc.weight_quantizer][0]
+            if self.weight_bits not in kinds:
+                raise QuantError(f"quant.weight_bits must be {_QUANTIZER_BITS[qc.weight_quantizer][1]}, got "
+                                 f"{self.weight_bits}")
+            self.codes_kind = kinds[self.weight_bits]
+            from qverify.train.wquant import MAX_SPAN
+
+            top = {"binary": 1, "ternary": 1, "uniform": wq - 1, "pow2-bases": 2**MAX_SPAN + 1}[self.codes_kind]
+            self.wmin, self.wmax = -top, top
         bq = 2 ** (qc.bias_bits - 1)
         self.bmin, self.bmax = -bq, bq - 1
         if last:
@@ -363,15 +400,25 @@ class QAffine(nn.Module):
         if not quantized:
             return BlockParams(self.weight, self.bias, None, None, None, in_log2)
         qc = self.qc
-        s_w, _ = self._scale(self.w_log2)
         s_o, po = self._scale(self.a_log2)
-        w_int = clamp_leaky(round_param(self.weight / self._bshape(s_w)), self.wmin, self.wmax, qc.clamp_leak)
+        if self.codes_kind is not None:
+            # codes times a per-layer / per-channel scale s (wquant); BinaryRelax's relaxed weights G / s while
+            # relax_eta is set. s is a real number (binary, ternary, uniform) or a power of two (pow2-bases): the
+            # multiplier s_in s / s_out is rounded to a dyadic with mult_bits significant bits below (exact for
+            # a power of two), and that dyadic is the one exported
+            from qverify.train.wquant import relax, weight_codes
+
+            codes, s_w = weight_codes(self.weight.detach(), self.codes_kind, self.weight_bits, qc.per_channel)
+            w_int = relax(codes, self.weight / self._bshape(s_w), self.relax_eta)
+        else:
+            s_w, _ = self._scale(self.w_log2)
+            w_int = clamp_leaky(round_param(self.weight / self._bshape(s_w)), self.wmin, self.wmax, qc.clamp_leak)
         # input scale: pow2 exact; the accumulator scale is s_in * s_w
         s_in = torch.exp2(in_log2) if qc.scheme == "affine" else _Pow2.apply(in_log2)
         s_acc = s_in * s_w
         b_int = clamp_leaky(round_param(self.bias / s_acc), self.bmin, self.bmax, qc.clamp_leak)
         m = s_acc / s_o
-        if qc.scheme == "affine":
+        if qc.scheme == "affine" or self.codes_kind is not None:
             m = _Dyadic.apply(m, qc.mult_bits)
         if m.numel() == 1:
             m = m.reshape(())

@@ -50,6 +50,54 @@ uniform prediction (measured: 24 % instead of 85 % held-out accuracy after 3 epo
 once the model fits. The run ends, as ``float-ibp`` does, with
 a post-training quantization at the config's widths for the exported ``.qnn``; the checkpoint keeps the float model,
 which ``qverify quantize`` quantizes on demand to 8/6/4/2 bits (:func:`qverify.quantize.from_checkpoint`).
+
+BinaryRelax with a trade-off loss (``"binaryrelax"``; Yin, Zhang, Lyu, Osher, Qi, Xin, "BinaryRelax: A Relaxation
+Approach for Training Deep Neural Networks with Quantized Weights", SIAM J. Imaging Sci. 2018; its adversarial
+use: Li, Wang, Xin, arXiv 2008.13305). The quantization constraint ``W in Q`` is relaxed into the Moreau-envelope
+penalty ``eta/2 dist(W, Q)^2``, whose minimizer is the pseudo-quantized weight the forward pass uses::
+
+    G = (eta Q(W) + W) / (1 + eta),       eta_e = eta_0 rho^e  (epoch e of quantized training),
+
+the latent float ``W`` updated by the gradient at ``G`` (``dG/dW = 1``, ``Q`` straight through:
+:func:`qverify.train.wquant.relax`); in the last ``train.br_hard_epochs`` epochs the hard projection ``G = Q(W)``
+(the paper's second phase), so the trained model, its checkpoint and the exported network are exactly quantized.
+Defaults ``eta_0 = 1``, ``rho = 1.02`` per epoch (``train.br_eta0``, ``train.br_rho``: the continuation as we
+read the paper's experiments; not re-checked against its text here), ``br_hard_epochs = 2``. ``Q`` per layer by its
+width ``quant.weight_bits``: 1 binary ``alpha sign(W)`` (``alpha = mean |W|``), 2 ternary (TWN: ``delta = 0.7
+mean |W|``, ``alpha`` the mean of the kept ``|W|``), 4 the narrow 4-bit grid with a least-squares ``alpha``;
+``alpha`` per layer or per output channel (``quant.per_channel``) (:mod:`qverify.train.wquant`). The exported
+weights are the codes in ``{-1, 0, 1}`` (``{-7..7}``); ``alpha`` is folded into the requantization multiplier
+``s_in alpha / s_out`` (rounded to ``quant.mult_bits`` significant bits, the multiplier the torch forward uses).
+The loss trades natural against adversarial cross entropy::
+
+    L = (1 - beta) CE(f_G(x), y) + beta CE(f_G(x_adv), y),      beta = train.br_beta (default 0.5),
+
+``x_adv`` the PGD example of :func:`linf_attack` on the current (relaxed) model with the ``pgd_*`` settings and the
+radius ramp of ``pgd-at``. Li, Wang and Xin trade the natural loss against an adversarial one without fixing the
+form here; this convex combination (TRADES-like in spirit, with the adversarial cross entropy instead of a KL term)
+is the simplest reading, and ``beta`` is the setting. The channel sparsity the ternary projection produces (the
+fraction of zero codes, and output channels whose codes are all zero) is logged per epoch
+(:func:`weight_sparsity`).
+
+Robustness-aware 2-bit quantization (``"robust2bit"``; Li, Jiang, Huang, Tian, arXiv 2010.11271). The 2-bit
+weights are two binary bases with power-of-two scales, ``W ~ 2^a B_1 + 2^b B_2`` (shift-add inference), fitted
+per layer or channel by alternating least squares with rounded exponents
+(:func:`qverify.train.wquant.pow2_bases_exponents`); the exported weights are the integers ``2^(a-b) B_1 + B_2``
+at the scale ``2^b``. The loss::
+
+    L = CE(f_q(x), y) + lambda_f sum_l mean (phi_l^q(x) - phi_l^f(x))^2 + lambda_s sum_l sigma(Q(W_l)),
+
+``phi_l^q`` the quantized model's hidden activations (real values) and ``phi_l^f`` the float model's on the same
+batch (no gradient), ``sigma`` the spectral norm of the layer's quantized operator (dense matrix or conv operator,
+:func:`qverify.lipschitz.layer_operator`; its top right singular vector ``v`` by ``train.spectral_iters`` power
+iterations without gradient, then ``sigma = ||A v||`` with the live weights, whose gradient is ``u v^T``).
+Readings where the paper leaves details open: its structural loss compares the quantized and the full-precision
+model's features through a discriminator; the simplest reading that matches that description is a fixed
+discriminator, the l2 distance of the features (feature matching), with weight ``train.feature_weight`` (default
+0.1); the float model is the same network's latent float weights evaluated in float (the model the quantized
+weights are fitted to), so no second model is trained or stored; the robustness term is the plain sum of the
+layers' spectral norms, weight ``train.spectral_weight`` (default 0.01). Both weights follow the trainer's warm-up
+and ramp (``f(t) lambda``), as ``grad-l1``'s do.
 """
 
 from __future__ import annotations
@@ -59,12 +107,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qverify.train.layers import QAffine, QuantNet
+from qverify.lipschitz import layer_operator
+from qverify.train.layers import QAffine, QConv2d, QuantNet
 from qverify.train.loss import LossStats
 
 #: methods of this module: adversarial training on the fake-quantized model, and the float gradient-l1 training
 ADVERSARIAL = ("pgd-at", "fgsm-rs")
 GRAD_L1 = "grad-l1"
+BINARYRELAX = "binaryrelax"
+ROBUST2BIT = "robust2bit"
+#: the weight quantizer (``quant.weight_quantizer``) each method needs; every other method: ``uniform``
+METHOD_WEIGHT_QUANTIZER = {BINARYRELAX: "binaryrelax", ROBUST2BIT: "pow2-bases"}
 
 
 def _project(v: torch.Tensor, x: torch.Tensor, eps: float, hi: int) -> torch.Tensor:
@@ -169,6 +222,155 @@ def grad_l1_objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, lambda_
         raise ValueError(f"lambda_w and lambda_a must be >= 0, got {lambda_w}, {lambda_a}")
     ce, w_term, a_term, logits = grad_l1_terms(model, x, y)
     reg = lambda_w * w_term + lambda_a * a_term
+    loss = ce + reg
+    with torch.no_grad():
+        correct = int((torch.argmax(logits.detach(), dim=1) == y).sum())
+    return loss, LossStats(float(loss.detach()), float(ce.detach()), float(reg.detach()), 0.0, correct, 0,
+                           int(len(y)))
+
+
+# ------------------------------------------------------------------------------------------ BinaryRelax
+def br_eta(epoch: int, epochs: int, start_epoch: int = 0, eta0: float = 1.0, rho: float = 1.02,
+           hard_epochs: int = 2) -> float | None:
+    """BinaryRelax's ``eta`` in ``epoch`` (module docstring): ``eta0 rho^(epoch - start_epoch)`` in the relaxed
+    phase, ``None`` (the hard projection) in the last ``hard_epochs`` of ``epochs``."""
+    if epoch >= epochs - hard_epochs:
+        return None
+    return float(eta0) * float(rho) ** max(0, epoch - start_epoch)
+
+
+def set_relaxation(model: QuantNet, eta: float | None) -> None:
+    """Every affine block's ``relax_eta`` (``None``: hard quantization)."""
+    for blk in model.affine_blocks:
+        blk.relax_eta = eta
+
+
+def binaryrelax_objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, eps: float, beta: float = 0.5,
+                          pgd_steps: int = 40, pgd_alpha: float = 1.0 / 30.0, pgd_restarts: int = 1,
+                          grid: bool = True, generator: torch.Generator | None = None,
+                          ) -> tuple[torch.Tensor, LossStats]:
+    """``(1 - beta) CE(f(x), y) + beta CE(f(x_adv), y)`` (module docstring; ``eps = 0``: the natural loss);
+    ``natural`` and ``robust`` in the statistics are the two cross entropies."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"train.br_beta must be in [0, 1], got {beta}")
+    logits = model(x)
+    nat = F.cross_entropy(logits, y)
+    if eps > 0 and beta > 0:
+        x_adv = linf_attack(model, x, y, eps, pgd_alpha * eps, pgd_steps, pgd_restarts, grid=grid,
+                            generator=generator)
+        adv = F.cross_entropy(model(x_adv), y)
+    else:
+        adv = nat
+    loss = (1.0 - beta) * nat + beta * adv
+    with torch.no_grad():
+        correct = int((torch.argmax(logits.detach(), dim=1) == y).sum())
+    return loss, LossStats(float(loss.detach()), float(nat.detach()), float(adv.detach()), 0.0, correct, 0,
+                           int(len(y)))
+
+
+@torch.no_grad()
+def weight_sparsity(model: QuantNet) -> dict[str, float | int]:
+    """Sparsity of the hard-quantized weight codes (:mod:`qverify.train.wquant`; the uniform rounding otherwise):
+    ``zero_weights`` the fraction of zero codes over every affine layer, ``zero_channels`` the number of output
+    channels (rows, filters) whose codes are all zero, ``channels`` their total, and ``zero_channels_per_layer``
+    (a list). The relaxation is switched off while it counts, and restored."""
+    saved = [b.relax_eta for b in model.affine_blocks]
+    set_relaxation(model, None)
+    try:
+        params = model.block_params()
+    finally:
+        for b, e in zip(model.affine_blocks, saved, strict=True):
+            b.relax_eta = e
+    zeros = total = zch = nch = 0
+    per_layer = []
+    for p in params:
+        if p is None:
+            continue
+        w = p.weight.reshape(p.weight.shape[0], -1)
+        zeros += int((w == 0).sum())
+        total += w.numel()
+        z = int((w == 0).all(dim=1).sum())
+        per_layer.append(z)
+        zch += z
+        nch += w.shape[0]
+    return {"zero_weights": zeros / max(1, total), "zero_channels": zch, "channels": nch,
+            "zero_channels_per_layer": per_layer}
+
+
+# ------------------------------------------------------------------------------------------ robust 2-bit
+def _top_right_vector(op: tuple, iters: int, seed: int = 0) -> torch.Tensor:
+    """The power iteration of :func:`qverify.lipschitz.spectral_norm` on ``A^T A``, returning the (unit) top right
+    singular vector estimate ``[1, *in_shape]`` instead of the norm."""
+    fwd, adj, shape = op
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn((1, *shape), generator=g, dtype=torch.float64)
+    v = v / v.norm()
+    with torch.no_grad():
+        for _ in range(max(1, iters)):
+            u = adj(fwd(v))
+            nu = float(u.norm())
+            if nu == 0.0:
+                break
+            v = u / nu
+    return v
+
+
+def spectral_terms(model: QuantNet, params: list, values: list[torch.Tensor], iters: int = 10,
+                   ) -> list[torch.Tensor]:
+    """Per affine block, ``sigma(Q(W_l))`` of its real-valued quantized weights ``s * codes`` (module docstring),
+    differentiable in the weights (straight through the codes). ``params``/``values``: one quantized pass's
+    :meth:`~qverify.train.layers.QuantNet.block_params` and :meth:`~qverify.train.layers.QuantNet.layer_values`."""
+    out = []
+    starts = model.block_starts()
+    log2 = model.in_log2
+    for blk, p, st in zip(model.blocks, params, starts, strict=True):
+        if not isinstance(blk, QAffine):
+            continue
+        # the real weight scale: s_w = M s_out / s_in (M the dyadic multiplier the forward uses)
+        s_w = (p.mult.reshape(-1) * torch.exp2(p.out_log2.reshape(())) / torch.exp2(torch.as_tensor(log2))).detach()
+        w = p.weight * s_w.reshape((-1,) + (1,) * (p.weight.ndim - 1))
+        in_shape = tuple(int(s) for s in values[st].shape[1:])
+        if isinstance(blk, QConv2d):
+            pad = (blk.padding,) * 4
+            op = layer_operator(w.detach(), "conv", in_shape, (blk.stride, blk.stride), pad)
+            v = _top_right_vector(op, iters)
+            av = F.conv2d(F.pad(v, (blk.padding,) * 4), w, stride=blk.stride)
+        else:
+            op = layer_operator(w.detach(), "dense")
+            v = _top_right_vector(op, iters)
+            av = F.linear(v, w)
+        out.append(av.norm())
+        log2 = p.out_log2
+    return out
+
+
+def robust2bit_objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, feature_weight: float = 0.1,
+                         spectral_weight: float = 0.01, spectral_iters: int = 10,
+                         ) -> tuple[torch.Tensor, LossStats]:
+    """``CE + lambda_f sum_l mean (phi_l^q - phi_l^f)^2 + lambda_s sum_l sigma(Q(W_l))`` (module docstring) of a
+    model in quantized mode; ``robust`` in the statistics is the weighted sum of the two terms."""
+    if not model.quantized:
+        raise ValueError("robust2bit_objective needs a model in quantized mode")
+    if feature_weight < 0 or spectral_weight < 0:
+        raise ValueError(f"feature_weight and spectral_weight must be >= 0, got {feature_weight}, {spectral_weight}")
+    params = model.block_params()
+    vals = model.layer_values(x, params)
+    logits = vals[-1].reshape(-1, model.n_classes) * model.output_scale(params)
+    ce = F.cross_entropy(logits, y)
+    reg = ce.new_zeros(())
+    hidden = [(st + 2, p) for blk, p, st in zip(model.blocks, params, model.block_starts(), strict=True)
+              if isinstance(blk, QAffine) and not blk.last]
+    if feature_weight > 0 and hidden:
+        model.quantized = False  # the float model: the same latent weights, float forward
+        try:
+            with torch.no_grad():
+                fvals = model.layer_values(x)
+        finally:
+            model.quantized = True
+        feat = torch.stack([F.mse_loss(vals[i] * torch.exp2(p.out_log2.reshape(())), fvals[i]) for i, p in hidden])
+        reg = reg + feature_weight * feat.sum()
+    if spectral_weight > 0:
+        reg = reg + spectral_weight * torch.stack(spectral_terms(model, params, vals, spectral_iters)).sum()
     loss = ce + reg
     with torch.no_grad():
         correct = int((torch.argmax(logits.detach(), dim=1) == y).sum())

@@ -18,7 +18,18 @@ Methods (``train.method``):
 * ``grad-l1``  float training with the gradient l1 regularizer of Alizadeh et al. 2020 (``lambda_w``,
   ``lambda_a``, scaled by the ramp fraction like ``lam``: plain float training during the warm-up; double
   back-propagation, :mod:`qverify.train.methods`), then post-training quantization as for
-  ``float-ibp``; the float checkpoint is the model ``qverify quantize`` quantizes to any width.
+  ``float-ibp``; the float checkpoint is the model ``qverify quantize`` quantizes to any width;
+* ``binaryrelax``  BinaryRelax (Yin et al. 2018): binary / ternary / 4-bit weights (``quant.weight_bits`` 1 / 2 /
+  4) through the relaxed projection ``G = (eta Q(W) + W) / (1 + eta)``, ``eta = br_eta0 br_rho^e`` in quantized
+  epoch ``e``, then the hard projection in the last ``br_hard_epochs``; the loss ``(1 - br_beta) CE(x) + br_beta
+  CE(x_adv)`` with the PGD example of ``pgd-at`` (same settings and radius ramp); the weight sparsity
+  (``zero_weights``, ``zero_channels``) in every epoch's record;
+* ``robust2bit``  2-bit weights as two power-of-two binary bases (Li et al. 2020) with the feature-matching loss
+  against the float model and the spectral-norm term (``feature_weight``, ``spectral_weight``, scaled by the ramp
+  fraction like ``grad-l1``'s; :mod:`qverify.train.methods`).
+
+``quant.weight_quantizer`` is set from ``train.method`` (``binaryrelax``: ``binaryrelax``; ``robust2bit``:
+``pow2-bases``; else ``uniform``); a config naming another is an error.
 
 ``bound = "crown-ibp"`` replaces the interval margin bounds of any bound-using method by CROWN-IBP's
 ``beta(t) lb_CROWN-IBP + (1 - beta(t)) lb_IBP`` (:mod:`qverify.train.bounds_crown`; ``beta`` ramps from 1 to
@@ -53,10 +64,23 @@ from qverify.train.bounds_ibp import certified_by_bounds, input_box, output_boun
 from qverify.train.data import Dataset, load_dataset
 from qverify.train.layers import ModelConfig, QuantConfig, QuantNet, build_model, calibrate
 from qverify.train.loss import ROBUST_TERMS, objective
-from qverify.train.methods import ADVERSARIAL, GRAD_L1, adversarial_objective, grad_l1_objective
+from qverify.train.methods import (
+    ADVERSARIAL,
+    BINARYRELAX,
+    GRAD_L1,
+    METHOD_WEIGHT_QUANTIZER,
+    ROBUST2BIT,
+    adversarial_objective,
+    binaryrelax_objective,
+    br_eta,
+    grad_l1_objective,
+    robust2bit_objective,
+    set_relaxation,
+    weight_sparsity,
+)
 from qverify.train.schedule import schedule_values
 
-METHODS = ("qaibp", "ibp", "qat", "float-ibp", *ADVERSARIAL, GRAD_L1)
+METHODS = ("qaibp", "ibp", "qat", "float-ibp", *ADVERSARIAL, GRAD_L1, BINARYRELAX, ROBUST2BIT)
 #: methods that train the float model and quantize it after training
 FLOAT_METHODS = ("float-ibp", GRAD_L1)
 BOUNDS = ("ibp", "crown-ibp")
@@ -116,6 +140,13 @@ class TrainConfig:
     adv_grid: bool = True
     lambda_w: float = 0.05
     lambda_a: float = 0.05
+    br_eta0: float = 1.0
+    br_rho: float = 1.02
+    br_hard_epochs: int = 2
+    br_beta: float = 0.5
+    feature_weight: float = 0.1
+    spectral_weight: float = 0.01
+    spectral_iters: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
@@ -141,7 +172,11 @@ class TrainConfig:
                                       ("eval_radius", -1, False, math.inf), ("pgd_steps", 1, False, math.inf),
                                       ("pgd_alpha", 0.0, True, math.inf), ("pgd_restarts", 1, False, math.inf),
                                       ("fgsm_alpha", 0.0, True, math.inf), ("lambda_w", 0.0, False, math.inf),
-                                      ("lambda_a", 0.0, False, math.inf)):
+                                      ("lambda_a", 0.0, False, math.inf), ("br_eta0", 0.0, True, math.inf),
+                                      ("br_rho", 1.0, False, math.inf), ("br_hard_epochs", 1, False, math.inf),
+                                      ("br_beta", 0.0, False, 1.0), ("feature_weight", 0.0, False, math.inf),
+                                      ("spectral_weight", 0.0, False, math.inf),
+                                      ("spectral_iters", 1, False, math.inf)):
             v = getattr(self, name)
             if not ((v > lo if open_lo else v >= lo) and v <= hi):
                 where = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{']' if hi < math.inf else ')'}"
@@ -155,7 +190,8 @@ class TrainConfig:
         ``float-ibp``); with ``f = clip((epochs - W) / ramp_epochs, 0, 1)`` the last step trains at ``f * eps`` (and
         ``f * lam``, ``f * rho``), so ``f = 0`` is plain (quantization-aware or float) training and ``0 < f < 1``
         never reaches ``eps``."""
-        if self.method == "qat" or (self.eps <= 0 and self.method != GRAD_L1) or self.epochs <= 0:
+        regularizer = self.method in (GRAD_L1, ROBUST2BIT)  # ramped weights, not a radius
+        if self.method == "qat" or (self.eps <= 0 and not regularizer) or self.epochs <= 0:
             return []
         pre = 0 if self.method in FLOAT_METHODS else self.float_epochs
         w = self.warmup_epochs + pre
@@ -166,9 +202,11 @@ class TrainConfig:
                     f"{self.method} run is plain {plain} training"]
         if self.ramp_epochs > 0 and self.epochs < w + self.ramp_epochs:
             f = (self.epochs - w) / self.ramp_epochs
-            if self.method == GRAD_L1:
+            if regularizer:
+                names = "train.lambda_w / train.lambda_a" if self.method == GRAD_L1 else \
+                    "train.feature_weight / train.spectral_weight"
                 return [f"train.epochs ({self.epochs}) < {what} + train.ramp_epochs ({w + self.ramp_epochs:g}): the "
-                        f"regularizer reaches only {f:.3g} of train.lambda_w / train.lambda_a by the last step"]
+                        f"regularizer reaches only {f:.3g} of {names} by the last step"]
             return [f"train.epochs ({self.epochs}) < {what} + train.ramp_epochs ({w + self.ramp_epochs:g}): epsilon "
                     f"reaches only {f * self.eps:.3g} of train.eps = {self.eps:g} by the last step"]
         return []
@@ -196,6 +234,16 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        # quant.weight_quantizer follows train.method, also for configs built in Python or by replace() (the CLI's
+        # baselines): a method's quantizer is never silently another's
+        want = METHOD_WEIGHT_QUANTIZER.get(self.train.method, "uniform")
+        if self.quant.weight_quantizer != want:
+            try:
+                object.__setattr__(self, "quant", dataclasses.replace(self.quant, weight_quantizer=want))
+            except ValueError as e:
+                raise ConfigError(f"train.method = {self.train.method!r}: {e}") from None
+
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "quant": QuantConfig, "train": TrainConfig}
 
@@ -218,6 +266,7 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """A :class:`Config` from a nested mapping (the TOML layout)."""
     top: dict[str, Any] = {}
+    d = _with_weight_quantizer(d)
     for key, value in d.items():
         if key == "ptq":  # qverify quantize's section (qverify.quantize.PTQConfig): one file serves QAT and PTQ
             continue
@@ -232,6 +281,22 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
         else:
             top[key] = _coerce(Config, key, value)
     return Config(**top)
+
+
+def _with_weight_quantizer(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with ``quant.weight_quantizer`` set from ``train.method`` (module docstring); a config that names
+    another quantizer than its method's is an error naming both settings."""
+    train_sec = d.get("train", {})
+    method = train_sec.get("method", TrainConfig.method) if isinstance(train_sec, Mapping) else TrainConfig.method
+    want = METHOD_WEIGHT_QUANTIZER.get(method, "uniform")
+    quant = d.get("quant", {})
+    if not isinstance(quant, Mapping):
+        return dict(d)
+    have = quant.get("weight_quantizer")
+    if have is not None and have != want:
+        raise ConfigError(f"quant.weight_quantizer = {have!r} does not match train.method = {method!r} (which "
+                          f"sets it to {want!r}; leave quant.weight_quantizer out)")
+    return {**d, "quant": {**quant, "weight_quantizer": want}}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -271,6 +336,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str] = 
             k, v = o.split("=", 1)
             items.append((k.strip(), _parse_value(v.strip())))
     d = config_to_dict(cfg)
+    d["quant"].pop("weight_quantizer", None)  # derived from train.method again (an override may change it)
     for key, value in items:
         sec, _, name = key.rpartition(".")
         if sec and sec not in _SECTIONS:
@@ -431,6 +497,10 @@ def _metadata(res: TrainResult) -> dict[str, str]:
     cfg = res.config
     md = {"train_method": cfg.train.method, "train_eps": str(cfg.train.eps), "train_seed": str(cfg.seed),
           "train_data": cfg.data.train, "train_epochs": str(cfg.train.epochs)}
+    if cfg.train.method in METHOD_WEIGHT_QUANTIZER and res.model.quantized:
+        sp = weight_sparsity(res.model)
+        md.update(weight_quantizer=cfg.quant.weight_quantizer, zero_weights=f"{sp['zero_weights']:.4f}",
+                  zero_channels=f"{sp['zero_channels']}/{sp['channels']}")
     if res.eval is not None:
         md.update(eval_data=res.eval_data, eval_radius=str(res.eval.radius),
                   eval_natural_acc=f"{res.eval.natural_acc:.4f}", eval_certified_acc=f"{res.eval.certified_acc:.4f}",
@@ -648,6 +718,10 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
         if not float_method and epoch == float_epochs and not model.quantized:
             _quantize_now(model, calib, weights=True)
         model.train()
+        eta = None
+        if tc.method == BINARYRELAX:  # the relaxation is a pure function of the epoch (resume sees the same)
+            eta = br_eta(epoch, tc.epochs, int(float_epochs), tc.br_eta0, tc.br_rho, tc.br_hard_epochs)
+            set_relaxation(model, eta)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g)
         tot = {"loss": 0.0, "natural": 0.0, "robust": 0.0, "width": 0.0, "correct": 0, "certified": 0, "n": 0}
@@ -673,6 +747,13 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
                                                  tc.pgd_restarts, tc.fgsm_alpha, tc.adv_grid, generator=ag)
             elif tc.method == GRAD_L1:  # the regularizer follows the warm-up and ramp (f = 0: plain float)
                 loss, st = grad_l1_objective(model, x, y, sv.fraction * tc.lambda_w, sv.fraction * tc.lambda_a)
+            elif tc.method == BINARYRELAX:
+                ag = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 65_537 + step + 1)
+                loss, st = binaryrelax_objective(model, x, y, eps, tc.br_beta, tc.pgd_steps, tc.pgd_alpha,
+                                                 tc.pgd_restarts, tc.adv_grid, generator=ag)
+            elif tc.method == ROBUST2BIT and model.quantized:  # (float pre-training: the natural loss below)
+                loss, st = robust2bit_objective(model, x, y, sv.fraction * tc.feature_weight,
+                                                sv.fraction * tc.spectral_weight, tc.spectral_iters)
             else:
                 loss, st = objective(model, x, y, eps, kappa, lam, rho, tc.robust_term, tc.margin, beta)
             opt.zero_grad(set_to_none=True)
@@ -694,6 +775,12 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
                "eps": sv.eps if sv else 0.0, "lr": sv.lr if sv else tc.lr,
                "eval_acc": ev.natural_acc, "eval_cert": ev.certified_acc, "eval_radius": ev.radius,
                "seconds": time.perf_counter() - t0}
+        if tc.method in METHOD_WEIGHT_QUANTIZER and model.quantized:
+            sp = weight_sparsity(model)  # of the hard-quantized codes (what the hard phase and the export use)
+            rec.update(zero_weights=sp["zero_weights"], zero_channels=sp["zero_channels"], channels=sp["channels"],
+                       zero_channels_per_layer=sp["zero_channels_per_layer"])
+            if tc.method == BINARYRELAX:
+                rec["br_eta"] = eta
         history.append(rec)
         if ckpt_path is not None:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
@@ -711,6 +798,8 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
     if bar is not None:
         bar.close()
     finished = not history or history[-1]["epoch"] == tc.epochs - 1
+    if finished and tc.method == BINARYRELAX:
+        set_relaxation(model, None)  # the hard projection (already so in the last br_hard_epochs)
     if finished and not model.quantized:
         # float-ibp baseline (or float pre-training covering every epoch): post-training quantization
         _quantize_now(model, calib, weights=True)
