@@ -196,8 +196,8 @@ def export_onnx(model: QuantNet, path: str | Path, opset: int = 13) -> QNetwork:
         b = p.bias.detach().numpy().astype(np.int64)
         if np.abs(b).max(initial=0) >= 2**31:
             raise QuantError(f"ONNX export: block {i} bias does not fit int32")
-        if np.abs(w).max(initial=0) > 127:
-            raise QuantError(f"ONNX export: block {i} weights do not fit int8 (|w| up to {np.abs(w).max()})")
+        if w.size and (w.min() < -128 or w.max() > 127):
+            raise QuantError(f"ONNX export: block {i} weights do not fit int8 (range [{w.min()}, {w.max()}])")
         per = len(sw) > 1
         sw_t = sw if per else sw.reshape(())
         sb_t = sb if per else sb.reshape(())
