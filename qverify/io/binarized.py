@@ -495,7 +495,7 @@ class _Importer:
         if not s.aff.exact:
             raise self.error(f"ONNX Sign of the float value of node {s.node!r} outputs 0 exactly where float32 "
                              f"lands on 0, which qverify does not bound; Larq's Sign(Sign(y) + c) is imported")
-        u, _ = self.integers(s.aff, per_channel=True)
+        u, _, _, _ = self.integers(s.aff, per_channel=True)
         return _Int(self.emit(Step(np.array([[0, 1]]), (-1, 0, 1), name=s.node), u), s.aff.shape, 1.0,
                     np.ones(s.aff.shape))
 
@@ -505,7 +505,7 @@ class _Importer:
         thresholded at its own cut (:meth:`diag_threshold`)."""
         if y.kind == "diag":
             return self.diag_threshold(y, strict)
-        u, D = self.integers(y, per_channel=True)
+        u, D, _, _ = self.integers(y, per_channel=True)
         d = np.ceil(D).astype(np.int64)
         v = u
         if np.any(d > 0):
@@ -564,10 +564,10 @@ class _Importer:
         a = np.asarray(arr).reshape(shape[0], -1) if len(shape) > 1 else np.asarray(arr).reshape(-1)
         return a.max(axis=1) if a.ndim == 2 else a
 
-    def integers(self, y: _Aff, per_channel: bool) -> tuple[int, np.ndarray]:
+    def integers(self, y: _Aff, per_channel: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """Emit ``u ~ K y`` (module docstring): returns the value index and ``D`` (``|K fl(y) - u| <= D``,
         broadcast to ``y.shape``). ``per_channel``: a power of two ``K > 0`` per channel, else one for all.
-        ``self._last_K`` and ``self._last_mag`` (a bound of ``|u|``) are set for the caller."""
+        Also returns the powers ``K`` (per channel) and a bound of ``|u|`` (broadcast to ``y.shape``)."""
         shape = y.shape
         C = shape[0]
         x = y.src
@@ -608,9 +608,7 @@ class _Importer:
         if y.exact and np.all(dA == 0) and np.all(dB == 0):
             D = np.zeros(shape)
         u = self.emit(op, x.value)
-        self._last_K = K
-        self._last_mag = np.broadcast_to(umag, shape)
-        return u, np.broadcast_to(D, shape)
+        return u, np.broadcast_to(D, shape), K, np.broadcast_to(umag, shape)
 
     def _channel_values(self, a: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
         flat = np.asarray(a).reshape(shape[0], -1)
@@ -654,8 +652,7 @@ class _Importer:
             return
         if not isinstance(x, _Aff):
             raise self.error("MaxPool of a float value expected")
-        u, D = self.integers(x, per_channel=True)
-        K, umag = self._last_K, self._last_mag
+        u, D, K, umag = self.integers(x, per_channel=True)
         v = self.emit(pool, u)
         shape = self.shapes[v]
         Kb = K.reshape(-1, 1, 1)
@@ -705,11 +702,11 @@ class _Importer:
         if len(out.shape) != 1:
             raise ModelError(f"{self.path}: the output must be a vector")
         self.node = type("N", (), {"name": "logits", "op_type": "output"})()
-        u, D = self.integers(out, per_channel=False)
+        u, D, K, _ = self.integers(out, per_channel=False)
         d = np.ceil(D).astype(np.int64)
         if np.any(d > 0):
             self.emit(Uncertain(d, name="logits/band"), u)
-        self.out_scale = Fraction(1) / Fraction(int(self._last_K[0]))
+        self.out_scale = Fraction(1) / Fraction(int(K[0]))
         self.node = None
 
 
