@@ -250,6 +250,16 @@ def read_record_file(path: str | Path, out: Any, fmt: str, version: int, command
 def _resume_state(path: Path, header: dict, overwrite: bool, writer: _Writer, log: Callable[[str], None]
                   ) -> tuple[ResultsFile | None, str | None]:
     """The file's previous content to resume from (``None``: start a new file) and what was repaired."""
+    return resume_record_file(path, header, overwrite, writer, log, read_results, _compatible)
+
+
+def resume_record_file(path: Path, header: dict, overwrite: bool, writer: _Writer, log: Callable[[str], None],
+                       read: Callable[..., Any], compatible: Callable[[dict, dict], list[str]]
+                       ) -> tuple[Any, str | None]:
+    """Resume a durable record file (shared by ``certify`` and ``smooth``): an empty file starts anew;
+    ``overwrite`` keeps a ``.bak`` copy and starts anew; a file holding only a truncated header starts anew; a
+    header that ``compatible`` finds differences with is refused; a truncated last line is repaired. Returns the
+    parsed previous content (``read(path, repair=...)``, or ``None``) and what was repaired."""
     if path.stat().st_size == 0:
         return None, None
     if overwrite:
@@ -258,19 +268,19 @@ def _resume_state(path: Path, header: dict, overwrite: bool, writer: _Writer, lo
         writer.truncate()
         log(f"{path}: overwriting (the old file is kept as {bak.name})")
         return None, None
-    old = read_results(path, repair=False)
+    old = read(path, repair=False)
     if old.header is None:  # only a truncated header: nothing was done yet
         writer.truncate()
         log(f"recovered: {old.truncated}")
         return None, old.truncated
-    diffs = _compatible(old.header, header)
+    diffs = compatible(old.header, header)
     if diffs:
         raise ResultsFileError(f"{path} belongs to another run and cannot be resumed: " + "; ".join(diffs)
                                + ". Use another results file, or overwrite it (--overwrite).")
     if old.truncated is None:
         return old, None
     log(f"recovered: {old.truncated}")
-    return read_results(path, repair=True), old.truncated
+    return read(path, repair=True), old.truncated
 
 
 class _Writer:

@@ -100,7 +100,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -118,6 +117,7 @@ from qverify.certify import (
     data_sha256,
     model_info,
     read_record_file,
+    resume_record_file,
     select_ids,
     versions,
 )
@@ -567,7 +567,7 @@ def smooth(net: QNetwork, images: np.ndarray, labels: np.ndarray, sigma: float, 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = _Writer(path)
     try:
-        old, repaired = _resume(path, header, overwrite, writer, log)
+        old, repaired = resume_record_file(path, header, overwrite, writer, log, read_smooth_results, _diffs)
         if old is None:
             writer.write(header, sync=True)
             _fsync_dir(path)
@@ -651,30 +651,6 @@ def _save_cache(cache: Path, i: int, cls: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, cls.astype(np.int16))
     tmp.replace(cache / f"{i}.npy")
-
-
-def _resume(path: Path, header: dict, overwrite: bool, writer: _Writer, log: Callable[[str], None]
-            ) -> tuple[SmoothResults | None, str | None]:
-    if path.stat().st_size == 0:
-        return None, None
-    if overwrite:
-        bak = path.with_name(path.name + ".bak")
-        shutil.copyfile(path, bak)
-        writer.truncate()
-        log(f"{path}: overwriting (the old file is kept as {bak.name})")
-        return None, None
-    old = read_smooth_results(path)
-    if old.header is None:
-        writer.truncate()
-        return None, old.truncated
-    diffs = _diffs(old.header, header)
-    if diffs:
-        raise ResultsFileError(f"{path} belongs to another run and cannot be resumed: " + "; ".join(diffs)
-                               + ". Use another results file, or overwrite it (--overwrite).")
-    if old.truncated is None:
-        return old, None
-    log(f"recovered: {old.truncated}")
-    return read_smooth_results(path, repair=True), old.truncated
 
 
 # ------------------------------------------------------------------------------------------------ incremental
