@@ -560,3 +560,37 @@ def judge(net: QNetwork, prop: Property, result, robust: bool) -> str:
     if result.verdict is Verdict.UNKNOWN:
         return "unknown"
     return "wrong"
+
+
+def train_cli(tmp_path: Path, method: str, settings: Sequence[str], epochs: int = 3, eps: float = 1.0) -> Path:
+    """``qverify train --data digits --method METHOD`` with ``--set`` for each of ``settings``, into
+    ``tmp_path / method`` (asserting success); returns the run directory."""
+    from qverify.cli import main
+
+    out = tmp_path / method
+    args = ["train", "--data", "digits", "--method", method, "--epochs", str(epochs), "--eps", str(eps),
+            "--no-progress", "-o", str(out)]
+    for s in settings:
+        args += ["--set", s]
+    assert main(args) == 0
+    return out
+
+
+def check_export_equals_training(out: Path, method: str) -> tuple:
+    """A trained run's exported ``model.qnn`` against its checkpoint's fake-quantized model on the held-out images:
+    every layer value and every prediction equal (asserted). Returns ``(cfg, model, state, net, x, labels)``."""
+    from qverify.execute import execute, predict
+    from qverify.io import load_model
+    from qverify.train.trainer import load_checkpoint, prepare_data
+
+    cfg, model, state = load_checkpoint(out / "checkpoint.pt")
+    assert cfg.train.method == method and model.quantized
+    _, ev = prepare_data(cfg)
+    x = ev.images.astype(np.int64)
+    net = load_model(out / "model.qnn")
+    assert net.metadata["train_method"] == method
+    got = model.layer_values(torch.from_numpy(x))
+    for g, w in zip(got, execute(net, x), strict=True):
+        assert np.array_equal(g.detach().numpy(), w.astype(np.float64))
+    assert np.array_equal(model.predict(torch.from_numpy(x)).numpy(), predict(net, x))
+    return cfg, model, state, net, x, ev.labels
