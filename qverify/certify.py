@@ -145,7 +145,22 @@ def model_info(net: QNetwork, model_path: str | Path | None = None, model_name: 
         "input_scale": _frac(net.input_scale), "input_zero_point": net.input_zero_point,
         "output_scale": _frac(net.output_scale), "output_zero_point": net.output_zero_point,
         "num_outputs": net.num_outputs, "tie_rule": net.tie_rule,
+        "quantization": quantization_info(net),
     }
+
+
+#: the network metadata keys that describe how it was quantized (``qverify train`` / ``qverify quantize``)
+QUANT_KEYS = ("train_method", "source", "clipping", "scheme", "weight_bits", "act_bits", "out_bits", "layer_bits")
+
+
+def quantization_info(net: QNetwork) -> dict | None:
+    """How the network was quantized, from its metadata (the keys of :data:`QUANT_KEYS` it has; ``None`` without a
+    ``layer_bits`` entry, e.g. for an imported ONNX model): what ``qverify report`` puts side by side when it
+    compares models by method and bit width."""
+    md = net.metadata
+    if "layer_bits" not in md:
+        return None
+    return {k: str(md[k]) for k in QUANT_KEYS if k in md}
 
 
 def _now() -> str:

@@ -4,7 +4,8 @@
   ``(robust + unknown + error) / n`` (dotted), one colour per run; the gap between them is what is still unknown;
 * time distribution: histogram of per-instance verification time (log-spaced bins, stacked by verdict) and the
   cactus plot (number of instances decided within time t), one line per run;
-* randomized smoothing: certified accuracy vs l2 radius, one curve per smoothing run (model or sigma).
+* randomized smoothing: certified accuracy vs l2 radius, one curve per smoothing run (model or sigma);
+* certified accuracy vs bit width: one line per quantization method and radius (:mod:`qverify.report.quantization`).
 
 Run labels in plots are short identifiers chosen by the report (``A``, ``B``), never text from model files.
 """
@@ -127,4 +128,33 @@ def smoothing_plot(runs: Sequence[tuple[str, list[float]]]) -> bytes:
     ax.set_ylim(0, 101)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
+    return _svg(fig)
+
+
+def bits_plot(series: Sequence[tuple[str, int, list[tuple[float, float]]]]) -> bytes:
+    """SVG of certified accuracy (%) against the weight width (log2 axis), one line per ``(method series,
+    radius)``: ``series = [(name, radius, [(weight bits, certified %), ...]), ...]``; one colour per method, one
+    line style per radius."""
+    fig = _figure(6.4, 3.8)
+    ax = fig.subplots()
+    names = sorted({s[0] for s in series})
+    radii = sorted({s[1] for s in series})
+    styles = ("-o", "--s", ":^", "-.d")
+    ticks: set[float] = set()
+    for name, rad, pts in series:
+        if not pts:
+            continue
+        c = COLOURS[names.index(name) % len(COLOURS)]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ticks.update(xs)
+        ax.plot(xs, ys, styles[radii.index(rad) % len(styles)], color=c, label=f"{name}, r={rad}")
+    ax.set_xscale("log", base=2)
+    if ticks:
+        ax.set_xticks(sorted(ticks))
+        ax.set_xticklabels([f"{t:g}" for t in sorted(ticks)])
+    ax.set_xlabel("weight bits (mean over layers)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _svg(fig)

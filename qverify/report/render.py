@@ -516,6 +516,12 @@ def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100
     if len(runs) > 1:
         parts.append('<h2 id="comparison-section">Comparison</h2>')
         parts.append(_comparison_html(runs, _comparison(runs)))
+    if "bits" in svgs:
+        from qverify.report import quantization
+
+        qrows, missing = quantization.quant_rows(runs)
+        parts.append(quantization.quantization_html(qrows, missing, _svg_img(
+            svgs["bits"], "certified accuracy vs bit width", "plot-bits")))
     parts.append('<h2 id="accuracy">Certified accuracy vs radius</h2>')
     parts.append(_svg_img(svgs["accuracy"], "certified accuracy vs radius", "plot-accuracy"))
     parts.append('<h2 id="times">Time distribution</h2>')
@@ -604,6 +610,11 @@ def markdown_report(runs: list[Run], title: str | None = None) -> str:
                 pct(row[lab]["certified_accuracy"]) if row[lab] else "-" for lab in labels) + " |")
         out += ["", f"Verdicts differ on {len(comp['differences'])} of {comp['common_instances']} common instances.",
                 ""]
+        from qverify.report import quantization
+
+        qrows, missing = quantization.quant_rows(runs)
+        if len(qrows) > 1:
+            out += [quantization.quantization_markdown(qrows, missing)]
     out += ["![certified accuracy vs radius](plots/accuracy.svg)", "", "![time distribution](plots/times.svg)", ""]
     return "\n".join(out)
 
@@ -637,7 +648,9 @@ def render_report(results_paths: list[str | Path], out_dir: str | Path, max_pict
     """Render the report of one results file, or the comparison of several, into ``out_dir``.
 
     Returns the paths written: ``html``, ``markdown``, ``summary`` (JSON), ``results`` (the directory of VNN-COMP
-    files), ``accuracy_svg``, ``times_svg``; with ``qverify smooth`` results files among them, a randomized-smoothing
+    files), ``accuracy_svg``, ``times_svg``; with two or more runs whose networks carry quantization records, the
+    side-by-side table by method and bit width and ``bits_svg`` (:mod:`qverify.report.quantization`); with
+    ``qverify smooth`` results files among them, a randomized-smoothing
     section (:mod:`qverify.report.smoothing`) and ``smoothing_svg`` (only smoothing files: a smoothing report).
     """
     from qverify.report import smoothing
@@ -666,6 +679,11 @@ def render_report(results_paths: list[str | Path], out_dir: str | Path, max_pict
     single = len(runs) == 1
     svgs = {"accuracy": plots.accuracy_plot([("" if single else r.label, r.rows) for r in runs]),
             "times": plots.time_plot([("" if single else r.label, r.records) for r in runs])}
+    from qverify.report import quantization
+
+    qrows, qmissing = quantization.quant_rows(runs)
+    if len(qrows) > 1:  # several quantized models: the side-by-side table and the bits plot
+        svgs["bits"] = plots.bits_plot(quantization.plot_series(qrows))
     (out / "plots").mkdir(exist_ok=True)
     for k, v in svgs.items():
         (out / "plots" / f"{k}.svg").write_bytes(v)
@@ -673,6 +691,9 @@ def render_report(results_paths: list[str | Path], out_dir: str | Path, max_pict
     paths = {"html": out / "report.html", "markdown": out / "report.md", "summary": out / "summary.json",
              "results": out / "results", "accuracy_svg": out / "plots" / "accuracy.svg",
              "times_svg": out / "plots" / "times.svg"}
+    if "bits" in svgs:
+        summary["quantization"] = quantization.quantization_json(qrows, qmissing)
+        paths["bits_svg"] = out / "plots" / "bits.svg"
     page, text = html_report(runs, svgs, max_pictures, title), markdown_report(runs, title)
     if sruns:  # the smoothing section after the certification report
         summary["smoothing"] = smoothing.smoothing_json(sruns)
