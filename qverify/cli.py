@@ -439,7 +439,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print("note: --onnx: quant.rounding = 'half_even' (ONNX QuantizeLinear rounds half to even)",
                   file=sys.stderr)
         data = prepare_data(cfg)
-        problem = onnx_export_problem(cfg.quant, data[0].input_hi)
+        problem = onnx_export_problem(cfg.quant, data[0].input_hi, cfg.model.arch)
         if problem:
             raise CliError(f"--onnx: {problem}")
     out = Path(args.out)
@@ -515,8 +515,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         fm, trained = load_float_model(args.model, input_hi=args.input_hi, input_scale=scale)
         qc, ptq = load_ptq_config(args.config, overrides, base=trained)
         calib = calibration_images(ptq, fm.input_shape)
-        res = quantize(fm, calib, qc, ptq, name=Path(args.output).stem,
-                       metadata={"float_model": str(args.model)})
+        meta = {"float_model": str(args.model)}
+        if trained is not None:  # a qverify train checkpoint: its method names the quantized model's origin
+            from qverify.train.trainer import CHECKPOINT, load_checkpoint
+
+            ck = Path(args.model)
+            meta["train_method"] = load_checkpoint(ck / CHECKPOINT if ck.is_dir() else ck)[0].train.method
+        res = quantize(fm, calib, qc, ptq, name=Path(args.output).stem, metadata=meta)
         for note in res.notes:
             print(f"note: {note}", file=sys.stderr)
         save_model(res.network, args.output)
@@ -642,6 +647,46 @@ def cmd_smooth(args: argparse.Namespace) -> int:
     print(summary.format_table(radii) if radii else summary.format_table())
     rate = f", {summary.samples_per_second:.0f} noise samples/s" if summary.samples_per_second else ""
     print(f"results: {results} ({summary.new} new, {summary.resumed} resumed; wall {summary.wall_seconds:.1f}s{rate})")
+    return EXIT_OK
+
+
+def cmd_mixed_precision(args: argparse.Namespace) -> int:
+    """ARQ mixed-precision search (per-layer widths maximizing the ACR of the smoothed integer network)."""
+    from qverify.certify import ResultsFileError
+    from qverify.mixed_precision import MixedPrecisionError, run_search
+    from qverify.train.trainer import ConfigError
+
+    images, labels = _load_data(args.data)
+    final_ids = _parse_ids(args.ids, len(images)) if args.ids else None
+    print(f"qverify mixed-precision: {args.search} search over widths {sorted(set(args.bits))}, budget "
+          f"{args.budget}, reward {args.reward}; candidates: "
+          + (f"{args.finetune_epochs} epoch(s) of QAT with Gaussian noise sigma {args.sigma:g}" if args.finetune_epochs
+             else "post-training quantization")
+          + f", then smoothing CERTIFY (n0 {args.n0}, n {args.search_n}) on the first {args.images} samples; the "
+            f"chosen model certified with n {args.n}", file=sys.stderr)
+    try:
+        res = run_search(args.checkpoint, images, labels, args.sigma, args.out, allowed=args.bits, budget=args.budget,
+                         search=args.search, episodes=args.episodes, reward=args.reward, n0=args.n0,
+                         search_n=args.search_n, n=args.n, alpha=args.alpha, search_images=args.images,
+                         final_ids=final_ids, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                         seed=args.seed, batch=args.batch, device=args.device, threads=args.threads,
+                         train_data=args.train_data, finetune_images=args.finetune_images,
+                         overwrite=args.overwrite, data_path=args.data,
+                         command=" ".join(["qverify", *sys.argv[1:]]), progress=not args.no_progress,
+                         log=(lambda m: None) if args.no_progress else
+                         (lambda m: print(f"qverify mixed-precision: {m}", file=sys.stderr)))
+    except (MixedPrecisionError, ConfigError, ResultsFileError) as e:
+        raise CliError(str(e)) from None
+    ch = res["chosen"]
+    s = res["certificate"]["summary"]
+    print(f"chosen: weight bits {ch['weight_bits']}, activation bits {ch['act_bits']} ({ch['bitops']} BitOps, budget "
+          f"{ch['budget']}); search reward {ch['search_reward']:.4g}; {res['evaluations']} candidates evaluated "
+          f"({res['cache_hits']} cached calls), {res['search_seconds']:.1f} s")
+    cert = ", ".join(f"r={c['radius']:g}: {100 * c['certified_accuracy']:.1f}%" for c in s["certified"])
+    print(f"certificate (n {args.n}, {s['n']} samples): ACR {s['acr']:.4f}; certified accuracy {cert}")
+    out = Path(args.out)
+    for k in ("bits.json", "model.qnn", "certificate.jsonl", "trace.json", "result.json"):
+        print(f"{k}: {out / k}")
     return EXIT_OK
 
 
@@ -814,14 +859,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML or YAML (.yaml/.yml) config (default: built-in defaults)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lam=2 --set quant.weight_bits=6")
-    c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp", "pgd-at", "fgsm-rs", "grad-l1",
-                                        "binaryrelax", "robust2bit"],
+    c.add_argument("--method", choices=["qaibp", "ibp", "qat", "float-ibp", "pgd-at", "fgsm-rs", "float-pgd-at",
+                                        "grad-l1", "binaryrelax", "robust2bit"],
                    default=None,
                    help="training objective (qaibp: quantization-aware IBP; pgd-at / fgsm-rs: adversarial training "
-                        "of the fake-quantized model; grad-l1: float training with gradient l1 regularization, "
-                        "then qverify quantize; binaryrelax: BinaryRelax binary / ternary / 4-bit weights "
-                        "(quant.weight_bits 1 / 2 / 4) with a natural-adversarial trade-off loss; robust2bit: "
-                        "2-bit weights as two power-of-two binary bases, feature and spectral-norm terms)")
+                        "of the fake-quantized model; float-pgd-at: PGD adversarial training of the float model, "
+                        "then qverify quantize (e.g. with the Lipschitz clipping); grad-l1: float training with "
+                        "gradient l1 regularization, then qverify quantize; binaryrelax: BinaryRelax binary / "
+                        "ternary / 4-bit weights (quant.weight_bits 1 / 2 / 4) with a natural-adversarial trade-off "
+                        "loss; robust2bit: 2-bit weights as two power-of-two binary bases, feature and spectral-norm "
+                        "terms)")
     c.add_argument("--epochs", type=int, default=None, help="epochs")
     c.add_argument("--eps", type=float, default=None, help="training radius in input units (pixels)")
     c.add_argument("--bound", choices=["ibp", "crown-ibp"], default=None,
@@ -930,6 +977,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output directory (smooth.jsonl)")
     _preprocess_arg(c)
     c.set_defaults(func=cmd_smooth)
+
+    c = sub.add_parser("mixed-precision", help="ARQ: per-layer bit widths under a BitOps budget maximizing the "
+                                               "certified radius of the smoothed integer network",
+                       description="Mixed-precision search guided by randomized smoothing (ARQ, Yang et al. 2024): "
+                                   "each candidate (per-layer weight / activation widths from --bits) is fine-tuned "
+                                   "from the checkpoint with Gaussian noise (or post-training quantized with "
+                                   "--finetune-epochs 0) and smoothed on a subset; the DDPG agent of HAQ, "
+                                   "exhaustive or greedy search under the budget sum_l MACs_l b_w,l b_a,l. Writes "
+                                   "OUT/bits.json, model.qnn, certificate.jsonl (the chosen model's certificate at "
+                                   "--n), trace.json (every candidate; re-running resumes from it), result.json.")
+    c.add_argument("checkpoint", help="a qverify train run directory (or its checkpoint.pt)")
+    c.add_argument("data", help=".npz with 'images' (raw pixels) and 'labels' (smoothing samples)")
+    c.add_argument("--sigma", type=float, required=True, help="noise standard deviation in real input units")
+    c.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8], help="allowed widths (default 2 4 8)")
+    c.add_argument("--budget", default="w4a4", help="BitOps, or a uniform equivalent like w4a4 (default)")
+    c.add_argument("--search", choices=["ddpg", "exhaustive", "greedy"], default="ddpg")
+    c.add_argument("--episodes", type=_positive_int, default=30, help="ddpg episodes (default 30)")
+    c.add_argument("--reward", choices=["acr", "accuracy"], default="acr",
+                   help="acr (default) or the base classifier's clean accuracy on the search samples")
+    c.add_argument("--n0", type=_positive_int, default=100, help="selection samples (default 100)")
+    c.add_argument("--search-n", type=_positive_int, default=1000,
+                   help="estimation samples per candidate during the search (default 1000)")
+    c.add_argument("--n", type=_positive_int, default=100_000,
+                   help="estimation samples of the chosen model's certificate (default 100000)")
+    c.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    c.add_argument("--images", type=_positive_int, default=100, help="search on the first M samples (default 100)")
+    c.add_argument("--ids", default=None, help="samples of the final certificate, e.g. 0:100 (default: all)")
+    c.add_argument("--finetune-epochs", type=int, default=1,
+                   help="QAT epochs with Gaussian noise per candidate (default 1; 0: post-training quantization)")
+    c.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default: the run's)")
+    c.add_argument("--train-data", default=None, help="fine-tuning data spec (default: the checkpoint's data.train)")
+    c.add_argument("--finetune-images", type=int, default=0,
+                   help="fine-tune on the first N training images (default 0: all)")
+    c.add_argument("--seed", type=int, default=0, help="noise and agent seed (default 0)")
+    c.add_argument("--batch", type=_positive_int, default=1000, help="noisy inputs per executor call")
+    c.add_argument("--device", default="cpu", help="cpu (default), cuda or auto (training and smoothing)")
+    c.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    c.add_argument("--overwrite", action="store_true", help="start over when OUT holds another search")
+    c.add_argument("--no-progress", action="store_true", help="no progress messages")
+    c.add_argument("--out", "-o", required=True, help="output directory")
+    c.set_defaults(func=cmd_mixed_precision)
 
     c = sub.add_parser("demo", help="certify the bundled model on bundled MNIST images and write a report",
                        description="Quick start: the bundled QA-IBP MNIST MLP, verified on 200 MNIST images (bundled "

@@ -169,12 +169,16 @@ class FloatModel:
 
 def from_quantnet(model: Any, name: str = "checkpoint") -> FloatModel:
     """The float model of a :class:`~qverify.train.layers.QuantNet`: its float (latent) weights, ReLU after every
-    hidden block, the input scale it trains with (``1/256`` for pow2, ``1/input_hi`` for affine)."""
+    hidden block, the input scale it trains with (``1/256`` for pow2, ``1/input_hi`` for affine). A residual conv
+    (``resnet``: ``y = relu(conv_b(h) + x)``) becomes ``conv``, ``add`` (of the conv and the block input ``x``) and
+    ``relu``, which :func:`quantize` turns into an ``Add`` of two quantized values (module docstring)."""
     from qverify.train.layers import QAffine, QConv2d
 
     nodes: list[FloatNode] = []
+    block_in: list[int] = []
     for i, blk in enumerate(model.blocks):
         v = len(nodes)
+        block_in.append(v)
         if isinstance(blk, QAffine):
             w = blk.weight.detach().cpu().numpy().astype(np.float64)
             b = blk.bias.detach().cpu().numpy().astype(np.float64)
@@ -184,8 +188,10 @@ def from_quantnet(model: Any, name: str = "checkpoint") -> FloatModel:
                                        padding=(p, p, p, p)))
             else:
                 nodes.append(FloatNode("dense", (v,), f"fc{i}", w, b))
+            if blk.residual:
+                nodes.append(FloatNode("add", (len(nodes), block_in[i - 1]), f"add{i}"))
             if not blk.last:
-                nodes.append(FloatNode("relu", (v + 1,), f"relu{i}"))
+                nodes.append(FloatNode("relu", (len(nodes),), f"relu{i}"))
         else:
             nodes.append(FloatNode("flatten", (v,), f"flatten{i}"))
     return FloatModel(model.input_shape, model.input_hi, model.input_scale, nodes, name)

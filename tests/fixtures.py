@@ -594,3 +594,18 @@ def check_export_equals_training(out: Path, method: str) -> tuple:
         assert np.array_equal(g.detach().numpy(), w.astype(np.float64))
     assert np.array_equal(model.predict(torch.from_numpy(x)).numpy(), predict(net, x))
     return cfg, model, state, net, x, ev.labels
+
+
+def small_resnet(qc=None, input_shape: tuple[int, ...] = (1, 28, 28), input_hi: int = 255, n_classes: int = 10,
+                 stem: tuple[tuple[int, int, int, int], ...] = ((8, 4, 2, 0),), blocks: int = 1,
+                 hidden: tuple[int, ...] = (50,), seed: int = 0, calib: np.ndarray | None = None):
+    """The small ``model.arch = "resnet"`` network as the trainer builds it (:func:`qverify.train.build_model`:
+    stem convs, ``blocks`` identity residual blocks, dense layers; MNIST default 8 channels 4x4 stride 2 -> 13x13,
+    one block, dense 50), its scales calibrated on the pixels ``calib`` when given (quantized mode)."""
+    from qverify.train.layers import ModelConfig, QuantConfig, build_model, calibrate
+
+    mc = ModelConfig(arch="resnet", conv=stem, blocks=blocks, hidden=hidden)
+    m = build_model(mc, qc or QuantConfig(), input_shape, input_hi, n_classes, seed=seed)
+    if calib is not None:
+        calibrate(m, torch.as_tensor(np.asarray(calib)))
+    return m

@@ -350,3 +350,17 @@ def test_semantics_flag_is_stated_and_changes_the_function(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", str(model), "--semantics", "bogus"])
     assert e.value.code == 2
+
+
+def test_mixed_precision_command_reports_bad_input(tmp_path, capsys):
+    # the search itself runs end to end in tests/test_mixed_precision.py; here: the command's errors
+    d = tmp_path / "d.npz"
+    np.savez(d, images=np.zeros((2, 8, 8), dtype=np.uint8), labels=np.array([0, 1]))
+    assert main(["mixed-precision", str(tmp_path / "nowhere"), str(d), "--sigma", "0.25", "--out",
+                 str(tmp_path / "o")]) == 3
+    assert "no qverify train checkpoint there" in capsys.readouterr().err
+    assert main(["mixed-precision", str(tmp_path), str(tmp_path / "missing.npz"), "--sigma", "0.25", "--out",
+                 str(tmp_path / "o")]) == 3
+    assert "missing.npz: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["mixed-precision", str(tmp_path), str(d), "--sigma", "0.25", "--search", "random", "--out", "x"])

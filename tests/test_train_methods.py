@@ -176,6 +176,31 @@ def test_adversarial_methods_train_from_cli_and_export_exactly(tmp_path, method:
     assert float((predict(net, x) == labels).mean()) > 0.3
 
 
+def test_float_pgd_at_trains_the_float_model_adversarially_then_quantizes(tmp_path) -> None:
+    """float-pgd-at: the checkpoint stays float, the robust (adversarial) loss switches on after the warm-up and is
+    above the clean loss, the exported .qnn equals the trainer's post-training quantization of it on every held-out
+    image, and the Lipschitz criterion of Song et al. quantizes the checkpoint to 4 bits exactly."""
+    from qverify.quantize import PTQConfig, from_checkpoint, quantize
+    from qverify.train.trainer import _quantize_now
+
+    out = _train_cli(tmp_path, "float-pgd-at")
+    cfg, model, state = load_checkpoint(out / "checkpoint.pt")
+    h = state["history"]
+    assert not model.quantized and h[0]["robust_loss"] == pytest.approx(h[0]["natural_loss"])  # warm-up: eps 0
+    assert h[-1]["eps"] == 1.0 and h[-1]["robust_loss"] > h[-1]["natural_loss"]
+    tr, ev = prepare_data(cfg)
+    x = ev.images.astype(np.int64)
+    net = load_model(out / "model.qnn")
+    assert net.metadata["train_method"] == "float-pgd-at"
+    _quantize_now(model, torch.as_tensor(tr.images[:cfg.train.calib_images]), weights=True)
+    for g, w in zip(model.layer_values(torch.from_numpy(x)), execute(net, x), strict=True):
+        assert np.array_equal(g.detach().numpy(), w.astype(np.float64))
+    fm, _ = from_checkpoint(out)
+    res = quantize(fm, x[:100], QuantConfig(weight_bits=4, act_bits=8, out_bits=8),
+                   PTQConfig(weight_clipping="lipschitz"))
+    assert np.array_equal(forward(res.network, x), res.fake_quant_model().forward_int(x))
+
+
 def test_grad_l1_trains_float_and_quantizes_to_every_width(tmp_path) -> None:
     """grad-l1 trains the float model (the checkpoint), exports a post-training-quantized .qnn equal to the trainer's
     fake-quantized model, and `qverify quantize` turns the checkpoint into 8/6/4/2-bit networks, each equal to its
@@ -208,6 +233,7 @@ def test_grad_l1_trains_float_and_quantizes_to_every_width(tmp_path) -> None:
     assert main(["quantize", str(out), "--bits", "4", "--calib", "digits", "--calib-images", "200",
                  "-o", str(q)]) == 0
     assert load_model(q).metadata["layer_bits"] == "w4a4,w4a4"
+    assert load_model(q).metadata["train_method"] == "grad-l1"  # the checkpoint's method names the origin
 
 
 # ------------------------------------------------------------------------------------------ bad configs

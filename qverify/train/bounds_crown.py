@@ -9,6 +9,9 @@ and ``b = 0``, each block is passed backwards:
   lower line, negative ones the upper: ``b += Lambda+ beta_l + Lambda- beta_u``,
   ``Lambda <- Lambda+ alpha_l + Lambda- alpha_u``;
 * affine ``a = W x + B``: ``b += Lambda B``, ``Lambda <- Lambda W`` (a transposed convolution for conv layers);
+* a residual conv ``a = W h + B + k x`` (``resnet``, :mod:`qverify.train.layers`): besides ``Lambda W`` to ``h``,
+  the rows ``Lambda k`` go to the block input ``x`` and are added to the rows that reach ``x`` through the block's
+  first conv (the backward pass of a graph: a value read twice sums its rows);
 
 and at the input box ``[lo, hi]``: ``lb = b + Lambda+ lo + Lambda- hi``, a lower bound of every margin.
 
@@ -114,10 +117,13 @@ def crown_ibp_margins(model: QuantNet, lo: torch.Tensor, hi: torch.Tensor, label
     others = others + (others >= labels[:, None]).to(others.dtype)
     lam = eye[labels][:, None, :] - eye[others]               # [B, K, n] with K = n - 1
     bias = torch.zeros((B, k), dtype=DTYPE, device=labels.device)
-    for blk, p, s in zip(reversed(model.blocks), reversed(params), reversed(model.block_starts()), strict=True):
+    starts = model.block_starts()
+    pending: dict[int, torch.Tensor] = {}  # rows of a residual skip, over the input of the block they reach
+    for i in range(len(model.blocks) - 1, -1, -1):
+        blk, p, s = model.blocks[i], params[i], starts[i]
         if isinstance(blk, QAffine):
             assert p is not None
-            acc, act = ib[s + 1], ib[s + 2]
+            acc, act = ib[s + blk.n_layers - 1], ib[s + blk.n_layers]
             a_l, b_l, a_u, b_u = _activation_lines(blk, p, acc, act, q)
             lam = lam.reshape(B, k, *acc[0].shape[1:])
             pos = lam >= 0
@@ -126,9 +132,14 @@ def crown_ibp_margins(model: QuantNet, lo: torch.Tensor, hi: torch.Tensor, label
             lam = lam * torch.where(pos, a_l[:, None], a_u[:, None])
             bshape = (1, 1, -1) + (1,) * (lam.ndim - 3)
             bias = bias + (lam * p.bias.reshape(bshape)).sum(dim=dims)
+            if blk.residual:  # acc = conv(h) + k x: the rows over acc reach x (the input of block i - 1) times k
+                assert p.skip is not None
+                pending[i - 1] = lam * (p.skip.reshape(bshape) if p.skip.numel() > 1 else p.skip)
             lam = _back_affine(blk, p, lam, tuple(ib[s][0].shape[1:]))
         else:
             lam = lam.reshape(B, k, *ib[s][0].shape[1:])
+        if i in pending:
+            lam = lam + pending.pop(i).reshape(lam.shape)
     x_lo, x_hi = ib[0]
     lam = lam.reshape(B, k, *x_lo.shape[1:])
     dims = tuple(range(2, lam.ndim))

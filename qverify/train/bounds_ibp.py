@@ -7,7 +7,9 @@ One definition, shared with the exact integer intervals of :mod:`qverify.bounds.
   ``[l', u'] = [mu' - r', mu' + r']`` (which is ``W+ l + W- u + B`` and ``W+ u + W- l + B``, exact integers:
   ``mu`` and ``r`` are halves of integers and every sum stays far below ``2^53``);
 * requantization ``clamp(R(acc * M_c), lo, hi)``, clamp and flatten: applied to both ends (they are monotone),
-  with the model's exact rounding (:func:`qverify.quant.multiply_round` on integer accumulators).
+  with the model's exact rounding (:func:`qverify.quant.multiply_round` on integer accumulators);
+* a residual conv's skip ``k_c x`` (``k_c >= 1``): ``[k_c l_x, k_c u_x]`` of the block input's bounds, and the
+  add ``acc + k x``: ``[l_acc + l_skip, u_acc + u_skip]`` (sums of intervals; exact integers on integer boxes).
 
 The propagation calls the same block functions as the model's forward pass (``QAffine.affine``, ``affine_abs``,
 ``activate``), so on integer boxes the returned list equals, layer by layer, the exact numpy intervals of the
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from qverify.train.layers import DTYPE, BlockParams, QAffine, QuantNet
+from qverify.train.layers import DTYPE, BlockParams, QAffine, QConv2d, QuantNet
 
 Interval = tuple[torch.Tensor, torch.Tensor]
 
@@ -48,7 +50,9 @@ def interval_bounds(model: QuantNet, lo: torch.Tensor, hi: torch.Tensor,
         raise ValueError("empty input box (lo > hi)")
     out: list[Interval] = [(lo_v, hi_v)]
     q = model.quantized
+    ins: list[Interval] = []
     for blk, p in zip(model.blocks, params, strict=True):
+        ins.append((lo_v, hi_v))
         if isinstance(blk, QAffine):
             assert p is not None
             mu = (hi_v + lo_v) / 2
@@ -57,6 +61,12 @@ def interval_bounds(model: QuantNet, lo: torch.Tensor, hi: torch.Tensor,
             d = blk.affine_abs(r, p)
             lo_v, hi_v = c - d, c + d
             out.append((lo_v, hi_v))
+            if blk.residual:  # k >= 1: the skip is monotone increasing
+                assert isinstance(blk, QConv2d)
+                s_lo, s_hi = blk.skip_term(ins[-2][0], p), blk.skip_term(ins[-2][1], p)
+                out.append((s_lo, s_hi))
+                lo_v, hi_v = lo_v + s_lo, hi_v + s_hi
+                out.append((lo_v, hi_v))
             lo_v, hi_v = blk.activate(lo_v, p, q), blk.activate(hi_v, p, q)
         else:
             lo_v, hi_v = blk(lo_v), blk(hi_v)

@@ -2,7 +2,11 @@
 
 The exported integers are the very tensors the torch forward pass uses (``QAffine.qparams``): weights, biases at
 the accumulator scale, and each requantization multiplier ``M_c = num_c / den_c`` (a dyadic rational, exact), with
-the model's rounding mode and zero points 0. A :class:`QFlatten` becomes a ``Flatten``. So on every integer input
+the model's rounding mode and zero points 0. A :class:`QFlatten` becomes a ``Flatten``. A residual conv (the
+second conv of a ``resnet`` block, :mod:`qverify.train.layers`, "Residual blocks") becomes four nodes of a graph
+network: ``Conv2d(f W, f B)`` on its input ``h``, a 1x1 ``Conv2d`` with diagonal weights ``k_c`` on the block input
+``x``, ``Add((1, 1))`` of the two (``acc = f (W h + B) + k x``) and the ``Requantize``; the network's ``inputs`` say
+which value each node reads (a chain model exports a chain). So on every integer input
 the exported network's values equal the fake-quantized torch model's, layer by layer (tested), provided every
 product ``acc * num_c`` stays below ``2^53`` (checked here from the network's worst-case ranges).
 """
@@ -15,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qverify.network import Conv2d, Dense, Flatten, Layer, QNetwork, Requantize
+from qverify.network import Add, Conv2d, Dense, Flatten, Layer, QNetwork, Requantize
 from qverify.quant import Rounding
 from qverify.train.layers import QAffine, QConv2d, QuantConfig, QuantError, QuantNet
 
@@ -61,7 +65,17 @@ def export_qnetwork(model: QuantNet, name: str = "qverify-trained",
     with torch.no_grad():
         params = model.block_params()
     layers: list[Layer] = []
+    inputs: list[tuple[int, ...]] = []
+    cur = 0  # the value index of the current block's input
+    block_in: list[int] = []
+
+    def emit(layer: Layer, ins: tuple[int, ...]) -> int:
+        layers.append(layer)
+        inputs.append(ins)
+        return len(layers)
+
     for i, (blk, p) in enumerate(zip(model.blocks, params, strict=True)):
+        block_in.append(cur)
         if isinstance(blk, QAffine):
             assert p is not None and p.num is not None and p.den is not None
             w = p.weight.detach().cpu().numpy()
@@ -71,16 +85,27 @@ def export_qnetwork(model: QuantNet, name: str = "qverify-trained",
                                  f"relax_eta = {blk.relax_eta}); export needs the hard projection (relax_eta = None)")
             if isinstance(blk, QConv2d):
                 pad = blk.padding
-                layers.append(Conv2d(w, b, stride=(blk.stride, blk.stride), padding=(pad, pad, pad, pad),
-                                     pad_value=0, name=f"conv{i}"))
+                acc = emit(Conv2d(w, b, stride=(blk.stride, blk.stride), padding=(pad, pad, pad, pad),
+                                  pad_value=0, name=f"conv{i}"), (cur,))
             else:
-                layers.append(Dense(w, b, name=f"fc{i}"))
+                acc = emit(Dense(w, b, name=f"fc{i}"), (cur,))
+            if blk.residual:
+                assert p.skip is not None
+                c = w.shape[0]
+                k = np.broadcast_to(p.skip.detach().cpu().numpy().reshape(-1), (c,)).astype(np.float64)
+                if not np.array_equal(k, np.round(k)) or k.min() < 1:
+                    raise QuantError(f"block {i}: residual skip weights {k} are not positive integers")
+                diag = np.zeros((c, c, 1, 1), dtype=np.int64)
+                diag[np.arange(c), np.arange(c), 0, 0] = k.astype(np.int64)
+                skip = emit(Conv2d(diag, np.zeros(c, dtype=np.int64), stride=(1, 1), padding=(0, 0, 0, 0),
+                                   pad_value=0, name=f"skip{i}"), (block_in[i - 1],))
+                acc = emit(Add((1, 1), 0, name=f"add{i}"), (acc, skip))
             num = tuple(int(v) for v in np.atleast_1d(p.num).ravel())
             den = tuple(int(v) for v in np.atleast_1d(p.den).ravel())
-            layers.append(Requantize(num, den, np.zeros(1, dtype=np.int64), blk.lo, blk.hi, model.qc.mode,
-                                     name=f"requant{i}"))
+            cur = emit(Requantize(num, den, np.zeros(1, dtype=np.int64), blk.lo, blk.hi, model.qc.mode,
+                                  name=f"requant{i}"), (acc,))
         else:
-            layers.append(Flatten(name=f"flatten{i}"))
+            cur = emit(Flatten(name=f"flatten{i}"), (cur,))
     out_log2 = float([p for p in params if p is not None][-1].out_log2.detach().reshape(()))
     meta = {"source": "qverify.train", "scheme": model.qc.scheme, **bits_metadata(model),
             "rounding": model.qc.mode.value}
@@ -88,11 +113,12 @@ def export_qnetwork(model: QuantNet, name: str = "qverify-trained",
     net = QNetwork(input_shape=model.input_shape, input_lo=0, input_hi=model.input_hi, layers=tuple(layers),
                    input_scale=model.input_scale, input_zero_point=0,
                    output_scale=Fraction(2.0**out_log2), output_zero_point=0, input_rounding=None,
-                   tie_rule="first", name=name, metadata=meta)
+                   tie_rule="first", name=name, metadata=meta,
+                   inputs=None if all(row == (j,) for j, row in enumerate(inputs)) else tuple(inputs))
     # the torch forward rounds acc * M exactly when |acc| * num < 2^53 (see layers._Requant)
     for i, layer in enumerate(net.layers):
         if isinstance(layer, Requantize):
-            lo, hi = net.value_ranges[i]
+            lo, hi = net.value_ranges[net.node_inputs(i)[0]]
             if max(abs(lo), abs(hi)) * max(layer.num) >= _EXACT:
                 raise QuantError(f"layer {i}: accumulator range {lo}..{hi} times multiplier numerator "
                                  f"{max(layer.num)} reaches 2^53; lower mult_bits or bias_bits")
@@ -118,9 +144,14 @@ def _f32_exact(v: float, what: str, zero: bool = False) -> np.float32:
     return f
 
 
-def onnx_export_problem(qc: QuantConfig, input_hi: int) -> str | None:
-    """Why a model quantized per ``qc`` on the input grid ``[0, input_hi]`` cannot be exported to ONNX exactly
-    (:func:`export_onnx`), or ``None`` when it can: known before training, so a run can refuse up front."""
+def onnx_export_problem(qc: QuantConfig, input_hi: int, arch: str | None = None) -> str | None:
+    """Why a model quantized per ``qc`` on the input grid ``[0, input_hi]`` (of ``model.arch = arch`` when
+    given) cannot be exported to ONNX exactly (:func:`export_onnx`), or ``None`` when it can: known before
+    training, so a run can refuse up front."""
+    if arch == "resnet":
+        return ("model.arch = 'resnet' has no QDQ ONNX export yet (its residual add folds the skip into the "
+                "second conv's accumulator with integer skip weights, which a QDQ graph does not express); export "
+                "the .qnn model instead")
     if qc.mode is not Rounding.HALF_EVEN:
         return (f"QuantizeLinear rounds half to even, the model rounds {qc.mode.value}; "
                 f"train with quant.rounding = 'half_even'")
@@ -151,7 +182,8 @@ def export_onnx(model: QuantNet, path: str | Path, opset: int = 13) -> QNetwork:
     from onnx import TensorProto, helper, numpy_helper
 
     qc = model.qc
-    problem = onnx_export_problem(qc, model.input_hi)
+    arch = "resnet" if any(isinstance(b, QAffine) and b.residual for b in model.blocks) else None
+    problem = onnx_export_problem(qc, model.input_hi, arch)
     if problem:
         raise QuantError(f"ONNX export: {problem}")
     net = export_qnetwork(model)

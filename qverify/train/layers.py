@@ -26,6 +26,29 @@ products below ``2^53`` are exact, and the rounding of ``acc * m_c / 2^k_c`` is 
 Off the grid (real-valued training boxes during the epsilon ramp) the rounding of a real ``v`` is the same rule
 applied to the real number (:func:`round_real`), a relaxation used only for training.
 
+Residual blocks (``model.arch = "resnet"``). After the stem convs, each identity block computes
+``h = relu(Q(conv_a(x)))`` and ``y = relu(Q(conv_b(h) + x))`` (3x3, stride 1, padding 1, the stem's channels).
+The skip is folded into ``conv_b``'s accumulator, so the block has one requantization after the add (not the
+two of :mod:`qverify.quantize`'s ``Add``). With ``s_x`` the scale of the block input ``x`` and
+``u_c = s_h s_w,c`` the accumulator scale of ``conv_b``:
+
+* ``f_c = 2^max(0, ceil(log2(P u_c / s_x)))`` and the common unit ``c_c = u_c / f_c``;
+* ``acc_c = f_c (W_b h + B_b)_c + k_c x_c`` with the integer skip weight ``k_c = rne(s_x / c_c)``;
+* ``y = clamp(R(acc * M_c), 0, 2^b_a - 1)`` with ``M_c = c_c / s_out`` (dyadic-rounded as any multiplier).
+
+In real units ``c_c acc_c = u_c (W_b h + B_b)_c + (c_c k_c) x_c`` with ``c_c k_c ~ s_x``: the real sum
+``conv_b(h) + x`` of the two quantized values. ``P = 1`` when every scale is a power of two (``pow2`` with
+uniform weights): then ``k_c = s_x / c_c = 2^max(p_x - p_u, 0)`` exactly (no rounding) and ``M_c`` is an exact
+power of two (the block stays fixed point). Otherwise ``P = RESIDUAL_PRECISION`` (``2^8``), so that
+``k_c >= 2^8`` carries the real ratio to within ``2^-9`` relative. In either case ``k_c`` and ``f_c W_b``,
+``f_c B_b`` are the integers both the torch forward and the export use, so the two agree bit for bit (``k`` takes
+a straight-through gradient to the scales). ``f`` and ``k`` widen the accumulator; the export checks from
+worst-case ranges that ``|acc| num_c < 2^53`` (float64 exactness) and names the layer otherwise. The export is
+four nodes: ``Conv2d(f W_b, f B_b)`` on ``h``, a 1x1 ``Conv2d`` with the diagonal weights ``k_c`` (bias 0) on
+``x``, ``Add((1, 1))`` of the two, and the ``Requantize``. Float mode: ``k = 1``, ``y = relu(conv_b(h) + x)``.
+Per-layer widths count the affine layers in the order stem convs, then ``conv_a``, ``conv_b`` of each block, then
+the dense layers and the output layer; ``act_bits[i]`` of a ``conv_b`` is the width of the block output ``y``.
+
 Gradients (straight-through estimators): ``d R(v) / dv = 1``; the clamps pass ``1`` inside ``[lo, hi]`` and
 ``leak`` outside (``clamp_leak``), so the gradient of a saturated neuron or weight does not silently die; in the
 affine scheme the activation clip ``s_out * hi`` also learns (PACT-like) through ``s_out``.
@@ -59,6 +82,9 @@ _QUANTIZER_BITS = {"binaryrelax": ({1: "binary", 2: "ternary", 4: "uniform"},
 DTYPE = torch.float64
 #: |acc * m| below this is an exact float64 integer and fits int64 arithmetic in multiply_round
 _EXACT = 2**53
+#: the smallest skip weight ``k`` of a residual conv whose scales are not all powers of two (affine scheme, or a
+#: non-uniform weight quantizer): ``k = rne(s_x / c)`` is then within ``1 / (2 P)`` of the real ratio
+RESIDUAL_PRECISION = 2**8
 
 
 class QuantError(ValueError):
@@ -75,7 +101,8 @@ class QuantConfig:
     ``[0, 2^i)``, outputs ``[-2^i, 2^i)``; a calibration (:func:`calibrate`) overrides them from data.
 
     Mixed precision: ``weight_bits`` is one width for every affine (dense / conv) layer or a list with one width
-    per affine layer, in order; ``act_bits`` one width or a list with one per *hidden* affine layer (the width of
+    per affine layer, in order (a ``resnet``: the stem convs, ``conv_a`` and ``conv_b`` of each residual block, the
+    dense layers, the output layer); ``act_bits`` one width or a list with one per *hidden* affine layer (the width of
     its requantized output); ``out_bits`` is the output layer's. The same lists drive ``qverify quantize``
     (:mod:`qverify.quantize`), so QAT and PTQ read one config. :meth:`layer_bits` resolves them for a model and
     names the setting whose list has the wrong length.
@@ -326,6 +353,8 @@ class BlockParams(NamedTuple):
     num: np.ndarray | None  # exact M_c = num / den
     den: np.ndarray | None
     out_log2: torch.Tensor  # log2 of the output scale (per tensor)
+    #: a residual conv's integer skip weights ``k_c`` (broadcast ``[1, C, 1, 1]``; ``1`` in float mode), else None
+    skip: torch.Tensor | None = None
 
 
 def _log2_param(shape: tuple[int, ...], value: float, learn: bool) -> nn.Parameter:
@@ -333,9 +362,13 @@ def _log2_param(shape: tuple[int, ...], value: float, learn: bool) -> nn.Paramet
 
 
 class QAffine(nn.Module):
-    """Base of :class:`QLinear` and :class:`QConv2d`: quantized weights, bias and output requantization."""
+    """Base of :class:`QLinear` and :class:`QConv2d`: quantized weights, bias and output requantization.
+
+    ``n_layers``: the exported nodes of the block (2: affine, requantization; a residual conv: 4), so its
+    activated output is value ``start + n_layers`` of :meth:`QuantNet.layer_values`."""
 
     n_layers = 2
+    residual = False
     op_shape: tuple[int, ...] = (1, -1)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, qc: QuantConfig, last: bool,
@@ -395,10 +428,15 @@ class QAffine(nn.Module):
         """Weight-scale view broadcasting against the weight tensor."""
         return t.reshape((-1,) + (1,) * (self.weight.ndim - 1))
 
-    def qparams(self, in_log2: torch.Tensor, quantized: bool) -> BlockParams:
-        """The effective parameters given the input's log2 scale (see the module docstring)."""
+    def qparams(self, in_log2: torch.Tensor, quantized: bool, skip_log2: torch.Tensor | None = None) -> BlockParams:
+        """The effective parameters given the input's log2 scale (see the module docstring); a residual conv
+        (``self.residual``) also needs ``skip_log2``, the log2 scale of the value its skip connection adds."""
+        residual = bool(self.residual)
+        if residual and skip_log2 is None:
+            raise QuantError("a residual conv's parameters need the scale of its skip input (skip_log2)")
         if not quantized:
-            return BlockParams(self.weight, self.bias, None, None, None, in_log2)
+            one = torch.ones((), dtype=DTYPE, device=self.weight.device) if residual else None
+            return BlockParams(self.weight, self.bias, None, None, None, in_log2, one)
         qc = self.qc
         s_o, po = self._scale(self.a_log2)
         if self.codes_kind is not None:
@@ -417,8 +455,23 @@ class QAffine(nn.Module):
         s_in = torch.exp2(in_log2) if qc.scheme == "affine" else _Pow2.apply(in_log2)
         s_acc = s_in * s_w
         b_int = clamp_leaky(round_param(self.bias / s_acc), self.bmin, self.bmax, qc.clamp_leak)
+        dyadic = qc.scheme == "affine" or self.codes_kind is not None
+        skip = None
+        if residual:
+            # the skip folded into the accumulator (module docstring, "Residual blocks"): unit c = s_acc / f with
+            # f = 2^max(0, ceil(log2(P s_acc / s_x))), skip weight k = rne(s_x / c) >= P (exact when P = 1)
+            assert skip_log2 is not None
+            s_x = torch.exp2(skip_log2) if qc.scheme == "affine" else _Pow2.apply(skip_log2)
+            precision = float(RESIDUAL_PRECISION) if dyadic else 1.0
+            with torch.no_grad():
+                f = torch.exp2(torch.clamp(torch.ceil(torch.log2(precision * s_acc / s_x)), min=0.0))
+            k = round_param(s_x * f / s_acc)
+            w_int = w_int * self._bshape(f)
+            b_int = b_int * f
+            s_acc = s_acc / f
+            skip = k.reshape(self.op_shape) if k.numel() > 1 else k.reshape(())
         m = s_acc / s_o
-        if qc.scheme == "affine" or self.codes_kind is not None:
+        if dyadic:
             m = _Dyadic.apply(m, qc.mult_bits)
         if m.numel() == 1:
             m = m.reshape(())
@@ -430,7 +483,7 @@ class QAffine(nn.Module):
         else:
             mult = m
             num, den = num.reshape(()), den.reshape(())
-        return BlockParams(w_int, b_int, mult, num, den, po)
+        return BlockParams(w_int, b_int, mult, num, den, po, skip)
 
     # -- ops
     def affine(self, x: torch.Tensor, p: BlockParams) -> torch.Tensor:  # pragma: no cover - abstract
@@ -475,13 +528,17 @@ class QLinear(QAffine):
 
 
 class QConv2d(QAffine):
-    """Fake-quantized 2-D convolution (zero padding = the real zero, zero points are 0) and its requantization."""
+    """Fake-quantized 2-D convolution (zero padding = the real zero, zero points are 0) and its requantization.
+
+    ``residual``: the second conv of a residual block, whose accumulator also adds the block's input (the input
+    of the block before it in :attr:`QuantNet.blocks`) with the integer skip weights ``k_c`` before the one
+    requantization (module docstring, "Residual blocks"); it exports four nodes (conv, skip, add, requantize)."""
 
     op_shape = (1, -1, 1, 1)
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, qc: QuantConfig,
                  last: bool = False, generator: torch.Generator | None = None,
-                 bits: tuple[int, int] | None = None) -> None:
+                 bits: tuple[int, int] | None = None, residual: bool = False) -> None:
         fan_in = c_in * kernel * kernel
         bound = 1.0 / math.sqrt(fan_in)
         shape = (c_out, c_in, kernel, kernel)
@@ -491,6 +548,17 @@ class QConv2d(QAffine):
         super().__init__(w, b, qc, last, bits)
         self.stride = int(stride)
         self.padding = int(padding)
+        self.residual = bool(residual)
+        if self.residual:
+            if c_in != c_out or self.stride != 1 or 2 * self.padding != kernel - 1 or last:
+                raise QuantError(f"a residual conv keeps its input's shape (channels {c_in} -> {c_out}, kernel "
+                                 f"{kernel}, stride {stride}, padding {padding}) and is never the output layer")
+            self.n_layers = 4
+
+    def skip_term(self, x: torch.Tensor, p: BlockParams) -> torch.Tensor:
+        """``k_c x`` (integer skip weights per output channel; ``x`` in real units and ``k = 1`` in float mode)."""
+        assert p.skip is not None
+        return x * p.skip
 
     def affine(self, x: torch.Tensor, p: BlockParams) -> torch.Tensor:
         return F.conv2d(x, p.weight, p.bias, stride=self.stride, padding=self.padding)
@@ -528,6 +596,13 @@ class QuantNet(nn.Module):
         self.qc = qc
         self.n_classes = int(n_classes)
         self.blocks = nn.ModuleList(blocks)
+        for i, blk in enumerate(self.blocks):
+            if isinstance(blk, QAffine) and blk.residual:
+                prev = self.blocks[i - 1] if i > 0 else None
+                if (not isinstance(prev, QConv2d) or prev.weight.shape[1] != blk.weight.shape[0]
+                        or prev.stride != 1 or 2 * prev.padding != prev.weight.shape[-1] - 1):
+                    raise QuantError(f"block {i}: a residual conv must follow a conv whose input has its "
+                                     f"{blk.weight.shape[0]} channels (the block input it adds)")
         if qc.scheme == "pow2":
             self.input_scale = Fraction(1, 2 ** math.ceil(math.log2(self.input_hi + 1)))
         else:
@@ -551,15 +626,21 @@ class QuantNet(nn.Module):
         """Every block's effective parameters for one pass (``None`` for a flatten)."""
         out: list[BlockParams | None] = []
         log2 = self.in_log2
+        ins: list[torch.Tensor] = []  # the log2 scale of every block's input
         q = self.quantized
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
+            ins.append(log2)
             if isinstance(blk, QAffine):
-                p = blk.qparams(log2, q)
+                p = blk.qparams(log2, q, ins[i - 1] if blk.residual else None)
                 out.append(p)
                 log2 = p.out_log2
             else:
                 out.append(None)
         return out
+
+    def skip_sources(self) -> list[int | None]:
+        """Per block, the index of the block whose input a residual conv adds (the block before it), else None."""
+        return [i - 1 if isinstance(b, QAffine) and b.residual else None for i, b in enumerate(self.blocks)]
 
     def block_starts(self) -> list[int]:
         """Per block, the index of its input in :meth:`layer_values` (and in the interval bounds' list): a
@@ -578,16 +659,24 @@ class QuantNet(nn.Module):
         return v
 
     def layer_values(self, x: torch.Tensor, params: list[BlockParams | None] | None = None) -> list[torch.Tensor]:
-        """Values of every exported layer (index 0 the input), like :func:`qverify.execute.execute`."""
+        """Values of every exported node (index 0 the input), like :func:`qverify.execute.execute` on the export
+        (a residual conv appends its conv, skip, sum and activated values)."""
         params = self.block_params() if params is None else params
         v = self.prepare_input(x)
         vals = [v]
+        ins: list[torch.Tensor] = []
         q = self.quantized
         for blk, p in zip(self.blocks, params, strict=True):
+            ins.append(v)
             if isinstance(blk, QAffine):
                 assert p is not None
                 v = blk.affine(v, p)
                 vals.append(v)
+                if blk.residual:
+                    sk = blk.skip_term(ins[-2], p)
+                    vals.append(sk)
+                    v = v + sk
+                    vals.append(v)
                 v = blk.activate(v, p, q)
             else:
                 v = blk(v)
@@ -618,18 +707,31 @@ class QuantNet(nn.Module):
             return torch.argmax(self.forward_int(x), dim=1)
 
 
+ARCHS = ("mlp", "cnn", "resnet")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: ``mlp`` (``hidden`` sizes) or ``cnn`` (``conv`` = (channels, kernel, stride, padding) per
-    layer, then the ``hidden`` dense layers); the output layer has one unit per class."""
+    """Architecture: ``mlp`` (``hidden`` sizes), ``cnn`` (``conv`` = (channels, kernel, stride, padding) per
+    layer, then the ``hidden`` dense layers) or ``resnet`` (the ``conv`` layers as the stem, then ``blocks``
+    identity residual blocks of two 3x3 convs at the stem's channels, then the ``hidden`` dense layers; module
+    docstring, "Residual blocks"); the output layer has one unit per class. ``blocks`` is read by ``resnet``
+    only."""
 
     arch: str = "mlp"
     hidden: tuple[int, ...] = (64,)
     conv: tuple[tuple[int, int, int, int], ...] = ((16, 4, 2, 1), (32, 4, 2, 1))
+    blocks: int = 1
 
     def __post_init__(self) -> None:
-        if self.arch not in ("mlp", "cnn"):
-            raise QuantError(f"model.arch must be 'mlp' or 'cnn', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise QuantError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, (int, np.integer)) or self.blocks < 0:
+            raise QuantError(f"model.blocks (residual blocks of model.arch = 'resnet') must be an integer >= 0, "
+                             f"got {self.blocks!r}")
+        if self.arch == "resnet" and not self.conv:
+            raise QuantError("model.arch = 'resnet' needs a conv stem: model.conv must list at least one "
+                             "[channels, kernel, stride, padding] layer")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         object.__setattr__(self, "conv", tuple(tuple(int(v) for v in c) for c in self.conv))
         for c in self.conv:
@@ -646,11 +748,15 @@ def build_model(mc: ModelConfig, qc: QuantConfig, input_shape: tuple[int, ...], 
     g = torch.Generator().manual_seed(int(seed))
     blocks: list[nn.Module] = []
     shape = tuple(int(s) for s in input_shape)
-    n_conv = len(mc.conv) if mc.arch == "cnn" else 0
-    bits = qc.layer_bits(n_conv + len(mc.hidden) + 1)  # per-layer widths (a list of the wrong length fails here)
-    if mc.arch == "cnn":
+    convs = mc.arch in ("cnn", "resnet")
+    n_conv = len(mc.conv) if convs else 0
+    n_res = 2 * int(mc.blocks) if mc.arch == "resnet" else 0
+    # per-layer widths in the order of the affine layers: stem convs, (conv_a, conv_b) per residual block,
+    # hidden dense layers, output (a list of the wrong length fails here)
+    bits = qc.layer_bits(n_conv + n_res + len(mc.hidden) + 1)
+    if convs:
         if len(shape) != 3:
-            raise QuantError(f"a cnn needs [C, H, W] inputs, got {shape}")
+            raise QuantError(f"a {mc.arch} needs [C, H, W] inputs, got {shape}")
         c, h, w = shape
         for i, (ch, k, s, pad) in enumerate(mc.conv):
             blocks.append(QConv2d(c, ch, k, s, pad, qc, generator=g, bits=bits[i]))
@@ -661,6 +767,10 @@ def build_model(mc: ModelConfig, qc: QuantConfig, input_shape: tuple[int, ...], 
                 raise QuantError(f"model.conv[{i}] = {[ch, k, s, pad]} leaves no output pixels of its "
                                  f"{h_in}x{w_in} input (kernel {k} > {h_in}+2*{pad} or {w_in}+2*{pad})")
             c = ch
+        for r in range(n_res // 2):
+            blocks.append(QConv2d(c, c, 3, 1, 1, qc, generator=g, bits=bits[n_conv + 2 * r]))
+            blocks.append(QConv2d(c, c, 3, 1, 1, qc, generator=g, bits=bits[n_conv + 2 * r + 1], residual=True))
+        n_conv += n_res
         n = c * h * w
         blocks.append(QFlatten())
     else:
@@ -686,7 +796,8 @@ def calibrate(model: QuantNet, x: torch.Tensor, weights: bool = True, activation
               quantile: float = 1.0, output: bool = True) -> None:
     """Set scales from data (a float pass on ``x``): weight scales from ``max |w|`` (per channel or tensor),
     activation scales from the ``quantile`` of each hidden activation and (``output``) of ``|logits|``. pow2
-    scales round up (the value fits); affine scales map it to the top code."""
+    scales round up (the value fits); affine scales map it to the top code. A statistic of 0 (a layer dead on the
+    sample) keeps that layer's scale (a residual block's skip weight ``s_x / c`` would otherwise explode)."""
     qc = model.qc
     was = model.quantized
     model.quantized = False
@@ -697,7 +808,7 @@ def calibrate(model: QuantNet, x: torch.Tensor, weights: bool = True, activation
     i = 1
     for blk in model.blocks:
         if isinstance(blk, QAffine):
-            act = vals[i + 1]
+            act = vals[i + blk.n_layers - 1]
             if weights:
                 w = blk.weight.detach().abs().reshape(blk.weight.shape[0], -1)
                 mx = w.max(dim=1).values if qc.per_channel else w.max().reshape(1)
@@ -707,7 +818,8 @@ def calibrate(model: QuantNet, x: torch.Tensor, weights: bool = True, activation
             if activations and (output or not blk.last):
                 a = act.abs().flatten()
                 m = float(torch.quantile(a, quantile)) if quantile < 1.0 and a.numel() <= 16_000_000 else float(a.max())
-                blk.a_log2.fill_(_pow2_or_real(m / blk.hi, qc.scheme))
-            i += 2
+                if m > 0:  # a dead layer (all zero on the sample) keeps its scale: 0 says nothing about it
+                    blk.a_log2.fill_(_pow2_or_real(m / blk.hi, qc.scheme))
+            i += blk.n_layers
         else:
             i += 1

@@ -65,7 +65,7 @@ def width_regularizer(model: QuantNet, bounds: list[tuple[torch.Tensor, torch.Te
     terms = []
     for blk, p, s in zip(model.blocks, params, model.block_starts(), strict=True):
         if isinstance(blk, QAffine) and not blk.last:
-            lo, hi = bounds[s + 2]  # the block's activation
+            lo, hi = bounds[s + blk.n_layers]  # the block's activation
             scale = torch.exp2(p.out_log2).reshape(()) if model.quantized else 1.0
             terms.append(((hi - lo) * scale).mean())
     if not terms:

@@ -205,7 +205,8 @@ def grad_l1_terms(model: QuantNet, x: torch.Tensor, y: torch.Tensor,
     per = F.cross_entropy(logits, y, reduction="none")
     ce = per.mean()
     weights = [b.weight for b in model.blocks if isinstance(b, QAffine)]
-    acts = [vals[s + 2] for b, s in zip(model.blocks, model.block_starts(), strict=True) if isinstance(b, QAffine)]
+    acts = [vals[s + b.n_layers] for b, s in zip(model.blocks, model.block_starts(), strict=True)
+            if isinstance(b, QAffine)]
     gw = torch.autograd.grad(ce, weights, create_graph=True)
     ga = torch.autograd.grad(per.sum(), acts, create_graph=True)  # per-sample gradients (samples are independent)
     n = max(1, len(y))
@@ -358,7 +359,7 @@ def robust2bit_objective(model: QuantNet, x: torch.Tensor, y: torch.Tensor, feat
     logits = vals[-1].reshape(-1, model.n_classes) * model.output_scale(params)
     ce = F.cross_entropy(logits, y)
     reg = ce.new_zeros(())
-    hidden = [(st + 2, p) for blk, p, st in zip(model.blocks, params, model.block_starts(), strict=True)
+    hidden = [(st + blk.n_layers, p) for blk, p, st in zip(model.blocks, params, model.block_starts(), strict=True)
               if isinstance(blk, QAffine) and not blk.last]
     if feature_weight > 0 and hidden:
         model.quantized = False  # the float model: the same latent weights, float forward

@@ -15,6 +15,10 @@ Methods (``train.method``):
   example (Madry et al. 2018; ``pgd_steps``, ``pgd_alpha``, ``pgd_restarts``) or at a one-step FGSM example from a
   random start (Wong, Rice, Kolter 2020; ``fgsm_alpha``), radius ``eps`` in pixels with the same warm-up and ramp
   (:mod:`qverify.train.methods`);
+* ``float-pgd-at``  the same PGD adversarial training of the **float** model, then post-training quantization as
+  for ``float-ibp`` (the checkpoint is the adversarially trained float model that ``qverify quantize`` quantizes,
+  e.g. with the layer-wise Lipschitz criterion of Song, Ranjan, Li, arXiv 2110.12308: ``[ptq] weight_clipping =
+  "lipschitz"``);
 * ``grad-l1``  float training with the gradient l1 regularizer of Alizadeh et al. 2020 (``lambda_w``,
   ``lambda_a``, scaled by the ramp fraction like ``lam``: plain float training during the warm-up; double
   back-propagation, :mod:`qverify.train.methods`), then post-training quantization as for
@@ -28,6 +32,12 @@ Methods (``train.method``):
   against the float model and the spectral-norm term (``feature_weight``, ``spectral_weight``, scaled by the ramp
   fraction like ``grad-l1``'s; :mod:`qverify.train.methods`).
 
+Architectures (``model.arch``, :class:`~qverify.train.layers.ModelConfig`): ``mlp`` (``model.hidden`` dense
+layers), ``cnn`` (``model.conv`` layers, then the dense layers) and ``resnet`` (the ``model.conv`` stem, then
+``model.blocks`` identity residual blocks ``y = relu(Q(conv_b(relu(Q(conv_a(x)))) + x))``, then the dense layers;
+exported as a graph network, :mod:`qverify.train.layers` "Residual blocks"). Every method trains all three;
+``bound = "crown-ibp"`` passes the residual skip backwards too; the QDQ ONNX export (``--onnx``) refuses ``resnet``.
+
 ``quant.weight_quantizer`` is set from ``train.method`` (``binaryrelax``: ``binaryrelax``; ``robust2bit``:
 ``pow2-bases``; else ``uniform``); a config naming another is an error.
 
@@ -35,6 +45,22 @@ Methods (``train.method``):
 ``beta(t) lb_CROWN-IBP + (1 - beta(t)) lb_IBP`` (:mod:`qverify.train.bounds_crown`; ``beta`` ramps from 1 to
 ``beta_end``, as in Zhang et al. 2020); the certified-by-bounds accuracy reported per epoch stays the exact
 interval one.
+
+Gaussian-noise training (``train.noise_sigma = sigma > 0``; Cohen, Rosenfeld, Kolter 2019, sec. 3: the base
+classifier of a smoothed classifier is trained on noisy inputs): for the natural-loss methods ``qat`` and
+``float-ibp`` with ``eps = 0`` (plain float training), every training image ``x`` (integer pixels) of every step is
+replaced by :func:`noisy_inputs`, ``x' = clamp(rne(x + eps / s_in), 0, input_hi)`` with ``eps ~ N(0, sigma^2 I)``
+in the model's real input units ``v = s_in x`` (``s_in`` = the model's input scale, ``1/256`` for 8-bit pixels
+in ``pow2``): the nearest grid point of the noisy real input, the input quantizer that :mod:`qverify.smooth`
+applies for the exported network (``input_rounding`` none: the nearest grid point, ties to even), so training
+sees the integer inputs certification samples. The noise of step ``s`` of epoch ``e`` comes from a torch
+generator seeded with :func:`noise_seed` ``(seed, e, s)`` (on the CPU, float64; the same on every device), so a
+run is reproducible and resumable; ``noise_sigma = 0`` skips it (the old behaviour, bit for bit). Other methods
+with ``noise_sigma > 0`` are an error naming the setting. Evaluation stays on clean images.
+
+Fine-tuning (``train(..., init=state_dict)``): the model starts from a checkpoint's weights (another bit width
+of the same architecture: :mod:`qverify.mixed_precision` fine-tunes each candidate this way); without float
+epochs its scales are calibrated from those weights and their activations before the first step.
 
 Optional ``float_epochs`` of natural float pre-training precede quantization (then scales are calibrated from the
 trained float model). Determinism: weights are initialised from ``seed``; epoch ``e`` visits the training set in
@@ -80,9 +106,12 @@ from qverify.train.methods import (
 )
 from qverify.train.schedule import schedule_values
 
-METHODS = ("qaibp", "ibp", "qat", "float-ibp", *ADVERSARIAL, GRAD_L1, BINARYRELAX, ROBUST2BIT)
+#: adversarial training of the float model (then post-training quantization): the adversarially trained float
+#: models that Song, Ranjan, Li (arXiv 2110.12308) quantize layer by layer
+FLOAT_PGD_AT = "float-pgd-at"
+METHODS = ("qaibp", "ibp", "qat", "float-ibp", *ADVERSARIAL, FLOAT_PGD_AT, GRAD_L1, BINARYRELAX, ROBUST2BIT)
 #: methods that train the float model and quantize it after training
-FLOAT_METHODS = ("float-ibp", GRAD_L1)
+FLOAT_METHODS = ("float-ibp", GRAD_L1, FLOAT_PGD_AT)
 BOUNDS = ("ibp", "crown-ibp")
 CHECKPOINT = "checkpoint.pt"
 
@@ -147,9 +176,16 @@ class TrainConfig:
     feature_weight: float = 0.1
     spectral_weight: float = 0.01
     spectral_iters: int = 10
+    noise_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
+        if not self.noise_sigma >= 0:
+            raise ConfigError(f"train.noise_sigma must be >= 0, got {self.noise_sigma}")
+        if self.noise_sigma > 0 and not (self.method == "qat" or (self.method == "float-ibp" and self.eps == 0)):
+            raise ConfigError(f"train.noise_sigma = {self.noise_sigma:g} (Gaussian-noise training) needs the natural "
+                              f"loss: train.method 'qat', or 'float-ibp' with train.eps = 0 (got method "
+                              f"{self.method!r}, eps {self.eps:g})")
         if self.method not in METHODS:
             raise ConfigError(f"train.method must be one of {METHODS}, got {self.method!r}")
         if self.robust and self.robust not in ROBUST_TERMS:
@@ -651,17 +687,37 @@ def deterministic_kernels(device: torch.device) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+def noise_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of the Gaussian noise of one training step (module docstring)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 65_537 + int(step)) * 2 + 2**40 + 1
+
+
+def noisy_inputs(x: torch.Tensor, sigma: float, input_scale: float, input_hi: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``clamp(rne(x + eps / s_in), 0, input_hi)`` with ``eps ~ N(0, sigma^2 I)`` (``sigma`` in real input
+    units, ``s_in = input_scale``): integer pixels ``x`` moved to the nearest grid point of the noisy real input
+    ``s_in x + eps`` (module docstring). The noise is drawn on the CPU in float64 from ``generator`` (the same on
+    every device); ``torch.round`` rounds half to even. Float64 rounding can differ from the exact nearest point
+    only within ``~1e-13`` of a midpoint: this chooses training inputs, it decides no verdict."""
+    eps = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float64)
+    v = x.to(torch.float64) + (eps * float(sigma)).to(x.device) * (1.0 / float(input_scale))
+    return torch.clamp(torch.round(v), 0, int(input_hi)).to(x.dtype)
+
+
 def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          data: tuple[Dataset, Dataset] | None = None) -> TrainResult:
+          data: tuple[Dataset, Dataset] | None = None,
+          init: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
     """Train per ``cfg`` (module docstring). ``resume``: continue from ``out_dir/checkpoint.pt`` when present.
-    ``stop_after_epoch``: return after that epoch (simulates an interruption). ``data``: pre-loaded sets."""
+    ``stop_after_epoch``: return after that epoch (simulates an interruption). ``data``: pre-loaded sets.
+    ``init``: a model state dict (a checkpoint's ``model``) to fine-tune from instead of the seeded initialisation."""
     with deterministic_kernels(select_device(cfg.device)):
-        return _train(cfg, resume, stop_after_epoch, on_epoch, data)
+        return _train(cfg, resume, stop_after_epoch, on_epoch, data, init)
 
 
 def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
-           on_epoch: Callable[[dict[str, Any]], None] | None, data: tuple[Dataset, Dataset] | None) -> TrainResult:
+           on_epoch: Callable[[dict[str, Any]], None] | None, data: tuple[Dataset, Dataset] | None,
+           init: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
     t_start = time.perf_counter()
     tc = cfg.train
     if cfg.threads > 0:
@@ -692,8 +748,12 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
     else:
+        if init is not None:
+            model.load_state_dict(init)
         if float_epochs > 0:
             model.quantized = False
+        elif init is not None:
+            _quantize_now(model, calib, weights=True)  # scales from the loaded weights and their activations
         else:
             # quantize from the start: hidden activation ranges from data (weights keep the configured range in
             # pow2, affine weight scales start at max|w| / qmax; the output keeps its configured range, since
@@ -730,6 +790,9 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
             idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
             x = x_train[idx].to(device)
             y = y_train[idx].to(device)
+            if tc.noise_sigma > 0:
+                x = noisy_inputs(x, tc.noise_sigma, float(model.input_scale), model.input_hi,
+                                 torch.Generator().manual_seed(noise_seed(cfg.seed, epoch, step)))
             sv = schedule_values(epoch, step, steps, warmup_epochs=tc.warmup_epochs, ramp_epochs=tc.ramp_epochs,
                                  eps=tc.eps, lam=tc.lam, rho=tc.rho, kappa_end=kappa_end, lr=tc.lr,
                                  milestones=tc.lr_milestones, gamma=tc.lr_gamma, ibp_mixing=ibp_mixing,
@@ -741,9 +804,10 @@ def _train(cfg: Config, resume: bool, stop_after_epoch: int | None,
             for group in opt.param_groups:
                 group["lr"] = sv.lr
             beta = sv.beta if tc.bound == "crown-ibp" else 0.0
-            if tc.method in ADVERSARIAL:
+            if tc.method in ADVERSARIAL or tc.method == FLOAT_PGD_AT:
                 ag = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 65_537 + step + 1)
-                loss, st = adversarial_objective(model, x, y, eps, tc.method, tc.pgd_steps, tc.pgd_alpha,
+                adv = "pgd-at" if tc.method == FLOAT_PGD_AT else tc.method
+                loss, st = adversarial_objective(model, x, y, eps, adv, tc.pgd_steps, tc.pgd_alpha,
                                                  tc.pgd_restarts, tc.fgsm_alpha, tc.adv_grid, generator=ag)
             elif tc.method == GRAD_L1:  # the regularizer follows the warm-up and ramp (f = 0: plain float)
                 loss, st = grad_l1_objective(model, x, y, sv.fraction * tc.lambda_w, sv.fraction * tc.lambda_a)
