@@ -75,7 +75,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import MNIST1000, OUT, certify_counts, print_table, write_json  # noqa: E402
 
 ARCH = {"cnn": ["model.arch='cnn'", "model.conv=[[8, 4, 2, 1], [8, 4, 2, 1]]", "model.hidden=[50]"],
-        "mlp": ["model.arch='mlp'", "model.hidden=[100]"]}
+        "mlp": ["model.arch='mlp'", "model.hidden=[100]"],
+        # stem conv 8x4/2 (13x13), one identity residual block of two 3x3 convs, dense 50
+        "resnet": ["model.arch='resnet'", "model.conv=[[8, 4, 2, 0]]", "model.blocks=1", "model.hidden=[50]"]}
 UNIFORM = tuple(range(2, 9))
 #: method -> (widths it runs at, whether it is trained float and post-training-quantized, config overrides);
 #: "{adv}" is replaced by --adv-eps
@@ -321,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--float-epochs", type=int, default=0,
                     help="float pre-training epochs of the uniform QAT methods (within --epochs; see docstring)")
     ap.add_argument("--fresh", action="store_true", help="recompute rows and retrain models that exist")
+    ap.add_argument("--collect", action="store_true",
+                    help="compute nothing: tabulate every row already written for this --arch, --epochs, --images, "
+                         "--timeout and --attack-radii (any method, width, clipping, --float-epochs)")
     args = ap.parse_args(argv)
     if not MNIST1000.exists():
         print(f"missing {MNIST1000}", file=sys.stderr)
@@ -328,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     data = np.load(MNIST1000)
     images, labels = data["images"], data["labels"].astype(np.int64)
     DIR.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for method in args.methods:
+    rows = collected(args) if args.collect else []
+    for method in ([] if args.collect else args.methods):
         for bits in [b for b in args.bits if b in METHODS[method][0]]:
             act = act_width(method, bits, args.act_bits)
             path = DIR / f"{row_name(method, bits, act, args)}.json"
@@ -345,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.replace(path)
                 print({k: v for k, v in row.items() if k != "info"}, flush=True)
             rows.append(row)
-    cols = ["method", "w", "a", "clip", "clean", *[f"{k}{r}" for r in args.attack_radii for k in ("fgsm", "pgd")],
+    cols = ["method", "w", "a", "clip", *(["float_epochs"] if args.collect else []), "clean",
+            *[f"{k}{r}" for r in args.attack_radii for k in ("fgsm", "pgd")],
             *[f"{k}{r}" for r in args.radii for k in ("cert", "unk")], "train_s", "attack_s", "verify_s"]
     if rows:
         print_table(rows, cols)
@@ -354,6 +360,25 @@ def main(argv: list[str] | None = None) -> int:
     md += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     (OUT / "bench_robust_quant.md").write_text("\n".join(md) + "\n")
     return 0
+
+
+def collected(args: argparse.Namespace) -> list[dict]:
+    """Every row JSON of ``DIR`` written with this run's arch, epochs, images, timeout and attack radii, ordered by
+    method (the order of :data:`METHODS`), float pre-training, weight width (high to low), activation width,
+    clipping."""
+    radii = "_".join(str(r) for r in args.attack_radii)
+    tail = f"-n{args.images}-t{args.timeout:g}-a{radii}.json"
+    rows = []
+    for path in sorted(DIR.glob(f"{args.arch}-*{tail}")):
+        if f"-e{args.epochs}" not in path.name:
+            continue
+        row = json.loads(path.read_text())
+        row["float_epochs"] = int(row.get("args", {}).get("float_epochs", 0))
+        rows.append(row)
+    order = list(METHODS)
+    rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["float_epochs"],
+                             -r["w"], -r["a"], r["clip"]))
+    return rows
 
 
 def _cell(v: object) -> str:
