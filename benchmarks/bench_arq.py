@@ -1,16 +1,19 @@
 """ARQ mixed-precision search on the MNIST CNN trained with Gaussian noise: certified accuracy and ACR of the float
 model, uniform 8/4/2-bit integer models and the searched mixed-precision models (ACR and accuracy rewards).
 
-    python benchmarks/bench_arq.py [--sigma 0.25 0.5] [--images 1000] [--n 10000] [--n0 100] [--alpha 0.001]
+    python benchmarks/bench_arq.py [--sigma 0.25 0.5] [--arch cnn resnet] [--images 100] [--n 10000] [--n0 100]
+                                   [--alpha 0.001]
                                    [--search-images 100] [--search-n 1000] [--episodes 30] [--budget w4a4]
                                    [--bits 2 4 8] [--train-epochs 10] [--finetune-epochs 1]
                                    [--finetune-images 0] [--threads 1] [--device cpu|cuda]
 
-Per sigma (in [0, 1] pixel units up to 256/255: the pow2 input grid is v = x / 256):
+Per base network (``--arch``, default both) and sigma (in [0, 1] pixel units up to 256/255: the pow2 input grid is
+v = x / 256):
 
-* the CNN (``model.arch = 'cnn'``, the default conv layers [16, 4, 2, 1], [32, 4, 2, 1], one hidden dense layer of
-  100) is trained by ``qverify train`` with ``train.method = 'float-ibp'``, ``train.eps = 0`` (plain float training)
-  and ``train.noise_sigma = sigma`` on ``data.train = 'mnist-5k'`` for ``--train-epochs``;
+* the CNN (``cnn``: ``model.arch = 'cnn'``, the default conv layers [16, 4, 2, 1], [32, 4, 2, 1], one hidden dense
+  layer of 100) or the small residual network (``resnet``: stem conv 8x4/2, one identity residual block of two 3x3
+  convs, dense 50) is trained by ``qverify train`` with ``train.method = 'float-ibp'``, ``train.eps = 0`` (plain
+  float training) and ``train.noise_sigma = sigma`` on ``data.train = 'mnist-5k'`` for ``--train-epochs``;
 * ``float``: that float model as the base classifier (float64 torch forward on the noisy inputs mapped to the
   same integer grid), CERTIFY with the same noise as the integer models;
 * ``uniform wXaX``: every layer at X bits, made as each search candidate is (``--finetune-epochs`` of QAT with
@@ -22,12 +25,16 @@ Per sigma (in [0, 1] pixel units up to 256/255: the pow2 input grid is v = x / 2
 each certified with ``--n`` samples (n0 ``--n0``, ``--alpha``) on the first ``--images`` MNIST test images of
 ``../shared/data/mnist_test_first1000.npz``: certified accuracy at l2 radii 0.25 / 0.5 / 1.0, ACR, BitOps, the
 search and certification time (wall seconds on this machine). JSON under ``benchmarks/out/bench_arq.json``; the
-search directories (trace, model, certificate) under ``benchmarks/out/arq/``.
+search directories (trace, model, certificate) under ``benchmarks/out/arq/``. Resumable: each row is stored in
+``benchmarks/out/arq/row-*.json`` (its name carries the arch, sigma and sizes) and reused; an interrupted smoothing
+run or search resumes from its records / trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -70,29 +77,107 @@ def smooth_float(fm, net, images: np.ndarray, labels: np.ndarray, sigma: float, 
     return summarize_smoothing(recs, RADII)
 
 
-def train_cnn(sigma: float, epochs: int, out: Path, threads: int) -> Path:
+#: the base networks (``--arch``): the trainer's default CNN, and a small residual network (stem conv 8x4/2,
+#: one identity residual block of two 3x3 convs, dense 50: the resnet of ``bench_robust_quant.py``)
+ARCH = {"cnn": ["model.arch='cnn'", "model.hidden=[100]"],
+        "resnet": ["model.arch='resnet'", "model.conv=[[8, 4, 2, 0]]", "model.blocks=1", "model.hidden=[50]"]}
+
+
+def train_base(arch: str, sigma: float, epochs: int, out: Path, threads: int) -> Path:
+    """The Gaussian-noise float training of the base network (resumes from its checkpoint)."""
     from qverify.train import load_config, train
 
-    ckpt = out / f"cnn_noise{sigma:g}"
-    cfg = load_config(None, ["data.train='mnist-5k'", "model.arch='cnn'", "model.hidden=[100]",
+    ckpt = out / f"{arch}_noise{sigma:g}_e{epochs}"
+    cfg = load_config(None, ["data.train='mnist-5k'", *ARCH[arch],
                              "train.method='float-ibp'", "train.eps=0.0", f"train.noise_sigma={sigma}",
                              f"train.epochs={epochs}", "train.lr_milestones=[]", "progress=false",
-                             f"threads={threads}", f"out_dir='{ckpt}'", f"name='mnist_cnn_noise{sigma:g}'"])
+                             f"threads={threads}", f"out_dir='{ckpt}'", f"name='mnist_{arch}_noise{sigma:g}'"])
     train(cfg, resume=True)
     return ckpt
 
 
-def row(sigma: float, model: str, summ: dict, bitops: int | None, bits: str, search_s: float | None,
+def cached_row(path: Path, make) -> dict:  # noqa: ANN001 - a zero-argument callable returning the row
+    """The row stored at ``path`` by an earlier run, else ``make()`` stored there (rows resume one by one)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    r = make()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(r, indent=1, default=str))
+    tmp.replace(path)
+    return r
+
+
+def row(arch: str, sigma: float, model: str, summ: dict, bitops: int | None, bits: str, search_s: float | None,
         cert_s: float) -> dict:
-    return {"sigma": sigma, "model": model, "bits": bits, "BitOps": bitops, "clean": summ["clean_accuracy"],
+    return {"arch": arch, "sigma": sigma, "model": model, "bits": bits, "BitOps": bitops,
+            "clean": summ["clean_accuracy"],
             **{f"cert@{c['radius']:g}": c["certified_accuracy"] for c in summ["certified"]}, "ACR": summ["acr"],
             "search_s": search_s, "cert_s": cert_s}
+
+
+def base_rows(arch: str, sigma: float, args: argparse.Namespace, images: np.ndarray, labels: np.ndarray,
+              work: Path, tag: str, stag: str, times: dict) -> tuple[list[dict], object, int]:
+    """The rows of one base network and sigma (each cached in ``work``), its search space and budget."""
+    rows: list[dict] = []
+    t = time.monotonic()
+    ckpt = train_base(arch, sigma, args.train_epochs, work, args.threads)
+    times[f"train {arch} {sigma:g}"] = time.monotonic() - t
+    print(f"{arch} sigma {sigma}: trained in {times[f'train {arch} {sigma:g}']:.0f} s", file=sys.stderr)
+    ev = ARQEvaluator(ckpt, images, labels, sigma, allowed=args.bits, n0=args.n0, n=args.search_n,
+                      alpha=args.alpha, search_images=args.search_images, finetune_epochs=args.finetune_epochs,
+                      threads=args.threads, finetune_images=args.finetune_images, device=args.device)
+    sp = ev.space
+    budget = parse_budget(args.budget, sp)
+    from qverify.quantize import from_quantnet
+
+    def float_row() -> dict:
+        t = time.monotonic()
+        fs = smooth_float(from_quantnet(ev.model), ev.network(sp.uniform(8, 8)), images, labels, sigma,
+                          args.n0, args.n, args.alpha)
+        return row(arch, sigma, "float", fs, None, "fp64", None, time.monotonic() - t)
+
+    rows.append(cached_row(work / f"row-{arch}-s{sigma:g}-{tag}-float.json", float_row))
+    print(f"{arch} sigma {sigma}: float done", file=sys.stderr)
+    for b in sorted(set(args.bits), reverse=True):
+        c = sp.uniform(b, b)
+
+        def uniform_row(b: int = b, c=c) -> dict:  # noqa: ANN001 - a Candidate
+            t = time.monotonic()
+            ev_kw = dict(n0=args.n0, n=args.n, alpha=args.alpha, batch=1000, seed=0, progress=False,
+                         device="numpy" if args.device == "cpu" else args.device)
+            s = smooth(ev.network(c), images, labels, sigma,
+                       results_path=work / f"uniform_{arch}_s{sigma:g}_w{b}a{b}_{tag}.jsonl",
+                       **ev_kw).summary(RADII)
+            return row(arch, sigma, f"uniform w{b}a{b}", s, sp.bitops(c), c.key, None, time.monotonic() - t)
+
+        rows.append(cached_row(work / f"row-{arch}-s{sigma:g}-{tag}-w{b}a{b}.json", uniform_row))
+        print(f"{arch} sigma {sigma}: uniform {b} done", file=sys.stderr)
+    for reward in ("acr", "accuracy"):
+        def search_row(reward: str = reward) -> dict:
+            out = work / f"search_{arch}_s{sigma:g}_{reward}_{stag}"
+            t = time.monotonic()
+            res = run_search(ckpt, images, labels, sigma, out, allowed=args.bits, budget=args.budget,
+                             search="ddpg", episodes=args.episodes, reward=reward, n0=args.n0,
+                             search_n=args.search_n, n=args.n, alpha=args.alpha,
+                             search_images=args.search_images, finetune_epochs=args.finetune_epochs,
+                             finetune_images=args.finetune_images, threads=args.threads, device=args.device,
+                             command=" ".join(["python", *sys.argv]))
+            ch = res["chosen"]
+            r = row(arch, sigma, f"ARQ ({reward})", res["certificate"]["summary"], ch["bitops"], ch["key"],
+                    res["search_seconds"], time.monotonic() - t - res["search_seconds"])
+            r["evaluated"] = res["evaluations"]
+            return r
+
+        rows.append(cached_row(work / f"row-{arch}-s{sigma:g}-{stag}-arq-{reward}.json", search_row))
+        print(f"{arch} sigma {sigma}: search {reward} done", file=sys.stderr)
+    return rows, sp, budget
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--arch", nargs="+", default=["cnn", "resnet"], choices=list(ARCH))
+    ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n0", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=0.001)
@@ -111,58 +196,25 @@ def main() -> None:
     d = np.load(MNIST1000)
     images, labels = d["images"][:args.images], d["labels"][:args.images]
     work = OUT / "arq"
+    work.mkdir(parents=True, exist_ok=True)
     rows, times = [], {}
-    for sigma in args.sigma:
-        t = time.monotonic()
-        ckpt = train_cnn(sigma, args.train_epochs, work, args.threads)
-        times[f"train {sigma:g}"] = time.monotonic() - t
-        print(f"sigma {sigma}: trained in {times[f'train {sigma:g}']:.0f} s", file=sys.stderr)
-        ev = ARQEvaluator(ckpt, images, labels, sigma, allowed=args.bits, n0=args.n0, n=args.search_n,
-                          alpha=args.alpha, search_images=args.search_images, finetune_epochs=args.finetune_epochs,
-                          threads=args.threads, finetune_images=args.finetune_images, device=args.device)
-        sp = ev.space
-        budget = parse_budget(args.budget, sp)
-        from qverify.quantize import from_quantnet
-
-        t = time.monotonic()
-        net8 = ev.network(sp.uniform(8, 8))
-        fs = smooth_float(from_quantnet(ev.model), net8, images, labels, sigma, args.n0, args.n, args.alpha)
-        rows.append(row(sigma, "float", fs, None, "fp64", None, time.monotonic() - t))
-        print(f"sigma {sigma}: float done", file=sys.stderr)
-        for b in sorted(set(args.bits), reverse=True):
-            c = sp.uniform(b, b)
-            t = time.monotonic()
-            net = net8 if b == 8 else ev.network(c)
-            ev_kw = dict(n0=args.n0, n=args.n, alpha=args.alpha, batch=1000, seed=0, progress=False,
-                         device="numpy" if args.device == "cpu" else args.device)
-            s = smooth(net, images, labels, sigma, results_path=work / f"uniform_s{sigma:g}_w{b}a{b}.jsonl",
-                       overwrite=True, **ev_kw).summary(RADII)
-            rows.append(row(sigma, f"uniform w{b}a{b}", s, sp.bitops(c), c.key, None, time.monotonic() - t))
-            print(f"sigma {sigma}: uniform {b} done", file=sys.stderr)
-        for reward in ("acr", "accuracy"):
-            out = work / f"search_s{sigma:g}_{reward}"
-            t = time.monotonic()
-            res = run_search(ckpt, images, labels, sigma, out, allowed=args.bits, budget=args.budget, search="ddpg",
-                             episodes=args.episodes, reward=reward, n0=args.n0, search_n=args.search_n, n=args.n,
-                             alpha=args.alpha, search_images=args.search_images,
-                             finetune_epochs=args.finetune_epochs, finetune_images=args.finetune_images,
-                             threads=args.threads, device=args.device, overwrite=True,
-                             command=" ".join(["python", *sys.argv]))
-            ch = res["chosen"]
-            rows.append(row(sigma, f"ARQ ({reward})", res["certificate"]["summary"], ch["bitops"], ch["key"],
-                            res["search_seconds"], time.monotonic() - t - res["search_seconds"]))
-            rows[-1]["evaluated"] = res["evaluations"]
-            print(f"sigma {sigma}: search {reward} done ({res['search_seconds']:.0f} s)", file=sys.stderr)
-        rows.append({"sigma": sigma, "model": f"(budget {args.budget})", "BitOps": budget})
-    print(f"MNIST CNN (mnist-5k, Gaussian-noise float training {args.train_epochs} epochs); {args.images} test images, "
+    tag = f"i{args.images}-n{args.n}-a{args.alpha:g}-e{args.train_epochs}"
+    stag = f"{tag}-si{args.search_images}-sn{args.search_n}-ep{args.episodes}-ft{args.finetune_epochs}"
+    sp = None
+    for arch, sigma in itertools.product(args.arch, args.sigma):
+        arch_rows, sp, budget = base_rows(arch, sigma, args, images, labels, work, tag, stag, times)
+        rows += arch_rows
+        rows.append({"arch": arch, "sigma": sigma, "model": f"(budget {args.budget})", "BitOps": budget})
+    print(f"MNIST {' / '.join(args.arch)} (mnist-5k, Gaussian-noise float training {args.train_epochs} epochs); "
+          f"{args.images} test images, "
           f"n0 {args.n0}, n {args.n}, alpha {args.alpha}; search: ddpg {args.episodes} episodes, widths {args.bits}, "
           f"{args.search_images} images, n {args.search_n}, fine-tune {args.finetune_epochs} epoch(s)"
           + (f" on {args.finetune_images} images" if args.finetune_images else "")
           + f"; {args.threads} torch thread(s)")
-    print_table(rows, ["sigma", "model", "bits", "BitOps", "clean", "cert@0.25", "cert@0.5", "cert@1", "ACR",
+    print_table(rows, ["arch", "sigma", "model", "bits", "BitOps", "clean", "cert@0.25", "cert@0.5", "cert@1", "ACR",
                        "evaluated", "search_s", "cert_s"])
     path = write_json("bench_arq", {"args": vars(args), "rows": rows, "times": times,
-                                    "layers": [{**lay.__dict__, "macs": lay.macs} for lay in sp.layers]})
+                                    "layers": [{**lay.__dict__, "macs": lay.macs} for lay in sp.layers] if sp else []})
     print(f"\nwrote {path}")
 
 
