@@ -35,7 +35,8 @@ Printed and written to ``benchmarks/out/table3_<slice>_t<timeout>.json``:
    miss; a violation iff the least slack is <= 0, a proof needs lower >= 1) and the stage that ran out of time.
 
 Stage names (``qverify.verify``): ``center``, ``interval``, ``symbolic`` and ``bounds`` (the worker's re-run of the
-symbolic bounds for the encoder: counted as symbolic), ``attack``, ``milp-<backend>-<enc>-relaxed`` (the relaxed-input
+symbolic bounds for the encoder: counted as symbolic), ``attack``, ``attack-reseed`` (the reseeded rounds: category
+``reseed``), ``optimized`` (alpha-CROWN style bounds), ``milp-<backend>-<enc>-relaxed`` (the relaxed-input
 program), ``milp-<backend>-<enc>`` (the configured back end when the fallback ran after it) and the closing ``milp``
 stage: the fallback when a back-end stage precedes it, else the configured back end (or the relaxed program when it
 decided).
@@ -61,7 +62,7 @@ NETS = [f"P{k}-{q}" for k in (1, 2, 3) for q in (4, 6, 8, 10)]
 GRID_RADII = (2, 4, 6, 10)
 SLICES = ("grid", "p1-8", "p2-6", "issue", "full")
 #: stage categories in the order of the portfolio
-CATEGORIES = ("center", "interval", "symbolic", "attack", "relaxed", "exact", "fallback")
+CATEGORIES = ("center", "interval", "symbolic", "attack", "reseed", "optimized", "relaxed", "exact", "fallback")
 OURS = {"robust": "Robust", "counterexample": "Non-robust"}
 Key = tuple[str, int, int]  # (net, radius, id)
 
@@ -96,8 +97,10 @@ def slice_groups(name: str, pub_all: dict[str, dict[tuple[int, int], Published]]
 
 def stage_category(name: str, before: list[str]) -> str:
     """The category (:data:`CATEGORIES`) of a stage called ``name`` that follows the stages ``before``."""
-    if name in ("center", "interval", "symbolic", "attack"):
+    if name in ("center", "interval", "symbolic", "attack", "optimized"):
         return name
+    if name == "attack-reseed":
+        return "reseed"
     if name == "bounds":
         return "symbolic"
     if name.endswith("-relaxed"):

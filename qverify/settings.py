@@ -43,3 +43,8 @@ class VerifySettings:
     relax: str = "scip"             # MIP back end of the relaxed-input program tried first in the exact stage
     #                                 ('' : none; robust near-ties the full programs leave open, RESULTS.md)
     relax_share: float = 0.3        # the relaxed-input program's share of the exact stage's time
+    reseed_rounds: int = 3          # extra attack rounds before the exact stage (seeds seed + 1000 + k, restarts
+    #                                 targeting every disjunct; 0: none; 6 of 87 QVIP Table 3 unknowns refuted)
+    reseed_share: float = 0.05      # the reseeded rounds' share of the property's budget, all rounds together
+    optimize_share: float = 0.1     # share of the time left that the optimized (alpha-CROWN style) bounds may take
+    #                                 before the exact stage (0: skip; chains of dense layers only)

@@ -6,6 +6,9 @@ Stages, in order (``VerifySettings.method = 'portfolio'``)::
     interval QA-IBP interval bounds: every unsafe conjunction infeasible over the box -> robust
     symbolic linear bounds with rounding error: certify, else tighten every neuron's bounds for the encoder
     attack   PGD (straight-through) + random/corner search, every candidate replayed -> counterexample
+    attack-reseed  ``reseed_rounds`` more attack rounds with new seeds (``reseed_share`` of the budget)
+    optimized  alpha-CROWN style bounds (qverify.bounds.optimized; dense chains; ``optimize_share`` of the time
+             left): margin proof -> robust, else tighter bounds for the encoder
     exact    the relaxed-input program (SCIP; its infeasibility proves robust, its solutions are repaired by local
              search and replayed), then the integer program (CP-SAT by default, HiGHS as the fallback; ``milp``)
              without the disjuncts the relaxation proved, or branch-and-bound (``bab``), with what is left
@@ -144,6 +147,57 @@ def _symbolic_stage(net: QNetwork, prop: Property, clock: _Clock) -> tuple[Resul
     return (_done(clock, Verdict.ROBUST, "symbolic") if ok else None), bounds, lower
 
 
+def _reseed_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, budget: float
+                  ) -> tuple[Result | None, Near | None]:
+    """A few more attack rounds with new seeds (``seed + 1000 + k``, ``reseed_rounds`` of them) and enough PGD
+    restarts to target every unsafe disjunct (``2 + 2 D``: restarts ``2j, 2j + 1`` target the ``j``-th best
+    disjunct at the centre, :func:`qverify.attack._targets`; the batched attack's 8 restarts target only the 3
+    nearest), within ``reseed_share`` of the property's budget. Measured on the 87 QVIP Table 3 unknowns at 20 s
+    (``benchmarks/bench_optimized.py --attack``): 32 or 64 restarts refute 6 of them in under 0.3 s from seed 0
+    or 1000 alike, 8 restarts with three new seeds none: the restarts' targets matter, not the seed. Every
+    candidate is replayed (:func:`qverify.attack.attack_report`). Returns the result (a counterexample) or the
+    nearest miss."""
+    from qverify.attack import AttackSettings, attack_report
+
+    share = min(clock.left(), settings.reseed_share * budget)
+    if settings.reseed_rounds <= 0 or share <= 0:
+        return None, None
+    deadline = time.monotonic() + share
+    near: Near | None = None
+    base = AttackSettings.from_verify(settings)
+    for k in range(settings.reseed_rounds):
+        if time.monotonic() >= deadline:
+            break
+        s = replace(base, seed=settings.seed + 1000 + k, restarts=max(base.restarts, 2 + 2 * len(prop.unsafe)))
+        rep = attack_report(net, [prop], s, deadline=deadline)
+        if rep.found[0] is not None:
+            clock.stage("attack-reseed", "counterexample")
+            return _done(clock, Verdict.COUNTEREXAMPLE, "attack-reseed", cex=rep.found[0]), None
+        if near is None or int(rep.slack[0]) < near[0]:
+            near = (int(rep.slack[0]), rep.x[0])
+    clock.stage("attack-reseed", "undecided")
+    return None, near
+
+
+def _optimized_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, bounds: list | None,
+                     lower: int | None) -> tuple[Result | None, list | None, int | None]:
+    """Optimized (alpha-CROWN style) bounds (:mod:`qverify.bounds.optimized`, chains of dense layers only) within
+    ``optimize_share`` of the time left: ``robust`` when their (exactly re-evaluated) margin bound proves the
+    property, else their tighter per-value bounds for the encoder and the better slack lower bound."""
+    from qverify.bounds.optimized import optimized_bounds, supports
+
+    if settings.optimize_share <= 0 or clock.left() <= 0 or not supports(net):
+        return None, bounds, lower
+    ob = optimized_bounds(net, prop.lo, prop.hi, prop,
+                          deadline=time.monotonic() + settings.optimize_share * clock.left())
+    ok = ob.slack_lower is not None and ob.slack_lower > 0
+    clock.stage("optimized", "robust" if ok else "tightened")
+    if ok:
+        return _done(clock, Verdict.ROBUST, "optimized"), ob.bounds, ob.slack_lower
+    best = ob.slack_lower if lower is None or ob.slack_lower is None else max(lower, ob.slack_lower)
+    return None, ob.bounds, best
+
+
 def _bracket(net: QNetwork, r: Result, lower: int | None = None, near: Near | None = None) -> Result:
     """An ``unknown`` result with what is known of the property's least slack ``s* = min_box slack``
     (:meth:`~qverify.property.Property.slack`): ``details['slack'] = {'lower': L, 'upper': U, 'nearest': {'x', 'y'}}``
@@ -256,6 +310,15 @@ def verify(net: QNetwork, prop: Property, settings: VerifySettings | None = None
         if m == "attack":
             return _bracket(net, _done(clock, Verdict.UNKNOWN, m, Reason.TIMEOUT if clock.left() <= 0
                                        else Reason.INCOMPLETE), lower, near)
+    if m == "portfolio":
+        r, near2 = _reseed_stage(net, prop, clock, settings, settings.timeout)
+        if r:
+            return r
+        if near2 is not None and (near is None or near2[0] < near[0]):
+            near = near2
+        r, bounds, lower = _optimized_stage(net, prop, clock, settings, bounds, lower)
+        if r:
+            return r
     r = _exact_stage(net, prop, clock, settings, "milp" if m == "portfolio" else m, bounds)
     return _bracket(net, r, lower, near)
 
@@ -432,7 +495,13 @@ def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings) -> Res
     clock = _Clock(settings.timeout)
     _, bounds, lower = _symbolic(net, prop)
     clock.stage("bounds", "tightened")
-    return _bracket(net, _exact_stage(net, prop, clock, settings, "milp", bounds), lower)
+    r, near = _reseed_stage(net, prop, clock, settings, settings.timeout)
+    if r:
+        return r
+    r, bounds, lower = _optimized_stage(net, prop, clock, settings, bounds, lower)
+    if r:
+        return r
+    return _bracket(net, _exact_stage(net, prop, clock, settings, "milp", bounds), lower, near)
 
 
 def _verify_rest_in_worker(prop: Property, settings: VerifySettings) -> Result:

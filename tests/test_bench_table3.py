@@ -60,6 +60,12 @@ def test_stage_categories() -> None:
     assert stage_split(dec, "milp-scip-range-relaxed")["relaxed"] == 1.0
     assert ran_out([{"stage": "attack", "seconds": 1.0, "outcome": "undecided"}]) == "attack:undecided"
     assert ran_out([]) == "-"
+    # the reseeded attack rounds and the optimized bounds have their own categories, before the exact stages
+    new = [["attack", 0.5, "undecided"], ["bounds", 0.2, "tightened"], ["attack-reseed", 0.7, "undecided"],
+           ["optimized", 0.1, "tightened"], ["milp-scip-range-relaxed", 3.0, "timeout"], ["milp", 2.0, "robust"]]
+    assert stage_category("attack-reseed", []) == "reseed" and stage_category("optimized", []) == "optimized"
+    s = stage_split(new, "milp-cpsat-range")
+    assert s["reseed"] == 0.7 and s["optimized"] == 0.1 and s["relaxed"] == 3.0 and s["exact"] == 2.0
 
 
 def test_summaries(tmp_path: Path) -> None:

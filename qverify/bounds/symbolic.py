@@ -299,9 +299,13 @@ def _to_float(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.array([n / d for n, d in zip(num.tolist(), den.tolist(), strict=True)], dtype=np.float64)
 
 
-def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3) -> Relaxation:
+def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3,
+          vertices: dict | None = None) -> Relaxation:
     """Sound linear relaxation of ``f`` over the integers of ``[l, u]`` (int64 ``[B, n]``), see the module
-    docstring. Fixed neurons (``f(l) == f(u)``) get the exact constant."""
+    docstring. Fixed neurons (``f(l) == f(u)``) get the exact constant. ``vertices`` (a dict, optional) receives
+    the unstable neurons' vertex sets: ``bi, ji`` (box, neuron), ``XL, VL, XU, VU`` (object ``[N, K]``, values
+    ``V / q``), ``q`` (object ``[N]``), ``slope`` (``p / q``, float): any slope ``a >= 0`` with the offset of
+    :func:`exact_lines` is a valid line (the family that :mod:`qverify.bounds.optimized` searches)."""
     fl_ = params.apply(l)
     fu = params.apply(u)
     aL = np.zeros(l.shape)
@@ -370,6 +374,8 @@ def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3) -> R
 
     XL_, VL_ = stack(XL, VL, okL)
     XU_, VU_ = stack(XU, VU, okU)
+    if vertices is not None:
+        vertices.update(bi=bi, ji=ji, XL=XL_, VL=VL_, XU=XU_, VU=VU_, q=q, slope=_to_float(p, q))
     lines = _fit_lines(XL_, VL_, XU_, VU_, q, _to_float(p, q), (L.astype(np.float64) + U.astype(np.float64)) / 2)
     aL[bi, ji], bL[bi, ji], aU[bi, ji], bU[bi, ji] = lines
     return Relaxation(aL, bL, aU, bU)
@@ -382,12 +388,22 @@ def _fit_lines(XL: np.ndarray, VL: np.ndarray, XU: np.ndarray, VU: np.ndarray, q
     ``A / 2^t``, and the exactly computed offset ``beta_L = min_k (V_k / q - a x_k)`` (``beta_U``: the max), rounded
     outward to a float64. Returns ``(aL, bL, aU, bU)`` float64 ``[N]``: every line is exactly valid at every
     vertex (module docstring)."""
-    o = object
     XLf, XUf = XL.astype(np.float64), XU.astype(np.float64)
     VLf = np.stack([_to_float(VL[:, k], q) for k in range(VL.shape[1])], axis=1)
     VUf = np.stack([_to_float(VU[:, k], q) for k in range(VU.shape[1])], axis=1)
     alo = _choose_slope(XLf, VLf, slope, mid, lower=True)
     ahi = _choose_slope(XUf, VUf, slope, mid, lower=False)
+    return exact_lines(XL, VL, XU, VU, q, alo, ahi)
+
+
+def exact_lines(XL: np.ndarray, VL: np.ndarray, XU: np.ndarray, VU: np.ndarray, q: np.ndarray, alo: np.ndarray,
+                ahi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exactly valid lines for given float slopes ``alo, ahi >= 0`` (``[N]``, any float choice): the slopes
+    rounded to ``A / 2^t``, the offsets ``beta_L = min_k (V_k / q - a x_k)`` (``beta_U``: the max) computed in
+    Python integers and rounded outward to float64 (:func:`_fit_lines`). Returns ``(aL, bL, aU, bU)``."""
+    o = object
+    alo = np.maximum(np.asarray(alo, dtype=np.float64), 0.0)
+    ahi = np.maximum(np.asarray(ahi, dtype=np.float64), 0.0)
     # round the slopes to A / 2^t (A < 2^53: exact floats); tiny slopes become 0 (no underflow later)
     amax = float(max(alo.max(), ahi.max()))
     t = 52 - math.frexp(amax)[1] if amax > 0 else 0
