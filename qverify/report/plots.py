@@ -134,20 +134,28 @@ def smoothing_plot(runs: Sequence[tuple[str, list[float]]]) -> bytes:
 def bits_plot(series: Sequence[tuple[str, int, list[tuple[float, float]]]]) -> bytes:
     """SVG of certified accuracy (%) against the weight width (log2 axis), one line per ``(method series,
     radius)``: ``series = [(name, radius, [(weight bits, certified %), ...]), ...]``; one colour per method, one
-    line style per radius."""
+    line style per radius. A series with two models at one width (the same method trained two ways) is drawn as
+    points without a line."""
     fig = _figure(6.4, 3.8)
     ax = fig.subplots()
     names = sorted({s[0] for s in series})
     radii = sorted({s[1] for s in series})
     styles = ("-o", "--s", ":^", "-.d")
     ticks: set[float] = set()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"] if len(names) > len(COLOURS) else None
     for name, rad, pts in series:
         if not pts:
             continue
-        c = COLOURS[names.index(name) % len(COLOURS)]
+        k = names.index(name)
+        c = cmap(k % 20) if cmap is not None else COLOURS[k % len(COLOURS)]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ticks.update(xs)
-        ax.plot(xs, ys, styles[radii.index(rad) % len(styles)], color=c, label=f"{name}, r={rad}")
+        style = styles[radii.index(rad) % len(styles)]
+        if len(set(xs)) < len(xs):  # two models of one series at one width: points only (a line would join them)
+            style = style.lstrip("-:.")
+        ax.plot(xs, ys, style, color=c, label=f"{name}, r={rad}")
     ax.set_xscale("log", base=2)
     if ticks:
         ax.set_xticks(sorted(ticks))
