@@ -490,7 +490,10 @@ def _repro(run: Run) -> str:
             f"{notes}")
 
 
-def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100, title: str | None = None) -> str:
+def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100, title: str | None = None,
+                quant: tuple[list, list[str]] | None = None) -> str:
+    """The HTML page; ``quant`` (:func:`qverify.report.quantization.quant_rows` of ``runs``, with ``svgs["bits"]``)
+    adds the comparison by method and bit width."""
     names = ", ".join(str(r.header["model"].get("name")) for r in runs)
     title = title or f"Certification report: {names}"
     parts = [f"<h1>{esc(title)}</h1>"]
@@ -516,11 +519,10 @@ def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100
     if len(runs) > 1:
         parts.append('<h2 id="comparison-section">Comparison</h2>')
         parts.append(_comparison_html(runs, _comparison(runs)))
-    if "bits" in svgs:
+    if quant is not None:
         from qverify.report import quantization
 
-        qrows, missing = quantization.quant_rows(runs)
-        parts.append(quantization.quantization_html(qrows, missing, _svg_img(
+        parts.append(quantization.quantization_html(*quant, _svg_img(
             svgs["bits"], "certified accuracy vs bit width", "plot-bits")))
     parts.append('<h2 id="accuracy">Certified accuracy vs radius</h2>')
     parts.append(_svg_img(svgs["accuracy"], "certified accuracy vs radius", "plot-accuracy"))
@@ -559,7 +561,8 @@ def html_report(runs: list[Run], svgs: dict[str, bytes], max_pictures: int = 100
 
 
 # ------------------------------------------------------------------------------------------------ Markdown
-def markdown_report(runs: list[Run], title: str | None = None) -> str:
+def markdown_report(runs: list[Run], title: str | None = None, quant: tuple[list, list[str]] | None = None) -> str:
+    """The Markdown report; ``quant`` as for :func:`html_report`."""
     names = ", ".join(str(r.header["model"].get("name")) for r in runs)
     out = [f"# {md(title or 'Certification report: ' + names)}", ""]
     for r in runs:
@@ -610,11 +613,10 @@ def markdown_report(runs: list[Run], title: str | None = None) -> str:
                 pct(row[lab]["certified_accuracy"]) if row[lab] else "-" for lab in labels) + " |")
         out += ["", f"Verdicts differ on {len(comp['differences'])} of {comp['common_instances']} common instances.",
                 ""]
-        from qverify.report import quantization
+        if quant is not None:
+            from qverify.report import quantization
 
-        qrows, missing = quantization.quant_rows(runs)
-        if len(qrows) > 1:
-            out += [quantization.quantization_markdown(qrows, missing)]
+            out += [quantization.quantization_markdown(*quant)]
     out += ["![certified accuracy vs radius](plots/accuracy.svg)", "", "![time distribution](plots/times.svg)", ""]
     return "\n".join(out)
 
@@ -682,7 +684,8 @@ def render_report(results_paths: list[str | Path], out_dir: str | Path, max_pict
     from qverify.report import quantization
 
     qrows, qmissing = quantization.quant_rows(runs)
-    if len(qrows) > 1:  # several quantized models: the side-by-side table and the bits plot
+    quant = (qrows, qmissing) if len(qrows) > 1 else None  # several quantized models: the table and the bits plot
+    if quant is not None:
         svgs["bits"] = plots.bits_plot(quantization.plot_series(qrows))
     (out / "plots").mkdir(exist_ok=True)
     for k, v in svgs.items():
@@ -691,10 +694,10 @@ def render_report(results_paths: list[str | Path], out_dir: str | Path, max_pict
     paths = {"html": out / "report.html", "markdown": out / "report.md", "summary": out / "summary.json",
              "results": out / "results", "accuracy_svg": out / "plots" / "accuracy.svg",
              "times_svg": out / "plots" / "times.svg"}
-    if "bits" in svgs:
+    if quant is not None:
         summary["quantization"] = quantization.quantization_json(qrows, qmissing)
         paths["bits_svg"] = out / "plots" / "bits.svg"
-    page, text = html_report(runs, svgs, max_pictures, title), markdown_report(runs, title)
+    page, text = html_report(runs, svgs, max_pictures, title, quant), markdown_report(runs, title, quant)
     if sruns:  # the smoothing section after the certification report
         summary["smoothing"] = smoothing.smoothing_json(sruns)
         paths["smoothing_svg"] = out / "plots" / "smoothing.svg"
