@@ -516,11 +516,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         qc, ptq = load_ptq_config(args.config, overrides, base=trained)
         calib = calibration_images(ptq, fm.input_shape)
         meta = {"float_model": str(args.model)}
-        if trained is not None:  # a qverify train checkpoint: its method names the quantized model's origin
-            from qverify.train.trainer import CHECKPOINT, load_checkpoint
-
-            ck = Path(args.model)
-            meta["train_method"] = load_checkpoint(ck / CHECKPOINT if ck.is_dir() else ck)[0].train.method
+        if fm.train_method:  # a qverify train checkpoint: its method names the quantized model's origin
+            meta["train_method"] = fm.train_method
         res = quantize(fm, calib, qc, ptq, name=Path(args.output).stem, metadata=meta)
         for note in res.notes:
             print(f"note: {note}", file=sys.stderr)

@@ -106,13 +106,15 @@ class FloatNode:
 @dataclass
 class FloatModel:
     """A float network on the pixel grid ``[0, input_hi]^input_shape``; a pixel ``p`` is the real input
-    ``p * input_scale``. The output is the last node's value."""
+    ``p * input_scale``. The output is the last node's value. ``train_method``: the ``qverify train`` method
+    that trained it (a checkpoint's; empty for an ONNX graph)."""
 
     input_shape: tuple[int, ...]
     input_hi: int
     input_scale: Fraction
     nodes: list[FloatNode]
     name: str = "float-model"
+    train_method: str = ""
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(s) for s in self.input_shape)
@@ -206,7 +208,9 @@ def from_checkpoint(path: str | Path) -> tuple[FloatModel, QuantConfig]:
     if p.is_dir():
         p = p / CHECKPOINT
     cfg, model, _ = load_checkpoint(p)
-    return from_quantnet(model, name=cfg.name), cfg.quant
+    fm = from_quantnet(model, name=cfg.name)
+    fm.train_method = cfg.train.method
+    return fm, cfg.quant
 
 
 # ------------------------------------------------------------------------------------------ ONNX float graphs
@@ -687,7 +691,7 @@ def _fold_input_scale(model: FloatModel, s0: Fraction) -> FloatModel:
                 else:
                     raise QuantizeError(f"pow2: node {n.name!r} ({n.kind}) reads the input before any dense / conv; "
                                         f"give a power-of-two input scale")
-    return FloatModel(model.input_shape, model.input_hi, s0, nodes, model.name)
+    return FloatModel(model.input_shape, model.input_hi, s0, nodes, model.name, model.train_method)
 
 
 def _weight_quant(w: np.ndarray, bits: int, clip: str, ctx: ClipContext, per_channel: bool,
