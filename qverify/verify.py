@@ -103,6 +103,8 @@ def _interval_stage(net: QNetwork, prop: Property, clock: _Clock) -> Result | No
 
 #: the nearest miss of an attack: (its exact slack, the grid point)
 Near = tuple[int, np.ndarray]
+#: a property's per-value bounds (``(lo, hi)`` per value index of one box) and its slack lower bound
+PreBounds = tuple[list[tuple[np.ndarray, np.ndarray]], int]
 
 
 def _attack_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, share: float
@@ -365,18 +367,19 @@ def verify_batch(net: QNetwork, props: Sequence[Property], settings: VerifySetti
     todo = [i for i in range(n) if results[i] is None]
     shared: dict[int, list[StageTime]] = {i: [] for i in todo}
     nears: dict[int, Near] = {}  # the shared attack's nearest miss of each property it left open
+    pre: dict[int, PreBounds] = {}  # the shared symbolic pass's bounds of the properties it left open
     if settings.method == "portfolio" and todo:
-        todo = _shared_stages(net, props, todo, settings, shared, finish, nears)
+        todo = _shared_stages(net, props, todo, settings, shared, finish, nears, pre)
     if not todo:
         return [r for r in results if r is not None]
-    for i, r in _run_pool(net, props, todo, settings, shared, workers):
+    for i, r in _run_pool(net, props, todo, settings, shared, workers, pre):
         finish(i, _bracket(net, r, near=nears.get(i)))
     return results  # type: ignore[return-value]
 
 
 def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], settings: VerifySettings,
                    shared: dict[int, list[StageTime]], finish: Callable[[int, Result], None],
-                   nears: dict[int, Near]) -> list[int]:
+                   nears: dict[int, Near], pre: dict[int, PreBounds] | None = None) -> list[int]:
     from qverify.attack import attack_report
     from qverify.bounds.interval import certified_by_interval
     from qverify.bounds.symbolic import certified_by_symbolic
@@ -411,8 +414,12 @@ def _shared_stages(net: QNetwork, props: Sequence[Property], todo: list[int], se
     for stage, certifier in (("interval", certified_by_interval), ("symbolic", certified_by_symbolic)):
         t = time.monotonic()
         if stage == "symbolic":  # the batch's share of the instances' budgets
+            keep: dict[int, PreBounds] = {}
             cert = np.asarray(certifier(net, [props[i] for i in todo],
-                                        deadline=t + SYMBOLIC_SHARE * settings.timeout * len(todo)))
+                                        deadline=t + SYMBOLIC_SHARE * settings.timeout * len(todo),
+                                        keep=keep if pre is not None else None))
+            if pre is not None:
+                pre.update({todo[k]: v for k, v in keep.items()})
         else:
             cert = np.asarray(certifier(net, [props[i] for i in todo]))
         dt = (time.monotonic() - t) / len(todo)
@@ -453,14 +460,17 @@ def _after_shared(settings: VerifySettings, pre: list[StageTime]) -> VerifySetti
 
 
 def _run_pool(net: QNetwork, props: Sequence[Property], todo: list[int], settings: VerifySettings,
-              shared: dict[int, list[StageTime]], workers: int) -> Iterator[tuple[int, Result]]:
+              shared: dict[int, list[StageTime]], workers: int, pre: dict[int, PreBounds] | None = None
+              ) -> Iterator[tuple[int, Result]]:
     from qverify.settings import default_threads
 
+    pre = pre or {}
     workers = workers or default_threads()
     workers = max(1, min(workers, len(todo)))
     if workers == 1:
         for i in todo:
-            yield i, _merge(_verify_rest(net, props[i], _after_shared(settings, shared[i])), shared[i])
+            yield i, _merge(_verify_rest(net, props[i], _after_shared(settings, shared[i]), pre.get(i)),
+                            shared[i])
         return
     solver = replace(settings.solver, threads=max(1, settings.solver.num_threads // workers))
     per = replace(settings, solver=solver)
@@ -473,7 +483,7 @@ def _run_pool(net: QNetwork, props: Sequence[Property], todo: list[int], setting
         while pending or futs:
             while pending and len(futs) < 2 * workers:
                 i = pending.pop(0)
-                futs[pool.submit(_verify_rest_in_worker, props[i], _after_shared(per, shared[i]))] = i
+                futs[pool.submit(_verify_rest_in_worker, props[i], _after_shared(per, shared[i]), pre.get(i))] = i
             done, _ = wait(list(futs), return_when=FIRST_COMPLETED)
             for f in done:
                 i = futs.pop(f)
@@ -487,14 +497,20 @@ def _run_pool(net: QNetwork, props: Sequence[Property], todo: list[int], setting
                 proc.terminate()
 
 
-def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings) -> Result:
-    """The stage after the shared ones (exact, on symbolic bounds) or, for a forced method, :func:`verify`."""
+def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings, pre: PreBounds | None = None) -> Result:
+    """The stage after the shared ones (exact, on symbolic bounds) or, for a forced method, :func:`verify`.
+    ``pre``: the shared symbolic pass's bounds and slack lower bound of this property (kept when that pass
+    skipped no refinement: the same bounds a fresh analysis of the one box gives), else they are recomputed."""
     if settings.method != "_after_shared":
         return verify(net, prop, settings)
     settings = replace(settings, method="portfolio")
     clock = _Clock(settings.timeout)
-    _, bounds, lower = _symbolic(net, prop)
-    clock.stage("bounds", "tightened")
+    if pre is not None:
+        bounds, lower = pre
+        clock.stage("bounds", "reused")
+    else:
+        _, bounds, lower = _symbolic(net, prop)
+        clock.stage("bounds", "tightened")
     r, near = _reseed_stage(net, prop, clock, settings, settings.timeout)
     if r:
         return r
@@ -504,9 +520,9 @@ def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings) -> Res
     return _bracket(net, _exact_stage(net, prop, clock, settings, "milp", bounds), lower, near)
 
 
-def _verify_rest_in_worker(prop: Property, settings: VerifySettings) -> Result:
+def _verify_rest_in_worker(prop: Property, settings: VerifySettings, pre: PreBounds | None = None) -> Result:
     assert _WORKER_NET is not None
-    return _verify_rest(_WORKER_NET, prop, settings)
+    return _verify_rest(_WORKER_NET, prop, settings, pre)
 
 
 __all__ = ["METHODS", "verify", "verify_batch", "SolverSettings"]

@@ -1,15 +1,24 @@
 """The portfolio and every forced method against brute-force enumeration on tiny networks."""
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qverify.execute import forward, predict
-from qverify.property import robustness_property
+from qverify.property import Property, robustness_property
 from qverify.result import Reason, Verdict
 from qverify.settings import VerifySettings
 from qverify.verify import METHODS, verify, verify_batch
-from tests.fixtures import brute_force, least_slack, networks_and_properties, random_dense_network
+from tests.fixtures import (
+    brute_force,
+    graph_cases,
+    least_slack,
+    networks_and_properties,
+    random_dense_network,
+)
 
 
 def _check(net, prop, res, robust):
@@ -239,3 +248,45 @@ def test_near_ties_of_random_networks_are_bracketed_alone_and_in_a_batch():
             if checked == 8:
                 break
     assert checked == 8
+
+
+@settings(max_examples=25, deadline=None)
+@given(pair=st.one_of(networks_and_properties(max_points=400), graph_cases(max_points=400)))
+def test_kept_symbolic_bounds_equal_a_fresh_analysis_of_the_box(pair):
+    """The batched symbolic pass hands each property it leaves open its bounds and slack lower bound, so the
+    exact stage does not recompute them: they must be what the one-box analysis gives (bit for bit)."""
+    from qverify.bounds.symbolic import certified_by_symbolic
+    from qverify.verify import _symbolic
+
+    net, prop = pair
+    other = Property(prop.lo, np.minimum(prop.hi, prop.lo + 1), prop.unsafe)  # a second box in the same batch
+    keep: dict = {}
+    cert = certified_by_symbolic(net, [prop, other], keep=keep)
+    for i, p in enumerate((prop, other)):
+        ok, bounds, lower = _symbolic(net, p)
+        assert bool(cert[i]) == ok
+        if ok:
+            assert i not in keep
+            continue
+        assert i in keep
+        kb, kl = keep[i]
+        assert kl == lower
+        assert len(kb) == len(bounds)
+        for (a, b), (c, d) in zip(kb, bounds, strict=True):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, d)
+
+
+def test_a_deadline_cut_symbolic_pass_keeps_nothing():
+    """Bounds of a pass whose refinements were skipped are looser than a full analysis: not kept."""
+    from qverify.bounds.symbolic import certified_by_symbolic
+
+    rng = np.random.default_rng(3)
+    net = random_dense_network(rng, n_in=6, hidden=(8, 8, 8))
+    x = rng.integers(net.input_lo, net.input_hi + 1, size=net.num_inputs)
+    prop = robustness_property(net, x, int(predict(net, x[None])[0]), radius=3)
+    keep: dict = {}
+    assert not certified_by_symbolic(net, [prop], deadline=time.monotonic() - 1.0, keep=keep)[0]
+    assert keep == {}
+    assert not certified_by_symbolic(net, [prop], keep=keep)[0]
+    assert list(keep) == [0]  # without the deadline the same open property is kept

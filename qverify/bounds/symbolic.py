@@ -1042,7 +1042,9 @@ def _spec_rows(props: Sequence[Property], n_out: int) -> tuple[np.ndarray, list[
 
 def certified_by_symbolic(net: QNetwork, props: Property | Sequence[Property],
                           boxes: tuple[np.ndarray, np.ndarray] | None = None, chunk: int = 64,
-                          intermediate: str = "symbolic", deadline: float | None = None) -> np.ndarray:
+                          intermediate: str = "symbolic", deadline: float | None = None,
+                          keep: dict[int, tuple[list[tuple[np.ndarray, np.ndarray]], int]] | None = None
+                          ) -> np.ndarray:
     """Decide properties from symbolic margin bounds (``True``: proved; ``False``: undecided). Bounds each unsafe
     row ``a . y`` directly by back-substitution through ``a`` (plus the interval bound, the better one), and
     a disjunct ``A y <= b`` is infeasible when some row's lower bound exceeds ``b``. Same call forms as
@@ -1050,7 +1052,12 @@ def certified_by_symbolic(net: QNetwork, props: Property | Sequence[Property],
 
     On a graph network (not a chain) with ``intermediate="symbolic"`` the cheap CROWN-IBP pass
     (``intermediate="interval"``) runs first and the full one only on what it leaves; ``deadline`` bounds the full
-    pass's refinements (:func:`symbolic_analysis`)."""
+    pass's refinements (:func:`symbolic_analysis`).
+
+    ``keep`` (a dict, filled in): for each property left undecided by a final pass that skipped no refinement,
+    ``keep[i] = (bounds, lower)``: its box's tightened per-value bounds (``(lo, hi)`` per value index, the
+    format of :func:`symbolic_bounds` for one box) and the slack lower bound ``min_d max_k (L_dk - b_dk)``
+    (:meth:`SymbolicAnalysis.slack_lower_bounds`), what a later exact stage would otherwise recompute."""
     plist, lo, hi = property_boxes(net, props, boxes)
     if not plist:
         return np.zeros(0, dtype=bool)
@@ -1058,13 +1065,17 @@ def certified_by_symbolic(net: QNetwork, props: Property | Sequence[Property],
         done = _certified(net, plist, lo, hi, chunk, "interval", None)
         rest = np.nonzero(~done)[0]
         if len(rest):
-            done[rest] = _certified(net, [plist[i] for i in rest], lo[rest], hi[rest], chunk, "symbolic", deadline)
+            sub: dict | None = {} if keep is not None else None
+            done[rest] = _certified(net, [plist[i] for i in rest], lo[rest], hi[rest], chunk, "symbolic", deadline,
+                                    sub)
+            if keep is not None and sub:
+                keep.update({int(rest[k]): v for k, v in sub.items()})
         return done
-    return _certified(net, plist, lo, hi, chunk, intermediate, deadline)
+    return _certified(net, plist, lo, hi, chunk, intermediate, deadline, keep)
 
 
 def _certified(net: QNetwork, plist: list, lo: np.ndarray, hi: np.ndarray, chunk: int, intermediate: str,
-               deadline: float | None) -> np.ndarray:
+               deadline: float | None, keep: dict | None = None) -> np.ndarray:
     ana = symbolic_analysis(net, lo, hi, chunk, intermediate=intermediate, deadline=deadline)
     out_lo, out_hi = ana.bounds[-1]
     # cheap first: properties the tightened output intervals already decide
@@ -1085,4 +1096,7 @@ def _certified(net: QNetwork, plist: list, lo: np.ndarray, hi: np.ndarray, chunk
                 ok = False
                 break
         done[i] = ok
+        if not ok and keep is not None and intermediate == "symbolic" and ana.skipped_refinements == 0:
+            per = [int(np.max(low[t, a:b] - conj.b)) for conj, (a, b) in zip(p.unsafe, spans[t], strict=True)]
+            keep[int(i)] = ([(lo_[i], hi_[i]) for lo_, hi_ in ana.bounds], min(per))
     return done
