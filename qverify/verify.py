@@ -7,8 +7,8 @@ Stages, in order (``VerifySettings.method = 'portfolio'``)::
     symbolic linear bounds with rounding error: certify, else tighten every neuron's bounds for the encoder
     attack   PGD (straight-through) + random/corner search, every candidate replayed -> counterexample
     attack-reseed  ``reseed_rounds`` more attack rounds with new seeds (``reseed_share`` of the budget)
-    optimized  alpha-CROWN style bounds (qverify.bounds.optimized; dense chains; ``optimize_share`` of the time
-             left): margin proof -> robust, else tighter bounds for the encoder
+    optimized  alpha-CROWN style bounds (qverify.bounds.optimized; dense chains, Flatten allowed;
+             ``optimize_share`` of the time left): margin proof -> robust, else tighter bounds for the encoder
     exact    the relaxed-input program (SCIP; its infeasibility proves robust, its solutions are repaired by local
              search and replayed), then the integer program (CP-SAT by default, HiGHS as the fallback; ``milp``)
              without the disjuncts the relaxation proved, or branch-and-bound (``bab``), with what is left
@@ -183,9 +183,9 @@ def _reseed_stage(net: QNetwork, prop: Property, clock: _Clock, settings: Verify
 
 def _optimized_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, bounds: list | None,
                      lower: int | None) -> tuple[Result | None, list | None, int | None]:
-    """Optimized (alpha-CROWN style) bounds (:mod:`qverify.bounds.optimized`, chains of dense layers only) within
-    ``optimize_share`` of the time left: ``robust`` when their (exactly re-evaluated) margin bound proves the
-    property, else their tighter per-value bounds for the encoder and the better slack lower bound."""
+    """Optimized (alpha-CROWN style) bounds (:mod:`qverify.bounds.optimized`, chains of dense layers, Flatten
+    allowed) within ``optimize_share`` of the time left: ``robust`` when their (exactly re-evaluated) margin bound
+    proves the property, else their tighter per-value bounds for the encoder and the better slack lower bound."""
     from qverify.bounds.optimized import optimized_bounds, supports
 
     if settings.optimize_share <= 0 or clock.left() <= 0 or not supports(net):

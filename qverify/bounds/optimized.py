@@ -37,7 +37,9 @@ two exact steps; a bad optimization can only give a looser bound, and the inters
 makes it never looser than those.
 
 Scope: chain networks of :class:`~qverify.network.Dense`, :class:`~qverify.network.Requantize` (exact or float32)
-and :class:`~qverify.network.Clamp` nodes (the QVIP MLPs); :func:`supports` says whether a network qualifies.
+and :class:`~qverify.network.Clamp` nodes (the QVIP MLPs), with ``Flatten`` / ``Reshape`` nodes anywhere (an
+exporter's flatten of the input image: the identity on flat vectors); :func:`supports` says whether a network
+qualifies.
 torch is imported only when an optimization runs.
 """
 
@@ -59,7 +61,7 @@ from qverify.bounds.symbolic import (
     relax,
     symbolic_analysis,
 )
-from qverify.network import Clamp, Dense, QNetwork, Requantize
+from qverify.network import Clamp, Dense, Flatten, QNetwork, Requantize, Reshape
 from qverify.property import Property
 
 #: projected-gradient iterations per row block (``benchmarks/bench_optimized.py --steps N --limit 30``, the first 30
@@ -71,12 +73,19 @@ LR = 0.05
 SLOPE_CAP = 2.0
 
 
+#: data movement that keeps the C-order flattened values in place (the identity on the flat vectors these bounds
+#: work on): a model's leading ``Flatten`` of its ``[C, H, W]`` image, a ``Reshape``
+_IDENTITY = (Flatten, Reshape)
+
+
 def supports(net: QNetwork) -> bool:
     """Whether :func:`optimized_bounds` handles ``net``: a chain of dense layers and requantizations / clamps with
     at least two activations (with one the first dense layer's bounds are already exact and DeepPoly's margin
-    bound is the only thing to optimize; that case is handled too: at least one activation)."""
-    return (net.is_chain and bool(net.layers)
-            and all(isinstance(op, Dense | Requantize | Clamp) for op in net.layers)
+    bound is the only thing to optimize; that case is handled too: at least one activation). ``Flatten`` and
+    ``Reshape`` nodes may stand anywhere: on C-order flat vectors they are the identity."""
+    sequential = all(row == (i,) for i, row in enumerate(net.inputs))  # value i + 1 = node i(value i)
+    return (sequential and bool(net.layers)
+            and all(isinstance(op, (Dense, Requantize, Clamp, *_IDENTITY)) for op in net.layers)
             and any(isinstance(op, Requantize | Clamp) for op in net.layers))
 
 
@@ -186,6 +195,8 @@ def _optimize_slopes(net: QNetwork, top: int, lam0: np.ndarray, acts: dict[int, 
                 c = c + lam @ b
                 lam = lam @ W
                 continue
+            if isinstance(net.layers[k], _IDENTITY):
+                continue
             aL0, bL0, aU0, bU0 = base[k]
             pos, neg = lam.clamp(min=0), lam.clamp(max=0)
             aL = aL0.expand(R, -1)
@@ -273,7 +284,8 @@ def optimized_bounds(net: QNetwork, lo: np.ndarray, hi: np.ndarray, prop: Proper
     (:func:`qverify.torch_net.limit_threads`; small matrices: one thread is fastest, measured on the shared 2-core
     machine 0.2 s against 16 s on a P3-6 instance, 0.09 s against 3.5-5.5 s on a P1-8 one)."""
     if not supports(net):
-        raise ValueError("optimized bounds need a chain of Dense and Requantize/Clamp nodes")
+        raise ValueError("optimized bounds need a chain of Dense and Requantize/Clamp nodes (Flatten/Reshape "
+                         "allowed)")
     from qverify.torch_net import limit_threads
 
     with limit_threads(threads):
