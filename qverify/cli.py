@@ -668,7 +668,7 @@ def cmd_mixed_precision(args: argparse.Namespace) -> int:
                          final_ids=final_ids, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                          seed=args.seed, batch=args.batch, device=args.device, threads=args.threads,
                          train_data=args.train_data, finetune_images=args.finetune_images,
-                         overwrite=args.overwrite, data_path=args.data,
+                         overwrite=args.overwrite, uniform=not args.no_uniform_baseline, data_path=args.data,
                          command=" ".join(["qverify", *sys.argv[1:]]), progress=not args.no_progress,
                          log=(lambda m: None) if args.no_progress else
                          (lambda m: print(f"qverify mixed-precision: {m}", file=sys.stderr)))
@@ -1012,6 +1012,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", help="cpu (default), cuda or auto (training and smoothing)")
     c.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     c.add_argument("--overwrite", action="store_true", help="start over when OUT holds another search")
+    c.add_argument("--no-uniform-baseline", action="store_true",
+                   help="do not evaluate the widest uniform wXaX within the budget after the search (by default it "
+                        "is evaluated and chosen where its search reward is higher)")
     c.add_argument("--no-progress", action="store_true", help="no progress messages")
     c.add_argument("--out", "-o", required=True, help="output directory")
     c.set_defaults(func=cmd_mixed_precision)

@@ -28,6 +28,8 @@ from qverify.mixed_precision import (
     parse_budget,
     read_trace,
     run_search,
+    uniform_baseline,
+    with_uniform_baseline,
 )
 from qverify.train.layers import ModelConfig, QuantConfig, build_model
 from qverify.train.trainer import ConfigError, load_config, noise_seed, noisy_inputs, prepare_data, train
@@ -207,6 +209,32 @@ def test_exhaustive_ddpg_and_greedy_on_a_tiny_space() -> None:
     g = greedy_search(sp, budget, fn)
     assert g.best["bitops"] <= budget and g.best["reward"] <= ex.best["reward"]
     assert g.trace.episodes[0]["key"] == sp.uniform(8, 8).key
+
+
+def test_the_uniform_baseline_is_chosen_only_when_it_scores_higher() -> None:
+    """A short search that misses the uniform candidate gets it from the baseline where it is strictly better;
+    a tie keeps the searched candidate; the baseline is the widest uniform width within the budget."""
+    sp = _mlp_space()
+    w4 = parse_budget("w4a4", sp)
+    assert uniform_baseline(sp, w4) == sp.uniform(4, 4)
+    assert uniform_baseline(sp, w4 - 1) == sp.uniform(2, 2)
+    assert uniform_baseline(sp, sp.bitops(sp.uniform(8, 8))) == sp.uniform(8, 8)
+    assert uniform_baseline(sp, sp.bitops(sp.uniform(2, 2)) - 1) is None
+    u = sp.uniform(4, 4)
+
+    def peaked(c: Candidate) -> float:  # the uniform W4A4 is the unique optimum
+        return 1.0 if c == u else -sum(abs(b - 4) for b in sp.flat(c))
+
+    torch.set_num_threads(1)
+    res = ddpg_search(sp, w4, peaked, DDPGSettings(episodes=2, warmup=2), seed=0)
+    assert res.best["key"] != u.key  # the two random episodes miss it
+    seen = len(res.trace.entries)
+    got, base = with_uniform_baseline(res)
+    assert base is not None and base["key"] == u.key and base["source"] == "uniform baseline"
+    assert got.best["key"] == u.key and got.best["reward"] == 1.0 and len(got.trace.entries) == seen + 1
+    flat = ddpg_search(sp, w4, lambda c: 0.0, DDPGSettings(episodes=2, warmup=2), seed=0)
+    kept, base = with_uniform_baseline(flat)
+    assert base is not None and kept.best["key"] == flat.best["key"]
 
 
 class _Stop(Exception):
