@@ -28,6 +28,16 @@ search and certification time (wall seconds on this machine). JSON under ``bench
 search directories (trace, model, certificate) under ``benchmarks/out/arq/``. Resumable: each row is stored in
 ``benchmarks/out/arq/row-*.json`` (its name carries the arch, sigma and sizes) and reused; an interrupted smoothing
 run or search resumes from its records / trace.
+
+Then, per base network and sigma (``--extras-images K``, default 20; 0 skips), side by side in one process:
+
+* **sampling throughput**: the same 10,000 quantized noisy inputs of test image 0 classified by the numpy integer
+  executor (uniform W8A8, W4A4 and the ARQ (acr) model) and by the float64 torch model of the base network (the
+  ``float`` row's classifier, one torch thread); median of 3 timings each, inputs per second and the ratio;
+* **incremental against full re-certification** (Ugare et al. 2024): the W4A4 and ARQ (acr) models certified on the
+  first K images from the uniform W8A8 certificate (``smooth(..., reuse=...)``, n_p = n / 10, a full CERTIFY where
+  the bound is too weak) and by a full CERTIFY, CPU seconds of this process for each (ratio full / incremental),
+  with the certified accuracy and ACR of both. Rows in ``benchmarks/out/arq/extras-*.json``.
 """
 
 from __future__ import annotations
@@ -173,6 +183,80 @@ def base_rows(arch: str, sigma: float, args: argparse.Namespace, images: np.ndar
     return rows, sp, budget
 
 
+def _network(ev, c, path: Path):  # noqa: ANN001, ANN202 - an ARQEvaluator, a Candidate -> a QNetwork
+    """The candidate's integer network, stored at ``path`` on first use (fine-tuning is deterministic, so this is
+    the network its row certified)."""
+    from qverify.io import load_model, save_model
+
+    if path.exists():
+        return load_model(path)
+    net = ev.network(c)
+    save_model(net, path)
+    return net
+
+
+def _median_rate(fn, x: np.ndarray) -> float:  # noqa: ANN001 - a classifier of integer batches
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return len(x) / float(np.median(ts))
+
+
+def extras(arch: str, sigma: float, args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, work: Path,
+           tag: str, stag: str) -> dict:
+    """Sampling throughput and incremental re-certification of one base network and sigma (module docstring)."""
+    from qverify.quantize import from_quantnet
+    from qverify.smooth import Engine
+
+    ckpt = train_base(arch, sigma, args.train_epochs, work, args.threads)
+    ev = ARQEvaluator(ckpt, images, labels, sigma, allowed=args.bits, n0=args.n0, n=args.search_n,
+                      alpha=args.alpha, search_images=args.search_images, finetune_epochs=args.finetune_epochs,
+                      threads=args.threads, finetune_images=args.finetune_images, device=args.device)
+    sp = ev.space
+    from qverify.io import load_model
+
+    nets = {f"uniform w{b}a{b}": _network(ev, sp.uniform(b, b), work / f"uniform_{arch}_s{sigma:g}_w{b}a{b}_{tag}.qnn")
+            for b in (8, 4)}
+    nets["ARQ (acr)"] = load_model(work / f"search_{arch}_s{sigma:g}_acr_{stag}" / "model.qnn")
+    ref = nets["uniform w8a8"]
+    q = InputQuantizer.of(ref)
+    r0, r0x = centers(ref, images[:1])
+    x = next(Sampler(q, r0[0], None if r0x is None else r0x[0], sigma, 0, 0).batches(1, 10_000, 10_000))
+    fe = FloatEngine(from_quantnet(ev.model), ref)
+    rates = {"float64 torch": _median_rate(fe.classes, x)}
+    for k, net in nets.items():
+        rates[k] = _median_rate(Engine(net, "numpy").classes, x)
+    out: dict = {"arch": arch, "sigma": sigma, "throughput": rates,
+                 "ratio": {k: v / rates["float64 torch"] for k, v in rates.items() if k != "float64 torch"}}
+    ids = list(range(min(args.extras_images, len(labels))))
+    kw = dict(n0=args.n0, n=args.n, alpha=args.alpha, batch=1000, seed=0, ids=ids, progress=False, device="numpy")
+    reference = work / f"uniform_{arch}_s{sigma:g}_w8a8_{tag}.jsonl"
+    inc = []
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        for k in ("uniform w4a4", "ARQ (acr)"):
+            t = time.process_time()
+            full = smooth(nets[k], images, labels, sigma, results_path=Path(d) / f"full-{len(inc)}.jsonl",
+                          **kw).summary(RADII)
+            t_full = time.process_time() - t
+            t = time.process_time()
+            part = smooth(nets[k], images, labels, sigma, results_path=Path(d) / f"inc-{len(inc)}.jsonl",
+                          reuse=reference, reference_net=ref, **kw).summary(RADII)
+            t_inc = time.process_time() - t
+            inc.append({"model": k, "images": len(ids), "incremental": part.get("incremental"),
+                        "fallback": part.get("fallback"),
+                        "full": {"cpu_s": t_full, "acr": full["acr"],
+                                 **{f"cert@{c['radius']:g}": c["certified_accuracy"] for c in full["certified"]}},
+                        "inc": {"cpu_s": t_inc, "acr": part["acr"],
+                                **{f"cert@{c['radius']:g}": c["certified_accuracy"] for c in part["certified"]}},
+                        "ratio": t_full / t_inc})
+    out["incremental"] = inc
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
@@ -191,6 +275,8 @@ def main() -> None:
     ap.add_argument("--finetune-images", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu (numpy executor), or cuda: fine-tuning and smoothing there")
+    ap.add_argument("--extras-images", type=int, default=20,
+                    help="images of the incremental-vs-full comparison (0: no throughput / incremental step)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     d = np.load(MNIST1000)
@@ -215,6 +301,30 @@ def main() -> None:
                        "evaluated", "search_s", "cert_s"])
     path = write_json("bench_arq", {"args": vars(args), "rows": rows, "times": times,
                                     "layers": [{**lay.__dict__, "macs": lay.macs} for lay in sp.layers] if sp else []})
+    print(f"\nwrote {path}")
+    if args.extras_images <= 0:
+        return
+    ext = []
+    for arch, sigma in itertools.product(args.arch, args.sigma):
+        ext.append(cached_row(work / f"extras-{arch}-s{sigma:g}-{stag}-x{args.extras_images}.json",
+                              lambda arch=arch, sigma=sigma: extras(arch, sigma, args, images, labels, work, tag,
+                                                                    stag)))
+        print(f"{arch} sigma {sigma}: throughput and incremental done", file=sys.stderr)
+    thr = [{"arch": e["arch"], "sigma": e["sigma"], "model": k, "inputs/s": f"{v:.3g}",
+            "int/float": "" if k == "float64 torch" else f"{e['ratio'][k]:.2f}"}
+           for e in ext for k, v in e["throughput"].items()]
+    print("\nsampling throughput (10,000 noisy inputs of image 0, median of 3)")
+    print_table(thr, ["arch", "sigma", "model", "inputs/s", "int/float"])
+    inc = [{"arch": e["arch"], "sigma": e["sigma"], "model": r["model"], "images": r["images"],
+            "inc/fallback": f"{r['incremental']}/{r['fallback']}",
+            "cert@0.25 inc (full)": f"{r['inc']['cert@0.25']:.2f} ({r['full']['cert@0.25']:.2f})",
+            "cert@0.5 inc (full)": f"{r['inc']['cert@0.5']:.2f} ({r['full']['cert@0.5']:.2f})",
+            "ACR inc (full)": f"{r['inc']['acr']:.3f} ({r['full']['acr']:.3f})",
+            "CPU s inc / full": f"{r['inc']['cpu_s']:.1f} / {r['full']['cpu_s']:.1f}", "ratio": f"{r['ratio']:.2f}x"}
+           for e in ext for r in e["incremental"]]
+    print("\nincremental re-certification from the uniform W8A8 certificate against a full CERTIFY")
+    print_table(inc, list(inc[0]) if inc else [])
+    path = write_json("bench_arq_extras", {"args": vars(args), "extras": ext})
     print(f"\nwrote {path}")
 
 
