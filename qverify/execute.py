@@ -38,10 +38,7 @@ from qverify.network import (
     Transpose,
     Uncertain,
 )
-from qverify.quant import f32_round, f32_thresholds, multiply_round, thresholds
-
-#: integers below this magnitude are exact in float32
-FLOAT32_EXACT = 2**24
+from qverify.quant import FLOAT32_EXACT, f32_round, f32_thresholds, multiply_round, thresholds
 
 
 class InputError(ValueError):

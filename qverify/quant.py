@@ -49,6 +49,8 @@ import numpy as np
 
 #: numbers whose magnitude stays below this are exact in float64
 FLOAT64_EXACT = 2**53
+#: integers below this magnitude are exact in float32 (a 24-bit significand)
+FLOAT32_EXACT = 2**24
 #: products below this are exact in int64
 INT64_SAFE = 2**62
 

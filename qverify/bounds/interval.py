@@ -63,10 +63,7 @@ from qverify.network import (
     Uncertain,
 )
 from qverify.property import Property
-from qverify.quant import FLOAT64_EXACT, INT64_SAFE
-
-#: integers below this magnitude are exact in float32
-FLOAT32_EXACT = 2**24
+from qverify.quant import FLOAT32_EXACT, FLOAT64_EXACT, INT64_SAFE
 
 Bounds = tuple[np.ndarray, np.ndarray]
 IntervalFn = Callable[..., Bounds]
