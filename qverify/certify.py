@@ -169,8 +169,9 @@ def _now() -> str:
 
 # ------------------------------------------------------------------------------------------- results file
 @dataclass
-class ResultsFile:
-    """A parsed results file. ``records`` are the instance records, first occurrence of each ``(id, radius)``."""
+class RecordFile:
+    """A parsed durable record file (:func:`read_record_file`): its header, its records (the first of each key),
+    its session records."""
 
     path: Path
     header: dict | None
@@ -180,8 +181,14 @@ class ResultsFile:
     truncated: str | None = None
     #: byte offset where the valid content ends (the truncated line starts here)
     valid_bytes: int = 0
-    #: records of an ``(id, radius)`` seen before (ignored; only possible if the file was edited by hand)
+    #: records of a key seen before (ignored; only possible if the file was edited by hand)
     duplicates: int = 0
+
+
+@dataclass
+class ResultsFile(RecordFile):
+    """A parsed certify results file. ``records`` are the instance records, first occurrence of each
+    ``(id, radius)``."""
 
     def done(self) -> set[tuple[int, int]]:
         return {(int(r["id"]), int(r["radius"])) for r in self.records}

@@ -103,13 +103,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from qverify.certify import (
+    RecordFile,
     ResultsFileError,
     _fsync_dir,
     _now,
@@ -405,16 +406,8 @@ def incremental_bound(p_ref: float, disagree: int, n_p: int, alpha_zeta: float, 
 
 # ------------------------------------------------------------------------------------------------ results file
 @dataclass
-class SmoothResults:
+class SmoothResults(RecordFile):
     """A parsed smoothing results file (first record of each sample id)."""
-
-    path: Path
-    header: dict | None
-    records: list[dict] = field(default_factory=list)
-    sessions: list[dict] = field(default_factory=list)
-    truncated: str | None = None
-    valid_bytes: int = 0
-    duplicates: int = 0
 
     def done(self) -> set[int]:
         return {int(r["id"]) for r in self.records}
