@@ -269,12 +269,6 @@ def read_record_file(path: str | Path, out: Any, fmt: str, version: int, command
     return out
 
 
-def _resume_state(path: Path, header: dict, overwrite: bool, writer: _Writer, log: Callable[[str], None]
-                  ) -> tuple[ResultsFile | None, str | None]:
-    """The file's previous content to resume from (``None``: start a new file) and what was repaired."""
-    return resume_record_file(path, header, overwrite, writer, log, read_results, _compatible)
-
-
 def resume_record_file(path: Path, header: dict, overwrite: bool, writer: _Writer, log: Callable[[str], None],
                        read: Callable[..., Any], compatible: Callable[[dict, dict], list[str]]
                        ) -> tuple[Any, str | None]:
@@ -303,6 +297,28 @@ def resume_record_file(path: Path, header: dict, overwrite: bool, writer: _Write
         return old, None
     log(f"recovered: {old.truncated}")
     return read(path, repair=True), old.truncated
+
+
+@dataclass
+class Resumed:
+    """A record file opened for appending: the header in force (the old one when resuming), the keys already
+    done, the old records (all empty for a new file) and what was repaired."""
+
+    header: dict
+    done: set
+    records: list
+    repaired: str | None
+
+
+def open_record_file(path: Path, header: dict, overwrite: bool, writer: _Writer, log: Callable[[str], None],
+                     read: Callable[..., Any], compatible: Callable[[dict, dict], list[str]]) -> Resumed:
+    """:func:`resume_record_file`, then a new file gets ``header`` written and synced (file and directory)."""
+    old, repaired = resume_record_file(path, header, overwrite, writer, log, read, compatible)
+    if old is None:
+        writer.write(header, sync=True)
+        _fsync_dir(path)
+        return Resumed(header, set(), [], repaired)
+    return Resumed(old.header, old.done(), list(old.records), repaired)
 
 
 class _Writer:
@@ -626,14 +642,8 @@ def certify(net: QNetwork, images: np.ndarray, labels: np.ndarray, radii: Sequen
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = _Writer(path)  # creates the file if needed; holds an exclusive lock from here on
     try:
-        old, repaired = _resume_state(path, header, overwrite, writer, log)
-        if old is None:
-            writer.write(header, sync=True)
-            _fsync_dir(path)
-        else:
-            header = old.header  # type: ignore[assignment]
-        done = old.done() if old else set()
-        old_records = list(old.records) if old else []
+        opened = open_record_file(path, header, overwrite, writer, log, read_results, _compatible)
+        header, done, old_records, repaired = opened.header, opened.done, opened.records, opened.repaired
         if done:
             log(f"resuming {path}: {len(done)} instances already done")
         todo = [(k, r) for r in radii for k in range(len(sel)) if (sel[k], r) not in done]

@@ -112,13 +112,12 @@ import numpy as np
 from qverify.certify import (
     RecordFile,
     ResultsFileError,
-    _fsync_dir,
     _now,
     _Writer,
     data_sha256,
     model_info,
+    open_record_file,
     read_record_file,
-    resume_record_file,
     select_ids,
     versions,
 )
@@ -560,14 +559,8 @@ def smooth(net: QNetwork, images: np.ndarray, labels: np.ndarray, sigma: float, 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = _Writer(path)
     try:
-        old, repaired = resume_record_file(path, header, overwrite, writer, log, read_smooth_results, _diffs)
-        if old is None:
-            writer.write(header, sync=True)
-            _fsync_dir(path)
-        else:
-            header = old.header  # type: ignore[assignment]
-        done = old.done() if old else set()
-        old_records = list(old.records) if old else []
+        opened = open_record_file(path, header, overwrite, writer, log, read_smooth_results, _diffs)
+        header, done, old_records, repaired = opened.header, opened.done, opened.records, opened.repaired
         if done:
             log(f"resuming {path}: {len(done & set(sel))} samples already done")
         todo = [k for k in range(len(sel)) if sel[k] not in done]

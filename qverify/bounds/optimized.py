@@ -152,6 +152,38 @@ def _torch():
     return torch
 
 
+class _Adam:
+    """Projected Adam (Kingma and Ba 2015, torch's default constants) on parameters in ``[0, 1]``:
+    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
+    ``p <- clip(p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), 0, 1)``.
+
+    Written out rather than ``torch.optim.Adam``, whose first construction in a process imports ``torch._dynamo``
+    (and sympy): measured 45-80 s in a fresh Ray worker on the loaded 2-core machine, which ran the ``optimized``
+    stage far past its share of the budget. Only a choice of slopes comes out of it (module docstring)."""
+
+    B1, B2, EPS = 0.9, 0.999, 1e-8
+
+    def __init__(self, params: list, lr: float) -> None:
+        torch = _torch()
+        self.params, self.lr, self.t = params, lr, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def step(self) -> None:
+        torch = _torch()
+        self.t += 1
+        c1, c2 = 1.0 - self.B1 ** self.t, (1.0 - self.B2 ** self.t) ** 0.5
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v, strict=True):
+                if p.grad is None:
+                    continue
+                g = p.grad
+                m.mul_(self.B1).add_(g, alpha=1.0 - self.B1)
+                v.mul_(self.B2).addcmul_(g, g, value=1.0 - self.B2)
+                p.addcdiv_(m, (v.sqrt() / c2).add_(self.EPS), value=-self.lr / c1)
+                p.clamp_(0.0, 1.0)
+
+
 def _optimize_slopes(net: QNetwork, top: int, lam0: np.ndarray, acts: dict[int, _Act], box: tuple[np.ndarray, ...],
                      steps: int, lr: float, deadline: float | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Float slopes ``{layer: (aL [R, N], aU [R, N])}`` for the rows ``lam0 [R, n_top]`` over value ``top``, by
@@ -184,7 +216,7 @@ def _optimize_slopes(net: QNetwork, top: int, lam0: np.ndarray, acts: dict[int, 
             for k, a in acts.items() if k < top}
     lam_init = torch.as_tensor(lam0.astype(np.float64), dtype=dt)
     params = [t for pair in thetas.values() for t in pair]
-    opt = torch.optim.Adam(params, lr=lr)
+    adam = _Adam(params, lr)
 
     def bound() -> torch.Tensor:
         lam = lam_init
@@ -219,7 +251,8 @@ def _optimize_slopes(net: QNetwork, top: int, lam0: np.ndarray, acts: dict[int, 
     best_val = torch.full((R,), -float("inf"), dtype=dt)
     best = {k: (tl.detach().clone(), tu.detach().clone()) for k, (tl, tu) in thetas.items()}
     for it in range(steps + 1):
-        opt.zero_grad()
+        for t in params:
+            t.grad = None
         val = bound()
         with torch.no_grad():  # keep each row's best slopes (Adam is not monotone)
             better = val > best_val
@@ -230,10 +263,7 @@ def _optimize_slopes(net: QNetwork, top: int, lam0: np.ndarray, acts: dict[int, 
         if it == steps or (deadline is not None and time.monotonic() >= deadline):
             break
         (-val.sum()).backward()
-        opt.step()
-        with torch.no_grad():
-            for t in params:
-                t.clamp_(0.0, 1.0)
+        adam.step()
     return {k: ((tl.numpy() * acts[k].smax[None]), (tu.numpy() * acts[k].smax[None]))
             for k, (tl, tu) in best.items()}
 
