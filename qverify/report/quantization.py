@@ -140,7 +140,7 @@ INTRO = ("Each run's network by how it was quantized: <b>w</b> / <b>a</b> are th
 
 
 def quantization_html(rows: Sequence[QuantRow], missing: Sequence[str], svg_img: str) -> str:
-    from qverify.report.render import esc
+    from qverify.report.text import esc
 
     radii = radii_of(rows)
     head = ("<th>run</th><th class='l'>model</th><th class='l'>method</th><th>w</th><th>a</th>"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import re
 from collections import Counter
@@ -34,6 +33,7 @@ from pathlib import Path
 from qverify.certify import MISCLASSIFIED, VERDICTS, ResultsFile, read_results, summarize
 from qverify.io.results import comment_lines, witness_lines
 from qverify.report import images, plots
+from qverify.report.text import esc, md, pct
 
 
 @dataclass
@@ -84,22 +84,6 @@ def load_runs(results_paths: list[str | Path]) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def esc(v: object) -> str:
-    """HTML text of any value (quotes escaped too: safe in attributes)."""
-    return html.escape("" if v is None else str(v), quote=True)
-
-
-def md(v: object) -> str:
-    """Markdown text of any value: HTML-escaped, Markdown punctuation backslash-escaped, one line."""
-    s = html.escape("" if v is None else str(v), quote=False)
-    s = re.sub(r"[\r\n]+", " ", s)
-    return re.sub(r"([\\`*_\[\]|#!{}])", r"\\\1", s)
-
-
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
 def sec(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 

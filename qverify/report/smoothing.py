@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qverify.report.text import esc, md, pct
 from qverify.smooth import SmoothResults, is_smooth_results, read_smooth_results, summarize_smoothing
 
 #: the radii of the table (l2, real input units)
@@ -121,7 +120,7 @@ def _search_rows(run: SmoothRun) -> list[list[str]]:
     for e in sorted(t.get("candidates", []), key=lambda e: (e["bitops"], e["key"])):
         rows.append(["chosen" if e["key"] == chosen else "", e["key"], " ".join(map(str, e["weight_bits"])),
                      " ".join(map(str, e["act_bits"])), str(e["bitops"]), _num(e.get("reward")), _num(e.get("acr")),
-                     _pct(e.get("accuracy")), f"{e.get('seconds', 0.0):.3g}"])
+                     pct(e.get("accuracy")), f"{e.get('seconds', 0.0):.3g}"])
     return rows
 
 
@@ -155,7 +154,7 @@ def search_plot(run: SmoothRun) -> bytes:
 
 def _search_img(run: SmoothRun) -> str:
     uri = "data:image/svg+xml;base64," + base64.b64encode(search_plot(run)).decode("ascii")
-    return (f'<div class="plot"><img id="plot-search-{_esc(run.label)}" src="{uri}" '
+    return (f'<div class="plot"><img id="plot-search-{esc(run.label)}" src="{uri}" '
             f'alt="BitOps against ACR of the search candidates"></div>')
 
 
@@ -170,18 +169,18 @@ def _search_intro(run: SmoothRun) -> str:
 
 
 def _search_html(run: SmoothRun) -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in _SEARCH_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in _search_rows(run))
-    return (f'<h3 id="search-{_esc(run.label)}">Mixed-precision search ({_esc(run.label)})</h3>'
-            f"<p>{_esc(_search_intro(run))} Trace: <code>{_esc(run.search_path)}</code>.</p>{_search_img(run)}"
+    head = "".join(f"<th>{esc(c)}</th>" for c in _SEARCH_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in _search_rows(run))
+    return (f'<h3 id="search-{esc(run.label)}">Mixed-precision search ({esc(run.label)})</h3>'
+            f"<p>{esc(_search_intro(run))} Trace: <code>{esc(run.search_path)}</code>.</p>{_search_img(run)}"
             f'<table class="search-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
 
 def _search_markdown(run: SmoothRun) -> list[str]:
-    out = [f"### Mixed-precision search ({_md(run.label)})", "", _md(_search_intro(run)) + f" Trace: "
-           f"`{_md(run.search_path)}`.", "", "| " + " | ".join(_SEARCH_COLUMNS) + " |",
+    out = [f"### Mixed-precision search ({md(run.label)})", "", md(_search_intro(run)) + f" Trace: "
+           f"`{md(run.search_path)}`.", "", "| " + " | ".join(_SEARCH_COLUMNS) + " |",
            "|" + "---|" * len(_SEARCH_COLUMNS)]
-    out += ["| " + " | ".join(_md(v) for v in row) + " |" for row in _search_rows(run)]
+    out += ["| " + " | ".join(md(v) for v in row) + " |" for row in _search_rows(run)]
     return [*out, ""]
 
 
@@ -195,20 +194,6 @@ def _search_json(run: SmoothRun) -> dict | None:
                                               "accuracy", "seconds")} for e in t.get("candidates", [])]}
 
 
-def _esc(v: object) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
-
-
-def _md(v: object) -> str:
-    s = html.escape("" if v is None else str(v), quote=False)
-    s = re.sub(r"[\r\n]+", " ", s)
-    return re.sub(r"([\\`*_\[\]|#!{}])", r"\\\1", s)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -217,8 +202,8 @@ def _row(run: SmoothRun) -> list[str]:
     h, s = run.header, run.summary()
     inc = f"{s['incremental']} / {s['fallback']}" if h.get("reuse") else "-"
     return ([run.label, str(h["model"].get("name")), f"{h.get('sigma'):g}", str(h.get("n0")), str(h.get("n")),
-             f"{h.get('alpha'):g}", str(s["n"]), str(s["abstain"]), _pct(s["clean_accuracy"])]
-            + [_pct(c["certified_accuracy"]) for c in s["certified"]]
+             f"{h.get('alpha'):g}", str(s["n"]), str(s["abstain"]), pct(s["clean_accuracy"])]
+            + [pct(c["certified_accuracy"]) for c in s["certified"]]
             + [_num(s["acr"]), inc, f"{s['time_total']:.3g}"])
 
 
@@ -235,21 +220,21 @@ INTRO = ("Randomized smoothing (Cohen, Rosenfeld, Kolter 2019) of the integer ne
 
 def smoothing_html(runs: list[SmoothRun], svg_img: str) -> str:
     """The HTML section: intro, the curve (``svg_img``: an ``<img>`` tag the caller built), the table, the facts."""
-    head = "".join(f"<th>{_esc(c)}</th>" for c in _COLUMNS)
+    head = "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS)
     cls = {1: ' class="l model-name"'}
-    body = "".join("<tr>" + "".join(f"<td{cls.get(i, '')}>{_esc(v)}</td>" for i, v in enumerate(_row(r)))
+    body = "".join("<tr>" + "".join(f"<td{cls.get(i, '')}>{esc(v)}</td>" for i, v in enumerate(_row(r)))
                    + "</tr>" for r in runs)
     facts = []
     for r in runs:
         h = r.header
         reuse = h.get("reuse") or {}
-        facts.append(f"<li><b>{_esc(r.label)}</b>: <code>{_esc(r.path)}</code> (sha256 {_esc(r.sha256[:16])}...), "
-                     f"seed {_esc(h.get('seed'))}; real units {_esc(h.get('real_units'))}; quantizer: "
-                     f"{_esc(h.get('quantizer'))}"
-                     + (f"; incremental from <code>{_esc(reuse.get('path'))}</code> (n_p {_esc(reuse.get('n_p'))}, "
-                        f"alpha_zeta {_esc(reuse.get('alpha_zeta'))})" if reuse else "")
-                     + f"; command <code>{_esc(h.get('command') or '(not recorded)')}</code>"
-                     + (f' <span class="note">{_esc(r.file.truncated)}</span>' if r.file.truncated else "")
+        facts.append(f"<li><b>{esc(r.label)}</b>: <code>{esc(r.path)}</code> (sha256 {esc(r.sha256[:16])}...), "
+                     f"seed {esc(h.get('seed'))}; real units {esc(h.get('real_units'))}; quantizer: "
+                     f"{esc(h.get('quantizer'))}"
+                     + (f"; incremental from <code>{esc(reuse.get('path'))}</code> (n_p {esc(reuse.get('n_p'))}, "
+                        f"alpha_zeta {esc(reuse.get('alpha_zeta'))})" if reuse else "")
+                     + f"; command <code>{esc(h.get('command') or '(not recorded)')}</code>"
+                     + (f' <span class="note">{esc(r.file.truncated)}</span>' if r.file.truncated else "")
                      + "</li>")
     return (f'<h2 id="smoothing">Randomized smoothing</h2><p>{INTRO}</p>{svg_img}'
             f'<table id="smoothing-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -260,12 +245,12 @@ def smoothing_markdown(runs: list[SmoothRun]) -> str:
     """The Markdown section (links ``plots/smoothing.svg``)."""
     out = ["## Randomized smoothing", "", INTRO.replace("&ge;", ">="), "",
            "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    out += ["| " + " | ".join(_md(v) for v in _row(r)) + " |" for r in runs]
+    out += ["| " + " | ".join(md(v) for v in _row(r)) + " |" for r in runs]
     out.append("")
     for r in runs:
         h = r.header
-        out += [f"{_md(r.label)}: `{_md(r.path)}`; quantizer: {_md(h.get('quantizer'))}; command "
-                f"`{_md(h.get('command') or '(not recorded)')}`", ""]
+        out += [f"{md(r.label)}: `{md(r.path)}`; quantizer: {md(h.get('quantizer'))}; command "
+                f"`{md(h.get('command') or '(not recorded)')}`", ""]
     out += ["![certified accuracy vs l2 radius](plots/smoothing.svg)", ""]
     for r in runs:
         if r.search:
@@ -287,14 +272,14 @@ def standalone_html(runs: list[SmoothRun], svg_img: str, css: str, title: str | 
     """A report of smoothing runs only."""
     t = title or "Randomized smoothing report: " + ", ".join(str(r.header["model"].get("name")) for r in runs)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(t)}</title>'
-            f"<style>{css}</style></head>\n<body>\n<h1>{_esc(t)}</h1>\n{smoothing_html(runs, svg_img)}\n"
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(t)}</title>'
+            f"<style>{css}</style></head>\n<body>\n<h1>{esc(t)}</h1>\n{smoothing_html(runs, svg_img)}\n"
             f"</body></html>\n")
 
 
 def standalone_markdown(runs: list[SmoothRun], title: str | None = None) -> str:
     t = title or "Randomized smoothing report: " + ", ".join(str(r.header["model"].get("name")) for r in runs)
-    return f"# {_md(t)}\n\n{smoothing_markdown(runs)}"
+    return f"# {md(t)}\n\n{smoothing_markdown(runs)}"
 
 
 __all__ = ["SmoothRun", "TABLE_RADII", "is_search", "is_smoothing", "load_smoothing", "search_plot", "smoothing_html",
