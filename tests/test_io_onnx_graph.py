@@ -29,7 +29,13 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from qverify.execute import execute, forward  # noqa: E402
-from qverify.io.onnx import load_onnx, onnx_integer_outputs, onnx_layer_outputs, ort_u8s8_saturates  # noqa: E402
+from qverify.io.onnx import (  # noqa: E402
+    load_onnx,
+    onnx_integer_outputs,
+    onnx_layer_outputs,
+    ort_may_clip,
+    ort_u8s8_saturates,
+)
 from qverify.network import (  # noqa: E402
     Add,
     Concat,
@@ -328,13 +334,13 @@ def _near_tie(t: Fraction) -> bool:
     return abs(t - math.floor(t) - Fraction(1, 2)) <= (1 + abs(t)) * Fraction(1, 2**16)
 
 
-def _explain(net, x, theirs_out, ours_out) -> str:
+def _explain(net, x, theirs_out, ours_out, optimization: str = "all") -> str:
     """Locate the differences of the exact executor and onnxruntime at their first nodes (the first recorded
     integer tensor, in topological order, where they part; through a data-movement node such as a ``Concat``
     whose part has no tensor of its own, the part's node) and check each: a ``Requantize``, one step apart, at an
     exact value ``acc * m`` within float32 error of a rounding tie. Returns the count per first node."""
     vals = execute(net, x)
-    theirs = onnx_layer_outputs(net, x)
+    theirs = onnx_layer_outputs(net, x, optimization)
     roots: dict[str, int] = {}
     bad_rows = np.nonzero((theirs_out != ours_out).any(axis=1))[0]
     for r in bad_rows:
@@ -378,11 +384,24 @@ def test_quantize_static_graph_models_against_onnxruntime(floats, tmp_path, name
         qpath = gm.quantize_graph(fpath, tmp_path / f"{name}.onnx", calib, **cfg)
     net = load_onnx(qpath)
     x = _inputs(net, spec)
-    ours, theirs = forward(net, x), onnx_integer_outputs(net, x)
+    note = ""
+    opt = "all"
+    if spec.quantized and ort_may_clip(net):
+        # an exporter's own int8 weights (no reduce_range to ask for) on a CPU whose u8 x s8 kernels clip pairs
+        # of products to 16 bits: the fused integer kernels part from the integer semantics off the images'
+        # 7-bit range (what reduce_range keeps them to); the images must still agree there, and the exactness
+        # claim is checked against the unfused graph (basic optimization: the float QDQ reference path)
+        fused = onnx_integer_outputs(net, x)
+        n_img = len(spec.images(32)[0])
+        assert np.array_equal(forward(net, x[:n_img]), fused[:n_img]), f"{name}: the images differ when fused"
+        note = (f"fused kernels clip on this CPU: {int((forward(net, x) != fused).any(axis=1).sum())} of {len(x)} "
+                f"inputs differ (0 of {n_img} images); ")
+        opt = "basic"
+    ours, theirs = forward(net, x), onnx_integer_outputs(net, x, optimization=opt)
     bad = int(np.sum(ours != theirs))
-    note = f"exact: {bad} of {ours.size} outputs differ"
+    note += f"exact: {bad} of {ours.size} outputs differ"
     if bad:
-        note += f" (first nodes: {_explain(net, x, theirs, ours)})"
+        note += f" (first nodes: {_explain(net, x, theirs, ours, opt)})"
     try:
         net_ort = load_onnx(qpath, semantics="onnxruntime")
     except ModelError as e:

@@ -249,6 +249,11 @@ class _RealFn:
 _Sym = _Const | _ConstDQ | _Input | _Quant | _Real | _Acc | _RealConcat | _Softmax | _RealFn
 
 
+def _shape_of(x: object) -> tuple[int, ...] | None:
+    """The per-sample shape of a symbolic value (a real-valued one's is its quantizer's), ``None`` if it has none."""
+    return x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+
+
 def _kind(sym: _Sym) -> str:
     return {_Const: "a constant", _ConstDQ: "a dequantized constant", _Input: "the float graph input",
             _Quant: "a quantized activation", _Real: "a dequantized activation",
@@ -1265,7 +1270,7 @@ class _Importer(QonnxOps):  # QONNX Quant / BipolarQuant / Trunc: qverify/io/qon
         the argmax (the first maximal index stays first; equal logits give equal probabilities). It is dropped: the
         network's outputs are the logits and properties are stated on them (``onnx_notes`` says so)."""
         x = self.get(node.input[0])
-        shape = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        shape = _shape_of(x)
         if not isinstance(x, (_Real, _Acc)) or shape is None or len(shape) != 1:
             raise self.error(f"{node.op_type} of {_kind(x)} of shape {shape}: only a final {node.op_type} over the "
                              f"classes of a dequantized vector is supported")
@@ -1394,7 +1399,7 @@ class _Importer(QonnxOps):  # QONNX Quant / BipolarQuant / Trunc: qverify/io/qon
             return done
         if int(self.attr("axis", 1)) != 1:
             raise self.error("Flatten with axis != 1 is not supported")
-        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", ())
+        cur = _shape_of(x) or ()
         return self.flatten_to(x, (int(np.prod(cur)),))
 
     def op_Transpose(self, node: Any) -> _Sym:
@@ -1402,7 +1407,7 @@ class _Importer(QonnxOps):  # QONNX Quant / BipolarQuant / Trunc: qverify/io/qon
         done = self.pass_constant(node, x)
         if done is not None:
             return done
-        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        cur = _shape_of(x)
         if cur is None:
             raise self.error(f"Transpose of {_kind(x)} is not supported")
         full = (1, *cur)
@@ -1430,7 +1435,7 @@ class _Importer(QonnxOps):  # QONNX Quant / BipolarQuant / Trunc: qverify/io/qon
         done = self.pass_constant(node, x)
         if done is not None:
             return done
-        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        cur = _shape_of(x)
         if cur is None:
             raise self.error(f"{node.op_type} of {_kind(x)} is not supported")
         full = [1, *cur]
@@ -1477,7 +1482,7 @@ class _Importer(QonnxOps):  # QONNX Quant / BipolarQuant / Trunc: qverify/io/qon
 
     def op_Shape(self, node: Any) -> _Sym:
         x = self.get(node.input[0])
-        cur = x.q.shape if isinstance(x, _Real) else getattr(x, "shape", None)
+        cur = _shape_of(x)
         if isinstance(x, _Const) or cur is None:
             self.fold(node)
             return self.syms[node.output[0]]
