@@ -179,8 +179,11 @@ def box_points(lo: np.ndarray, hi: np.ndarray, max_points: int = DEFAULT_POINTS,
     for w in (hi - lo + 1).tolist():
         total = min(total * w, 1 << 62)
     if len(pts) < max_points and total <= ENUMERATE_MAX:  # a small box: a sample of its other points
-        grid = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi, strict=True)], indexing="ij"),
-                        axis=-1).reshape(-1, n)
+        var = np.flatnonzero(hi > lo)  # at most log2(ENUMERATE_MAX) of them: meshgrid over those alone
+        grid = np.repeat(np.asarray(lo)[None], total, axis=0)
+        if len(var):
+            grid[:, var] = np.stack(np.meshgrid(*[np.arange(lo[j], hi[j] + 1) for j in var], indexing="ij"),
+                                    axis=-1).reshape(-1, len(var))
         taken = {r.tobytes() for r in pts}
         rest = grid[[r.tobytes() not in taken for r in grid]]
         pick = np.sort(rng.choice(len(rest), size=min(len(rest), max_points - len(pts)), replace=False))

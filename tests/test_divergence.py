@@ -55,6 +55,18 @@ def test_box_points_center_corners_and_grid(n, budget):
     assert np.array_equal(pts, box_points(lo, hi, budget, seed=1))  # seeded
 
 
+def test_box_points_of_a_wide_box_with_few_free_dimensions():
+    """An image-sized box (784 inputs) with two free pixels: every one of its 6 points, enumerated over the free
+    dimensions only (numpy's meshgrid takes at most 64 arrays), and the single-point box of a radius-0 property."""
+    lo = np.arange(784) % 7
+    hi = lo.copy()
+    hi[[3, 500]] += [1, 2]
+    pts = box_points(lo, hi, 64, seed=0)
+    assert len(pts) == 6 and len({p.tobytes() for p in pts}) == 6
+    assert np.all((pts >= lo) & (pts <= hi))
+    assert np.array_equal(box_points(lo, lo, 64), lo[None])
+
+
 def test_box_points_of_a_single_point_box():
     lo = np.array([4, -2, 7])
     assert np.array_equal(box_points(lo, lo), lo[None])
