@@ -29,7 +29,8 @@ search directories (trace, model, certificate) under ``benchmarks/out/arq/``. Re
 ``benchmarks/out/arq/row-*.json`` (its name carries the arch, sigma and sizes) and reused; an interrupted smoothing
 run or search resumes from its records / trace.
 
-Then, per base network and sigma (``--extras-images K``, default 20; 0 skips), side by side in one process:
+Then, per base network and sigma, right after its rows (``--extras-images K``, default 20; 0 skips), side by
+side in one process:
 
 * **sampling throughput**: the same 10,000 quantized noisy inputs of test image 0 classified by the numpy integer
   executor (uniform W8A8, W4A4 and the ARQ (acr) model) and by the float64 torch model of the base network (the
@@ -287,10 +288,16 @@ def main() -> None:
     tag = f"i{args.images}-n{args.n}-a{args.alpha:g}-e{args.train_epochs}"
     stag = f"{tag}-si{args.search_images}-sn{args.search_n}-ep{args.episodes}-ft{args.finetune_epochs}"
     sp = None
+    ext = []
     for arch, sigma in itertools.product(args.arch, args.sigma):
         arch_rows, sp, budget = base_rows(arch, sigma, args, images, labels, work, tag, stag, times)
         rows += arch_rows
         rows.append({"arch": arch, "sigma": sigma, "model": f"(budget {args.budget})", "BitOps": budget})
+        if args.extras_images > 0:  # right after the rows it uses: a run stopped later keeps it
+            ext.append(cached_row(work / f"extras-{arch}-s{sigma:g}-{stag}-x{args.extras_images}.json",
+                                  lambda arch=arch, sigma=sigma: extras(arch, sigma, args, images, labels, work, tag,
+                                                                        stag)))
+            print(f"{arch} sigma {sigma}: throughput and incremental done", file=sys.stderr)
     print(f"MNIST {' / '.join(args.arch)} (mnist-5k, Gaussian-noise float training {args.train_epochs} epochs); "
           f"{args.images} test images, "
           f"n0 {args.n0}, n {args.n}, alpha {args.alpha}; search: ddpg {args.episodes} episodes, widths {args.bits}, "
@@ -304,12 +311,6 @@ def main() -> None:
     print(f"\nwrote {path}")
     if args.extras_images <= 0:
         return
-    ext = []
-    for arch, sigma in itertools.product(args.arch, args.sigma):
-        ext.append(cached_row(work / f"extras-{arch}-s{sigma:g}-{stag}-x{args.extras_images}.json",
-                              lambda arch=arch, sigma=sigma: extras(arch, sigma, args, images, labels, work, tag,
-                                                                    stag)))
-        print(f"{arch} sigma {sigma}: throughput and incremental done", file=sys.stderr)
     thr = [{"arch": e["arch"], "sigma": e["sigma"], "model": k, "inputs/s": f"{v:.3g}",
             "int/float": "" if k == "float64 torch" else f"{e['ratio'][k]:.2f}"}
            for e in ext for k, v in e["throughput"].items()]
