@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.replace(path)
                 print({k: v for k, v in row.items() if k != "info"}, flush=True)
             rows.append(row)
-    cols = ["method", "w", "a", "clip", *(["float_epochs"] if args.collect else []), "clean",
+    cols = ["method", "w", "a", "clip", *(["float_epochs", "overrides"] if args.collect else []), "clean",
             *[f"{k}{r}" for r in args.attack_radii for k in ("fgsm", "pgd")],
             *[f"{k}{r}" for r in args.radii for k in ("cert", "unk")], "train_s", "attack_s", "verify_s"]
     if rows:
@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def collected(args: argparse.Namespace) -> list[dict]:
     """Every row JSON of ``DIR`` written with this run's arch, epochs, images, timeout and attack radii, ordered by
-    method (the order of :data:`METHODS`), float pre-training, weight width (high to low), activation width,
-    clipping."""
+    method (the order of :data:`METHODS`), float pre-training, training overrides (``--set``, shown without their
+    ``train.`` prefix in the ``overrides`` column), weight width (high to low), activation width, clipping."""
     radii = "_".join(str(r) for r in args.attack_radii)
     tail = f"-n{args.images}-t{args.timeout:g}-a{radii}.json"
     rows = []
@@ -374,10 +374,11 @@ def collected(args: argparse.Namespace) -> list[dict]:
             continue
         row = json.loads(path.read_text())
         row["float_epochs"] = int(row.get("args", {}).get("float_epochs", 0))
+        row["overrides"] = " ".join(o.removeprefix("train.") for o in row.get("args", {}).get("set", []))
         rows.append(row)
     order = list(METHODS)
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["float_epochs"],
-                             -r["w"], -r["a"], r["clip"]))
+                             r["overrides"], -r["w"], -r["a"], r["clip"]))
     return rows
 
 
