@@ -373,8 +373,9 @@ def collected(args: argparse.Namespace) -> list[dict]:
         if f"-e{args.epochs}" not in path.name:
             continue
         row = json.loads(path.read_text())
-        row["float_epochs"] = int(row.get("args", {}).get("float_epochs", 0))
-        row["overrides"] = " ".join(o.removeprefix("train.") for o in row.get("args", {}).get("set", []))
+        run_args = row.get("args", {})
+        row["float_epochs"] = int(run_args.get("float_epochs", 0))
+        row["overrides"] = " ".join(o.removeprefix("train.") for o in run_args.get("set", []))
         rows.append(row)
     order = list(METHODS)
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["float_epochs"],
