@@ -48,3 +48,5 @@ class VerifySettings:
     reseed_share: float = 0.05      # the reseeded rounds' share of the property's budget, all rounds together
     optimize_share: float = 0.1     # share of the time left that the optimized (alpha-CROWN style) bounds may take
     #                                 before the exact stage (0: skip; chains of dense layers only)
+    split_share: float = 0.5        # share of the time left that neuron-split branch and bound (qverify.neuron_bab)
+    #                                 may take before the exact stage (0: skip; dense chains only)

@@ -9,6 +9,9 @@ Stages, in order (``VerifySettings.method = 'portfolio'``)::
     attack-reseed  ``reseed_rounds`` more attack rounds with new seeds (``reseed_share`` of the budget)
     optimized  alpha-CROWN style bounds (qverify.bounds.optimized; dense chains, Flatten allowed;
              ``optimize_share`` of the time left): margin proof -> robust, else tighter bounds for the encoder
+    neuron-bab  branch and bound over neuron splits (qverify.neuron_bab; dense chains; ``split_share`` of the
+             time left): every disjunct refuted -> robust, a domain's vertex replayed -> counterexample; the
+             disjuncts it refuted are skipped by the exact stage
     exact    the relaxed-input program (SCIP; its infeasibility proves robust, its solutions are repaired by local
              search and replayed), then the integer program (CP-SAT by default, HiGHS as the fallback; ``milp``)
              without the disjuncts the relaxation proved, or branch-and-bound (``bab``), with what is left
@@ -200,6 +203,25 @@ def _optimized_stage(net: QNetwork, prop: Property, clock: _Clock, settings: Ver
     return None, ob.bounds, best
 
 
+def _split_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, bounds: list | None
+                 ) -> tuple[Result | None, list[int]]:
+    """Neuron-split branch and bound (:mod:`qverify.neuron_bab`, chains of dense layers) from the optimized
+    stage's bounds within ``split_share`` of the time left: ``robust`` when every disjunct's domains are refuted,
+    a replayed ``counterexample``, else the disjuncts it refuted completely (the exact stage skips them)."""
+    from qverify.bounds.optimized import supports
+    from qverify.neuron_bab import neuron_bab
+
+    if settings.split_share <= 0 or clock.left() <= 0 or bounds is None or not supports(net):
+        return None, []
+    r = neuron_bab(net, prop, deadline=time.monotonic() + settings.split_share * clock.left(), bounds=bounds)
+    clock.stage("neuron-bab", r.verdict.value if r.verdict is not Verdict.UNKNOWN else r.reason)
+    if r.verdict is Verdict.ROBUST:
+        return _done(clock, Verdict.ROBUST, "neuron-bab"), []
+    if r.verdict is Verdict.COUNTEREXAMPLE:
+        return _done(clock, Verdict.COUNTEREXAMPLE, "neuron-bab", cex=r.counterexample), []
+    return None, sorted(set(range(len(prop.unsafe))) - set(r.open_disjuncts))
+
+
 def _bracket(net: QNetwork, r: Result, lower: int | None = None, near: Near | None = None) -> Result:
     """An ``unknown`` result with what is known of the property's least slack ``s* = min_box slack``
     (:meth:`~qverify.property.Property.slack`): ``details['slack'] = {'lower': L, 'upper': U, 'nearest': {'x', 'y'}}``
@@ -220,7 +242,7 @@ def _bracket(net: QNetwork, r: Result, lower: int | None = None, near: Near | No
 
 
 def _exact_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, method: str,
-                 bounds: list | None) -> Result:
+                 bounds: list | None, proved: Sequence[int] = ()) -> Result:
     if clock.left() <= 0:
         clock.stage(method, "timeout")
         return _done(clock, Verdict.UNKNOWN, method, Reason.TIMEOUT)
@@ -229,29 +251,31 @@ def _exact_stage(net: QNetwork, prop: Property, clock: _Clock, settings: VerifyS
 
         r = bab(net, prop, deadline=clock.deadline)
     else:
-        r = _milp_chain(net, prop, clock, settings, method, bounds)
+        r = _milp_chain(net, prop, clock, settings, method, bounds, proved)
     clock.stage(method, r.verdict.value if r.verdict is not Verdict.UNKNOWN else r.reason)
     return Result(r.verdict, r.method if r.method else method, clock.elapsed(), r.reason, r.counterexample,
                   clock.stages, r.details)
 
 
 def _milp_chain(net: QNetwork, prop: Property, clock: _Clock, settings: VerifySettings, method: str,
-                bounds: list | None) -> Result:
+                bounds: list | None, proved_before: Sequence[int] = ()) -> Result:
     """The exact stage's programs in turn, each on what the earlier ones left: the relaxed-input program (portfolio
     only, ``settings.relax``, ``relax_share`` of the time; it ends the chain when it decides, otherwise the disjuncts
     it proved are skipped after it), the configured back end, then the fallback when that one times out. Returns
-    the last result; the stages before it are recorded on ``clock``."""
+    the last result; the stages before it are recorded on ``clock``. ``proved_before``: disjuncts an earlier stage
+    refuted (neuron branch and bound), skipped by every program."""
     from qverify.exact import verify_milp
 
-    proved: list[int] = []
+    proved: list[int] = list(proved_before)
     if settings.method == "portfolio" and settings.relax and 0.0 < settings.relax_share <= 1.0:
         solver = replace(settings.solver, backend=settings.relax,
                          time_limit=max(0.01, settings.relax_share * clock.left()))
-        r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, relax=True)
+        r = verify_milp(net, prop, solver, bounds=bounds, deadline=clock.deadline, relax=True,
+                        exclude=proved)
         if r.verdict in (Verdict.ROBUST, Verdict.COUNTEREXAMPLE):
             return r
         clock.stage(r.method or method, r.reason or r.verdict.value)
-        proved = list(r.details.get("proved_disjuncts", []))
+        proved = sorted(set(proved) | set(r.details.get("proved_disjuncts", [])))
     fallback = _fallback(settings)
     left = clock.left()
     first = (1.0 - settings.fallback_share) * left if fallback else left
@@ -321,7 +345,12 @@ def verify(net: QNetwork, prop: Property, settings: VerifySettings | None = None
         r, bounds, lower = _optimized_stage(net, prop, clock, settings, bounds, lower)
         if r:
             return r
-    r = _exact_stage(net, prop, clock, settings, "milp" if m == "portfolio" else m, bounds)
+        r, proved = _split_stage(net, prop, clock, settings, bounds)
+        if r:
+            return r
+    else:
+        proved = []
+    r = _exact_stage(net, prop, clock, settings, "milp" if m == "portfolio" else m, bounds, proved)
     return _bracket(net, r, lower, near)
 
 
@@ -517,7 +546,10 @@ def _verify_rest(net: QNetwork, prop: Property, settings: VerifySettings, pre: P
     r, bounds, lower = _optimized_stage(net, prop, clock, settings, bounds, lower)
     if r:
         return r
-    return _bracket(net, _exact_stage(net, prop, clock, settings, "milp", bounds), lower, near)
+    r, proved = _split_stage(net, prop, clock, settings, bounds)
+    if r:
+        return r
+    return _bracket(net, _exact_stage(net, prop, clock, settings, "milp", bounds, proved), lower, near)
 
 
 def _verify_rest_in_worker(prop: Property, settings: VerifySettings, pre: PreBounds | None = None) -> Result:

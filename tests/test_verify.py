@@ -175,7 +175,7 @@ def _stuck_exact(mp: pytest.MonkeyPatch) -> None:
     import qverify.verify as qv
     from qverify.result import Result
 
-    mp.setattr(qv, "_exact_stage", lambda net, prop, clock, settings, method, bounds: Result(
+    mp.setattr(qv, "_exact_stage", lambda net, prop, clock, settings, method, bounds, proved=(): Result(
         Verdict.UNKNOWN, method, clock.elapsed(), Reason.TIMEOUT, None, list(clock.stages), {"kept": 1}))
 
 

@@ -153,9 +153,10 @@ def _torch():
 
 
 class _Adam:
-    """Projected Adam (Kingma and Ba 2015, torch's default constants) on parameters in ``[0, 1]``:
+    """Projected Adam (Kingma and Ba 2015, torch's default constants) on parameters in ``[0, 1]`` (``bounded``;
+    otherwise plain Adam on free parameters):
     ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
-    ``p <- clip(p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), 0, 1)``.
+    ``p <- clip(p - lr_t (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), 0, 1)``, ``lr_t = lr decay^(t - 1)``.
 
     Written out rather than ``torch.optim.Adam``, whose first construction in a process imports ``torch._dynamo``
     (and sympy): measured 45-80 s in a fresh Ray worker on the loaded 2-core machine, which ran the ``optimized``
@@ -163,15 +164,16 @@ class _Adam:
 
     B1, B2, EPS = 0.9, 0.999, 1e-8
 
-    def __init__(self, params: list, lr: float) -> None:
+    def __init__(self, params: list, lr: float, bounded: bool = True, decay: float = 1.0) -> None:
         torch = _torch()
-        self.params, self.lr, self.t = params, lr, 0
+        self.params, self.lr, self.t, self.bounded, self.decay = params, lr, 0, bounded, decay
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
 
     def step(self) -> None:
         torch = _torch()
         self.t += 1
+        lr = self.lr * self.decay ** (self.t - 1)
         c1, c2 = 1.0 - self.B1 ** self.t, (1.0 - self.B2 ** self.t) ** 0.5
         with torch.no_grad():
             for p, m, v in zip(self.params, self.m, self.v, strict=True):
@@ -180,8 +182,9 @@ class _Adam:
                 g = p.grad
                 m.mul_(self.B1).add_(g, alpha=1.0 - self.B1)
                 v.mul_(self.B2).addcmul_(g, g, value=1.0 - self.B2)
-                p.addcdiv_(m, (v.sqrt() / c2).add_(self.EPS), value=-self.lr / c1)
-                p.clamp_(0.0, 1.0)
+                p.addcdiv_(m, (v.sqrt() / c2).add_(self.EPS), value=-lr / c1)
+                if self.bounded:
+                    p.clamp_(0.0, 1.0)
 
 
 def _optimize_slopes(net: QNetwork, top: int, lam0: np.ndarray, acts: dict[int, _Act], box: tuple[np.ndarray, ...],

@@ -300,12 +300,14 @@ def _to_float(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3,
-          vertices: dict | None = None) -> Relaxation:
+          vertices: dict | None = None, fit: bool = True) -> Relaxation:
     """Sound linear relaxation of ``f`` over the integers of ``[l, u]`` (int64 ``[B, n]``), see the module
     docstring. Fixed neurons (``f(l) == f(u)``) get the exact constant. ``vertices`` (a dict, optional) receives
     the unstable neurons' vertex sets: ``bi, ji`` (box, neuron), ``XL, VL, XU, VU`` (object ``[N, K]``, values
     ``V / q``), ``q`` (object ``[N]``), ``slope`` (``p / q``, float): any slope ``a >= 0`` with the offset of
-    :func:`exact_lines` is a valid line (the family that :mod:`qverify.bounds.optimized` searches)."""
+    :func:`exact_lines` is a valid line (the family that :mod:`qverify.bounds.optimized` searches). ``fit=False``
+    skips DeepPoly's choice of lines for the unstable neurons and gives them the constant lines ``f(l) <= f <= f(u)``
+    (valid, loose: for callers that choose their own slopes from ``vertices``)."""
     fl_ = params.apply(l)
     fu = params.apply(u)
     aL = np.zeros(l.shape)
@@ -376,8 +378,9 @@ def relax(params: ActParams, l: np.ndarray, u: np.ndarray, levels: int = 3,
     XU_, VU_ = stack(XU, VU, okU)
     if vertices is not None:
         vertices.update(bi=bi, ji=ji, XL=XL_, VL=VL_, XU=XU_, VU=VU_, q=q, slope=_to_float(p, q))
-    lines = _fit_lines(XL_, VL_, XU_, VU_, q, _to_float(p, q), (L.astype(np.float64) + U.astype(np.float64)) / 2)
-    aL[bi, ji], bL[bi, ji], aU[bi, ji], bU[bi, ji] = lines
+    if fit:
+        lines = _fit_lines(XL_, VL_, XU_, VU_, q, _to_float(p, q), (L.astype(np.float64) + U.astype(np.float64)) / 2)
+        aL[bi, ji], bL[bi, ji], aU[bi, ji], bU[bi, ji] = lines
     return Relaxation(aL, bL, aU, bU)
 
 
@@ -651,17 +654,28 @@ def _concretize_all(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 
 def _backsub_lower(net: QNetwork, top: int, lam: np.ndarray, flat: list[Bounds], mags: list[np.ndarray],
-                   relax_of: dict[int, Relaxation | PoolRelaxation], sl: slice) -> np.ndarray:
+                   relax_of: dict[int, Relaxation | PoolRelaxation], sl: slice,
+                   gamma: dict[int, np.ndarray] | None = None) -> np.ndarray:
     """Rigorous integer lower bounds ``[Bc, R]`` of ``lam . v_top`` over boxes ``sl`` (see the module
     docstring); ``lam`` float64 ``[Bc, R, n_top]`` holding exact small numbers (integers). The rows are pulled
     back through the graph (:func:`qverify.graph.backward`; rows of a value read by several nodes add up, each
     float addition's rounding charged to the slack). After every linear node the pending rows are also
     concretised over their values' bounds (as DeepPoly does, over several values at a cut of a graph); the best
-    bound is returned, so the result is never worse than the interval bound one node down."""
+    bound is returned, so the result is never worse than the interval bound one node down.
+
+    ``gamma`` (optional, ``{value k: float64 [Bc, R, n_k]}``): Lagrange multipliers of the value's own bounds
+    ``l_k <= v_k <= u_k`` (``flat[k]``; in a split domain these are the split constraints, which the input box
+    alone does not imply). When the row over value ``k`` is complete it gets the term
+    ``g . v_k - sum_j (g_j+ u_j + g_j- l_j)``, which is ``<= 0`` on every point whose value lies in its bounds, so
+    the bound stays a lower bound (beta-CROWN's split multipliers, Wang et al., NeurIPS 2021, with one signed
+    multiplier per neuron: using both sides of a neuron at once never helps). Float errors as in items 1-4:
+    ``fl(lam + g)`` loses ``2^-52 |.| . m_k``, the constant ``g(n_k) |g| . m_k``."""
     Bc, R, _ = lam.shape
     st = {"c": np.zeros((Bc, R)), "s": np.zeros((Bc, R)), "best": np.full((Bc, R), -np.inf)}
 
     def pull(i: int, op: object, lam: np.ndarray) -> list[np.ndarray]:
+        if gamma is not None and (i + 1) in gamma:
+            lam = _add_split_terms(lam, gamma[i + 1], flat[i + 1], mags[i + 1], st, sl)
         return graph.rule(BACKSUB, op, "symbolic bounds")(net, i, lam, st, mags, relax_of, sl)
 
     def add(j: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -679,6 +693,22 @@ def _backsub_lower(net: QNetwork, top: int, lam: np.ndarray, flat: list[Bounds],
     rows = [(lam_v, flat[v][0][sl], flat[v][1][sl], mags[v][sl]) for v, lam_v in left.items()]
     best = np.maximum(st["best"], _concretize_all(rows, st["c"], st["s"]))
     return np.ceil(best)
+
+
+def _add_split_terms(lam: np.ndarray, g: np.ndarray, bounds: Bounds, mag: np.ndarray, st: dict,
+                     sl: slice) -> np.ndarray:
+    """``lam + g`` and the constant ``-sum_j (g_j+ u_j + g_j- l_j)`` added to ``st`` with their float errors
+    charged (:func:`_backsub_lower`'s ``gamma``)."""
+    lo = bounds[0][sl].astype(np.float64)
+    hi = bounds[1][sl].astype(np.float64)
+    m = mag[sl]
+    g = g[sl]
+    out = lam + g
+    n = lam.shape[2]
+    st["c"] = st["c"] - (_rowdot(np.maximum(g, 0.0), hi) + _rowdot(np.minimum(g, 0.0), lo))
+    st["s"] = (st["s"] + _U52 * _rowdot(np.abs(out), m) + _gam(2 * n) * _rowdot(np.abs(g), m)
+               + _U52 * np.abs(st["c"]) + _TINY)
+    return out
 
 
 def _back_linear(net: QNetwork, i: int, lam: np.ndarray, st: dict, mags: list[np.ndarray],
