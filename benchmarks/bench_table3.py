@@ -62,7 +62,8 @@ NETS = [f"P{k}-{q}" for k in (1, 2, 3) for q in (4, 6, 8, 10)]
 GRID_RADII = (2, 4, 6, 10)
 SLICES = ("grid", "p1-8", "p2-6", "issue", "full")
 #: stage categories in the order of the portfolio
-CATEGORIES = ("center", "interval", "symbolic", "attack", "reseed", "optimized", "relaxed", "exact", "fallback")
+CATEGORIES = ("center", "interval", "symbolic", "attack", "reseed", "optimized", "split", "relaxed", "exact",
+              "fallback")
 OURS = {"robust": "Robust", "counterexample": "Non-robust"}
 Key = tuple[str, int, int]  # (net, radius, id)
 
@@ -101,6 +102,8 @@ def stage_category(name: str, before: list[str]) -> str:
         return name
     if name == "attack-reseed":
         return "reseed"
+    if name == "neuron-bab":
+        return "split"
     if name == "bounds":
         return "symbolic"
     if name.endswith("-relaxed"):
