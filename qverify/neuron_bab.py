@@ -23,6 +23,8 @@ whole box; splitting a domain on neuron ``j`` of value ``k`` at ``t`` (``l <= t 
    splits ``[l, u]`` more evenly (a child at a clamp is exact there), and at the middle level when ``f`` has no
    clamp inside ``[l, u]``.
 
+A domain whose input box has at most ``enumerate_max`` points is decided by evaluating every one of them.
+
 The verdict is ``robust`` only when every disjunct's queue is empty (each of its domains refuted by a rigorous
 bound), ``counterexample`` only after replay, and ``unknown`` otherwise: ``timeout`` at the deadline, ``memory``
 past ``max_domains`` queued domains, ``incomplete-method`` when only domains with no unstable neuron are left (a
@@ -72,6 +74,8 @@ class NeuronBabSettings:
     rigor_gap: float = 1.0     # rigorous bounds for domains whose float slack is above -rigor_gap
     max_domains: int = 200_000  # queued domains before giving up (unknown / memory)
     threads: int = 1           # numpy/torch threads while it runs
+    enumerate_max: int = 256   # a domain whose input box has at most this many points is decided by evaluating
+    #                            them all on the executor (0: never)
     lp: int = 8                # domains per round (the closest to a proof among those the bounds leave open)
     #                            that also get the rigorous LP bound (qverify.bounds.lp); 0: none
 
@@ -140,6 +144,29 @@ def _propagate(net: QNetwork, root: list, acts: list[int], doms: list[_Domain]
         b = np.where(bad[:, None], a, b)  # keep the arrays well formed; these domains are dropped
         flat.append((a, b))
     return flat, empty
+
+
+def _box_points(box: tuple[np.ndarray, np.ndarray]) -> float:
+    """Number of integer points of a box (a float: it may be astronomically large)."""
+    return float(np.exp(np.sum(np.log((box[1] - box[0] + 1).astype(np.float64)))))
+
+
+def _enumerate(net: QNetwork, prop: Property, dm: _Domain) -> Counterexample | None:
+    """Every point of the domain's (small) box on the executor: a replayed violation of its disjunct, or ``None``
+    when there is none (the domain's points are among the box's, so then it holds no violation)."""
+    lo, hi = dm.box
+    axes = np.nonzero(hi > lo)[0]
+    grids = np.meshgrid(*[np.arange(lo[j], hi[j] + 1) for j in axes], indexing="ij") if len(axes) else []
+    pts = np.repeat(lo[None], int(np.prod([g.size for g in grids[:1]])) if len(axes) else 1, 0)
+    for j, g in zip(axes, grids, strict=True):
+        pts[:, j] = g.reshape(-1)
+    y = forward(net, pts)
+    for b in np.nonzero(prop.unsafe[dm.d].holds(y))[0]:
+        ce = replay(net, prop, pts[b])
+        if ce.confirmed:
+            ce.note = "neuron-bab: enumerated" + (f"; {ce.note}" if ce.note else "")
+            return ce
+    return None
 
 
 def _split_point(L: LayerRelax, l: int, u: int, j: int) -> int:
@@ -219,6 +246,16 @@ def _neuron_bab(net: QNetwork, prop: Property, deadline: float | None, s: Neuron
         if len(heap) > s.max_domains:
             return finish(Verdict.UNKNOWN, Reason.MEMORY.value)
         doms = [heapq.heappop(heap)[2] for _ in range(min(s.batch, len(heap)))]
+        if s.enumerate_max > 0:
+            small = [dm for dm in doms if _box_points(dm.box) <= s.enumerate_max]
+            for dm in small:
+                ce = _enumerate(net, prop, dm)
+                if ce is not None:
+                    return finish(Verdict.COUNTEREXAMPLE, "", ce)
+                res.refuted += 1
+            doms = [dm for dm in doms if _box_points(dm.box) > s.enumerate_max]
+            if not doms:
+                continue
         D = len(doms)
         flat, empty = _propagate(net, root, acts, doms)
         roots = any(dm.choice is None for dm in doms)

@@ -524,9 +524,25 @@ def _forced(method: str):
     return run
 
 
+def _neuron_bab():
+    def run(net: QNetwork, prop: Property, timeout: float):
+        import time
+
+        from qverify.bounds.optimized import supports
+        from qverify.neuron_bab import neuron_bab
+        from qverify.result import Reason, Result, Verdict
+
+        if not supports(net):  # dense chains only: the others are not its business
+            return Result(Verdict.UNKNOWN, "neuron-bab", 0.0, Reason.INCOMPLETE)
+        r = neuron_bab(net, prop, deadline=time.monotonic() + timeout)
+        return Result(r.verdict, "neuron-bab", r.seconds, r.reason, r.counterexample)
+    return run
+
+
 #: every way qverify reaches a verdict, by name: each runs ``(net, prop, timeout) -> Result``. The MIP back ends
 #: run alone (``milp-*``), on the relaxed-input program (``relaxed-*``), in the portfolio (default; the fallback
-#: path with CP-SAT given almost no time; floating claims left unconfirmed) and branch-and-bound; the incomplete
+#: path with CP-SAT given almost no time; floating claims left unconfirmed), branch-and-bound over input boxes and
+#: over neuron splits (``neuron-bab``, dense chains); the incomplete
 #: methods must never be wrong either.
 VERDICT_PATHS: dict = {
     **{f"milp-{b}-{e}": _milp(b, e) for b in ("cpsat", "scip", "highs", "cbc", "checked") for e in ("range", "onehot")},
@@ -538,6 +554,7 @@ VERDICT_PATHS: dict = {
     "portfolio-fallback": _portfolio(fallback_share=0.999, relax=""),
     "portfolio-unconfirmed": _portfolio(confirm="none"),
     "bab": _forced("bab"),
+    "neuron-bab": _neuron_bab(),
     "attack": _forced("attack"),
     "interval": _forced("interval"),
     "symbolic": _forced("symbolic"),
