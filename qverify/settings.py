@@ -48,5 +48,7 @@ class VerifySettings:
     reseed_share: float = 0.05      # the reseeded rounds' share of the property's budget, all rounds together
     optimize_share: float = 0.1     # share of the time left that the optimized (alpha-CROWN style) bounds may take
     #                                 before the exact stage (0: skip; chains of dense layers only)
-    split_share: float = 0.5        # share of the time left that neuron-split branch and bound (qverify.neuron_bab)
-    #                                 may take before the exact stage (0: skip; dense chains only)
+    split_share: float = 0.2        # share of the time left that neuron-split branch and bound (qverify.neuron_bab)
+    #                                 may take before the exact stage (0: skip; dense chains only; at 0.5 it took
+    #                                 time the relaxed program needed on 2 of 100 QVIP P2-6 r = 4 instances, and
+    #                                 its own proofs there took at most 8 s: RESULTS.md, issue 20 step 3)
