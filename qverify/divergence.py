@@ -175,15 +175,8 @@ def box_points(lo: np.ndarray, hi: np.ndarray, max_points: int = DEFAULT_POINTS,
     if len(pts) > max_points:  # keep the center, a seeded sample of the corners
         pick = np.sort(rng.choice(len(pts) - 1, size=max_points - 1, replace=False)) + 1
         return np.concatenate([pts[:1], pts[pick]])
-    total = 1
-    for w in (hi - lo + 1).tolist():
-        total = min(total * w, 1 << 62)
-    if len(pts) < max_points and total <= ENUMERATE_MAX:  # a small box: a sample of its other points
-        var = np.flatnonzero(hi > lo)  # at most log2(ENUMERATE_MAX) of them: meshgrid over those alone
-        grid = np.repeat(np.asarray(lo)[None], total, axis=0)
-        if len(var):
-            grid[:, var] = np.stack(np.meshgrid(*[np.arange(lo[j], hi[j] + 1) for j in var], indexing="ij"),
-                                    axis=-1).reshape(-1, len(var))
+    if len(pts) < max_points and grid_size(lo, hi) <= ENUMERATE_MAX:  # a small box: a sample of its other points
+        grid = box_grid(lo, hi)
         taken = {r.tobytes() for r in pts}
         rest = grid[[r.tobytes() not in taken for r in grid]]
         pick = np.sort(rng.choice(len(rest), size=min(len(rest), max_points - len(pts)), replace=False))
@@ -193,6 +186,27 @@ def box_points(lo: np.ndarray, hi: np.ndarray, max_points: int = DEFAULT_POINTS,
             break
         pts = _dedupe(np.concatenate([pts, rng.integers(lo, hi + 1, size=(max_points - len(pts), n))]))
     return pts
+
+
+def grid_size(lo: np.ndarray, hi: np.ndarray) -> int:
+    """Number of integer points of the box ``[lo, hi]``, capped at ``2^62``."""
+    total = 1
+    for w in (np.asarray(hi) - np.asarray(lo) + 1).tolist():
+        total = min(total * w, 1 << 62)
+    return total
+
+
+def box_grid(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Every integer point of a small box ``[lo, hi]`` (int64 ``[P, n]``, C order), enumerated over its free
+    dimensions only (numpy's meshgrid takes at most 64 arrays; a radius-0 image box has none free)."""
+    lo = np.asarray(lo, dtype=np.int64).ravel()
+    hi = np.asarray(hi, dtype=np.int64).ravel()
+    var = np.flatnonzero(hi > lo)
+    grid = np.repeat(lo[None], grid_size(lo, hi), axis=0)
+    if len(var):
+        grid[:, var] = np.stack(np.meshgrid(*[np.arange(lo[j], hi[j] + 1) for j in var], indexing="ij"),
+                                axis=-1).reshape(-1, len(var))
+    return grid
 
 
 def _dedupe(a: np.ndarray) -> np.ndarray:

@@ -53,6 +53,7 @@ from qverify.bounds.beta import (
 from qverify.bounds.interval import node_interval
 from qverify.bounds.optimized import supports
 from qverify.bounds.symbolic import thresholds
+from qverify.divergence import box_grid, grid_size
 from qverify.execute import forward
 from qverify.network import QNetwork
 from qverify.property import Property
@@ -146,20 +147,10 @@ def _propagate(net: QNetwork, root: list, acts: list[int], doms: list[_Domain]
     return flat, empty
 
 
-def _box_points(box: tuple[np.ndarray, np.ndarray]) -> float:
-    """Number of integer points of a box (a float: it may be astronomically large)."""
-    return float(np.exp(np.sum(np.log((box[1] - box[0] + 1).astype(np.float64)))))
-
-
 def _enumerate(net: QNetwork, prop: Property, dm: _Domain) -> Counterexample | None:
     """Every point of the domain's (small) box on the executor: a replayed violation of its disjunct, or ``None``
     when there is none (the domain's points are among the box's, so then it holds no violation)."""
-    lo, hi = dm.box
-    axes = np.nonzero(hi > lo)[0]
-    grids = np.meshgrid(*[np.arange(lo[j], hi[j] + 1) for j in axes], indexing="ij") if len(axes) else []
-    pts = np.repeat(lo[None], int(np.prod([g.size for g in grids[:1]])) if len(axes) else 1, 0)
-    for j, g in zip(axes, grids, strict=True):
-        pts[:, j] = g.reshape(-1)
+    pts = box_grid(*dm.box)
     y = forward(net, pts)
     for b in np.nonzero(prop.unsafe[dm.d].holds(y))[0]:
         ce = replay(net, prop, pts[b])
@@ -247,13 +238,13 @@ def _neuron_bab(net: QNetwork, prop: Property, deadline: float | None, s: Neuron
             return finish(Verdict.UNKNOWN, Reason.MEMORY.value)
         doms = [heapq.heappop(heap)[2] for _ in range(min(s.batch, len(heap)))]
         if s.enumerate_max > 0:
-            small = [dm for dm in doms if _box_points(dm.box) <= s.enumerate_max]
-            for dm in small:
-                ce = _enumerate(net, prop, dm)
+            small = np.array([grid_size(*dm.box) <= s.enumerate_max for dm in doms])
+            for k in np.nonzero(small)[0]:
+                ce = _enumerate(net, prop, doms[k])
                 if ce is not None:
                     return finish(Verdict.COUNTEREXAMPLE, "", ce)
                 res.refuted += 1
-            doms = [dm for dm in doms if _box_points(dm.box) > s.enumerate_max]
+            doms = [dm for dm, sm in zip(doms, small, strict=True) if not sm]
             if not doms:
                 continue
         D = len(doms)

@@ -52,20 +52,20 @@ def _random_domains(net, prop, rng: np.random.Generator, D: int):
     return root, acts, flat, empty, vals[-1], inside
 
 
-def _rows(prop, D: int) -> tuple[np.ndarray, np.ndarray]:
+def _case(net, prop, seed: int, D: int):
+    """``_random_domains`` with their relaxations and one unsafe row per domain (``rows [D, 1, n]``, ``r0 [D, n]``)."""
+    rng = np.random.default_rng(seed)
+    root, acts, flat, empty, y, inside = _random_domains(net, prop, rng, D)
+    layers = {i: LayerRelax.build(net, i, flat[i][0], flat[i][1]) for i in acts}
     rows = np.stack([prop.unsafe[k % len(prop.unsafe)].A[:1] for k in range(D)])
-    return rows, rows[:, 0]
+    return rng, root, flat, empty, y, inside, layers, rows, rows[:, 0]
 
 
 @settings(max_examples=40, deadline=None)
 @given(networks_and_properties(conv=False, max_points=2000), st.integers(0, 2**32 - 1))
 def test_split_domain_bounds_are_sound_for_any_choice(case: tuple, seed: int) -> None:
     net, prop = case
-    rng = np.random.default_rng(seed)
-    D = 6
-    root, acts, flat, empty, y, inside = _random_domains(net, prop, rng, D)
-    layers = {i: LayerRelax.build(net, i, flat[i][0], flat[i][1]) for i in acts}
-    rows, r0 = _rows(prop, D)
+    rng, root, flat, empty, y, inside, layers, rows, r0 = _case(net, prop, seed, 6)
     fresh = initial_choice(layers, 1)
     rand = Choice({i: (rng.random(a.shape), rng.random(b.shape)) for i, (a, b) in fresh.theta.items()},
                   {i: rng.normal(0, 3, g.shape) for i, g in fresh.gam.items()})
@@ -82,11 +82,7 @@ def test_split_domain_bounds_are_sound_for_any_choice(case: tuple, seed: int) ->
 @given(networks_and_properties(conv=False, max_points=2000), st.integers(0, 2**32 - 1))
 def test_lp_bound_of_a_domain_is_sound(case: tuple, seed: int) -> None:
     net, prop = case
-    rng = np.random.default_rng(seed)
-    D = 4
-    root, acts, flat, empty, y, inside = _random_domains(net, prop, rng, D)
-    layers = {i: LayerRelax.build(net, i, flat[i][0], flat[i][1]) for i in acts}
-    rows, r0 = _rows(prop, D)
+    _, root, flat, empty, y, inside, layers, _, r0 = _case(net, prop, seed, 4)
     for k in np.nonzero(~empty)[0]:
         lb = domain_lp_lower(net, flat, root, layers, int(k), r0[k])
         if inside[k].any():

@@ -78,7 +78,7 @@ class LayerRelax:
         D, n = lo.shape
         unstable = np.zeros((D, n), dtype=bool)
         pos = np.full((D, n), -1, dtype=np.int64)
-        scale = np.array([float(p) / float(q) for p, q in zip(params.p, params.q, strict=True)])
+        scale = _to_float(params.p, params.q)
         K = 2 * levels + 4
         XL, VL, XU, VU = (np.zeros((D, n, K)) for _ in range(4))
         smax = np.ones((D, n))
@@ -272,8 +272,7 @@ def rigorous_lower(net: QNetwork, flat: list[tuple[np.ndarray, np.ndarray]], lay
         relax_of[i] = Relaxation(aL, bL, aU, bU)
         if i >= 1:
             gamma[i] = (choice.gam[i][dom, row_of] * L.scale[None])[:, None, :]
-    flat_r = [(lo[dom] if len(lo) > 1 else np.repeat(lo, E * R, 0), hi[dom] if len(hi) > 1 else
-               np.repeat(hi, E * R, 0)) for lo, hi in flat]
+    flat_r = [(lo[dom], hi[dom]) for lo, hi in flat]
     mags = [np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64) for lo, hi in flat_r]
     lam = rows[dom, row_of].astype(np.float64)[:, None, :]
     low = _backsub_lower(net, top, lam, flat_r, mags, relax_of, slice(0, E * R), gamma)[:, 0]

@@ -34,16 +34,12 @@ import math
 import numpy as np
 
 from qverify.bounds.beta import LayerRelax
-from qverify.bounds.symbolic import exact_lines
+from qverify.bounds.symbolic import _U52 as _U
+from qverify.bounds.symbolic import _gam, exact_lines
 from qverify.network import Dense, QNetwork
 
 #: the elastic slacks' cost in the LP solve (the duals of the split rows are at most this)
 PENALTY = 1e4
-_U = 2.0**-52
-
-
-def _gam(n: int) -> float:
-    return (n + 1) * _U
 
 
 def _hull_slopes(X: np.ndarray, V: np.ndarray, lower: bool) -> list[float]:
